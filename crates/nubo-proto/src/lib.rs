@@ -1,0 +1,28 @@
+//! The sans-IO protocol core of nubo.
+//!
+//! Everything here is a deterministic state machine: time comes in as [`Time`], randomness from
+//! a seeded [`Rng`], messages in through `handle_*` methods and out through `poll_*` methods.
+//! Nothing here reads a clock, draws OS randomness, touches a file or a socket, or iterates a
+//! hash map. The simulator (`nubo-sim`) and the real agent drive the very same [`Node`].
+//!
+//! Layers, bottom up:
+//! - [`membership`]: HyParView partial views, the overlay every other layer uses;
+//! - [`broadcast`]: Plumtree epidemic broadcast trees plus anti-entropy;
+//! - [`node`]: the composition and its driving contract;
+//! - [`wire`]: the versioned, bounded encoding of every message.
+
+pub mod broadcast;
+pub mod id;
+pub mod membership;
+pub mod node;
+pub mod rng;
+pub mod time;
+pub mod view;
+pub mod wire;
+
+pub use broadcast::{Delivery, MessageId};
+pub use id::{NodeId, Peer};
+pub use node::{Config, Event, Node, Transmit};
+pub use rng::Rng;
+pub use time::Time;
+pub use wire::{DecodeError, Message};

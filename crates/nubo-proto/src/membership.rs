@@ -1,0 +1,812 @@
+//! Overlay membership: HyParView (Leitão, Pereira, Rodrigues, DSN 2007 / TR-07-13).
+//!
+//! Each node keeps a small symmetric *active view* (its neighbours in the overlay, over which
+//! broadcasts travel) and a larger *passive view* (a reserve of known nodes). The active view
+//! changes reactively: a failed neighbour is replaced from the passive view at once. The passive
+//! view is refreshed by periodic shuffles along random walks.
+//!
+//! Beyond the paper, three mechanisms make the overlay self-repair on a real network:
+//! - keepalives: a neighbour not heard from for `peer_timeout` is treated as failed, which also
+//!   covers silent partitions where no transport error ever arrives;
+//! - symmetry repair: a keepalive from a node that is not our neighbour is answered with
+//!   `Disconnect`, so a lost message never leaves a one-sided link for long;
+//! - reconnection: neighbours lost to failure are remembered (bounded) and retried with
+//!   exponential backoff at high priority, so two sides of a healed partition join again.
+
+use core::time::Duration;
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::{NodeId, Peer};
+use crate::rng::Rng;
+use crate::time::Time;
+use crate::view::PeerView;
+
+/// Most peers a shuffle may carry; longer lists are rejected by the decoder.
+pub const SHUFFLE_PEERS_MAX: usize = 64;
+
+/// Tuning of the membership protocol. Defaults suit a real cloud of up to ~10⁵ nodes.
+#[derive(Clone, Debug)]
+pub struct MembershipConfig {
+    /// Largest active view (the paper's `log10(N) + 1`; 5 for 10⁴ nodes).
+    pub active_max: usize,
+    /// Largest passive view (about 6 × `active_max`).
+    pub passive_max: usize,
+    /// Active random walk length (ARWL): how far a join spreads.
+    pub active_walk_length: u8,
+    /// Passive random walk length (PRWL): at which hop a join is recorded in a passive view.
+    pub passive_walk_length: u8,
+    /// Active-view entries sent in a shuffle (`ka`).
+    pub shuffle_active: usize,
+    /// Passive-view entries sent in a shuffle (`kp`).
+    pub shuffle_passive: usize,
+    /// Hops a shuffle travels before it is answered.
+    pub shuffle_walk_length: u8,
+    /// Period of passive-view shuffles (one "cycle").
+    pub shuffle_interval: Duration,
+    /// Period of housekeeping: keepalives, timeouts, refilling the active view, reconnections.
+    pub maintain_interval: Duration,
+    /// A neighbour we sent nothing to for this long gets a keepalive.
+    pub keepalive_interval: Duration,
+    /// A neighbour we heard nothing from for this long is treated as failed.
+    pub peer_timeout: Duration,
+    /// How long a join or neighbour request waits for its reply.
+    pub request_timeout: Duration,
+    /// Most failed neighbours remembered for reconnection.
+    pub lost_max: usize,
+    /// First reconnection delay; it doubles per attempt up to `reconnect_backoff_max`.
+    pub reconnect_backoff_min: Duration,
+    /// Longest reconnection delay.
+    pub reconnect_backoff_max: Duration,
+    /// A failed neighbour is forgotten this long after it was lost.
+    pub lost_expiry: Duration,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        MembershipConfig {
+            active_max: 5,
+            passive_max: 30,
+            active_walk_length: 6,
+            passive_walk_length: 3,
+            shuffle_active: 3,
+            shuffle_passive: 4,
+            shuffle_walk_length: 6,
+            shuffle_interval: Duration::from_secs(5),
+            maintain_interval: Duration::from_millis(250),
+            keepalive_interval: Duration::from_millis(500),
+            peer_timeout: Duration::from_millis(2_000),
+            request_timeout: Duration::from_millis(1_500),
+            lost_max: 16,
+            reconnect_backoff_min: Duration::from_secs(1),
+            reconnect_backoff_max: Duration::from_secs(30),
+            lost_expiry: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// Priority of a neighbour request: a node with no neighbour asks at high priority and must be
+/// accepted; otherwise the receiver accepts only if it has room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Priority {
+    /// Accept only if the active view has room.
+    Low,
+    /// Accept, evicting a random neighbour if needed.
+    High,
+}
+
+/// Messages of the membership protocol.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MembershipMessage {
+    /// A newcomer asks the receiver to introduce it into the overlay.
+    Join,
+    /// A join spreading along a random walk.
+    ForwardJoin {
+        /// The node that joins.
+        joiner: Peer,
+        /// Hops left.
+        ttl: u8,
+    },
+    /// Asks the receiver to become our neighbour.
+    Neighbor {
+        /// Whether the receiver must accept.
+        priority: Priority,
+    },
+    /// Answer to `Join` or `Neighbor`.
+    NeighborReply {
+        /// True when the sender added us to its active view.
+        accepted: bool,
+    },
+    /// The sender removed the receiver from its active view.
+    Disconnect {
+        /// True when the sender leaves the cloud (do not keep it as a reserve).
+        leaving: bool,
+    },
+    /// A passive-view exchange travelling along a random walk.
+    Shuffle {
+        /// The node that started the shuffle and waits for the reply.
+        origin: Peer,
+        /// Hops left.
+        ttl: u8,
+        /// The origin and a sample of its views.
+        peers: Vec<Peer>,
+    },
+    /// Answer to a shuffle, sent straight to its origin.
+    ShuffleReply {
+        /// A sample of the replier's passive view.
+        peers: Vec<Peer>,
+    },
+    /// Keepalive between neighbours.
+    Ping,
+}
+
+impl MembershipMessage {
+    /// Whether the message respects the size bounds a receiver enforces.
+    pub fn is_within_bounds(&self) -> bool {
+        match self {
+            MembershipMessage::Shuffle { peers, .. }
+            | MembershipMessage::ShuffleReply { peers } => peers.len() <= SHUFFLE_PEERS_MAX,
+            _ => true,
+        }
+    }
+}
+
+/// Changes of the active view, reported to the layers above.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MembershipEvent {
+    /// A node became our neighbour.
+    NeighborUp(Peer),
+    /// A node stopped being our neighbour.
+    NeighborDown(Peer),
+}
+
+/// A neighbour in the active view and what we last heard from and sent to it.
+#[derive(Clone, Copy, Debug)]
+struct Link {
+    last_heard: Time,
+    last_sent: Time,
+}
+
+/// Why we wait for a reply from a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RequestKind {
+    Join,
+    Neighbor,
+    Reconnect,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    peer: Peer,
+    kind: RequestKind,
+    deadline: Time,
+}
+
+/// A neighbour lost to failure, kept to try again later.
+#[derive(Clone, Copy, Debug)]
+struct Lost {
+    peer: Peer,
+    lost_at: Time,
+    next_try: Time,
+    attempts: u32,
+}
+
+/// Counters of what the membership layer did, for observability and experiments.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MembershipCounters {
+    /// Neighbours removed because the transport reported them down.
+    pub peers_down: u64,
+    /// Neighbours removed because they were silent for `peer_timeout`.
+    pub peers_timed_out: u64,
+    /// Requests (join, neighbour, reconnect) that got no reply in time.
+    pub requests_timed_out: u64,
+    /// Neighbour links re-established with formerly lost nodes.
+    pub reconnected: u64,
+    /// Shuffles started.
+    pub shuffles: u64,
+}
+
+/// The HyParView state machine of one node.
+///
+/// Contract: the owner calls `handle_*` with the current time, then drains
+/// [`Membership::drain_transmits`] and [`Membership::drain_events`]; it calls
+/// [`Membership::handle_timeout`] no later than [`Membership::poll_timeout`] (earlier is
+/// harmless). The owner also reports every message received from a peer through
+/// [`Membership::heard_from`] and every message sent through [`Membership::sent_to`], so that
+/// keepalives are only sent on idle links.
+pub struct Membership {
+    me: Peer,
+    config: MembershipConfig,
+    rng: Rng,
+    active: PeerView,
+    links: Vec<(NodeId, Link)>,
+    passive: PeerView,
+    pending: Vec<Pending>,
+    lost: VecDeque<Lost>,
+    contacts: Vec<Peer>,
+    last_shuffle: Vec<Peer>,
+    next_shuffle: Time,
+    next_maintain: Time,
+    counters: MembershipCounters,
+    transmits: Vec<(Peer, MembershipMessage)>,
+    events: Vec<MembershipEvent>,
+}
+
+/// Most join contacts kept for rejoining.
+const CONTACTS_MAX: usize = 8;
+
+impl Membership {
+    /// A node `me` that is not yet part of any overlay.
+    pub fn new(me: Peer, config: MembershipConfig, mut rng: Rng, now: Time) -> Membership {
+        // Spread periodic work so that nodes started together do not act in lockstep.
+        let shuffle_offset = jitter(&mut rng, config.shuffle_interval);
+        let maintain_offset = jitter(&mut rng, config.maintain_interval);
+        Membership {
+            me,
+            active: PeerView::new(config.active_max),
+            links: Vec::with_capacity(config.active_max),
+            passive: PeerView::new(config.passive_max),
+            pending: Vec::new(),
+            lost: VecDeque::new(),
+            contacts: Vec::new(),
+            last_shuffle: Vec::new(),
+            next_shuffle: now + shuffle_offset,
+            next_maintain: now + maintain_offset,
+            counters: MembershipCounters::default(),
+            transmits: Vec::new(),
+            events: Vec::new(),
+            config,
+            rng,
+        }
+    }
+
+    /// The neighbours (active view).
+    pub fn active(&self) -> &PeerView {
+        &self.active
+    }
+
+    /// The reserve (passive view).
+    pub fn passive(&self) -> &PeerView {
+        &self.passive
+    }
+
+    /// What the layer did so far.
+    pub fn counters(&self) -> MembershipCounters {
+        self.counters
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &MembershipConfig {
+        &self.config
+    }
+
+    /// Messages to send, in order.
+    pub fn drain_transmits(&mut self) -> std::vec::Drain<'_, (Peer, MembershipMessage)> {
+        self.transmits.drain(..)
+    }
+
+    /// Active-view changes, in order.
+    pub fn drain_events(&mut self) -> std::vec::Drain<'_, MembershipEvent> {
+        self.events.drain(..)
+    }
+
+    /// The next time [`Membership::handle_timeout`] has work to do.
+    pub fn poll_timeout(&self) -> Time {
+        self.next_shuffle.min(self.next_maintain)
+    }
+
+    /// Joins the overlay through `contacts` (tried one at a time until one answers). The
+    /// contacts are remembered to rejoin if the node ever finds itself alone.
+    pub fn join(&mut self, now: Time, contacts: &[Peer]) {
+        for contact in contacts.iter().filter(|c| c.id != self.me.id) {
+            if self.contacts.len() < CONTACTS_MAX && !self.contacts.contains(contact) {
+                self.contacts.push(*contact);
+            }
+        }
+        self.try_join(now);
+    }
+
+    /// Leaves the overlay gracefully: every neighbour is told not to keep us as a reserve.
+    pub fn leave(&mut self) {
+        let neighbours: Vec<Peer> = self.active.iter().copied().collect();
+        for peer in neighbours {
+            self.send(peer, MembershipMessage::Disconnect { leaving: true });
+            self.remove_active(peer.id);
+        }
+        self.pending.clear();
+        self.lost.clear();
+        self.contacts.clear();
+    }
+
+    /// Notes that a message from `from` arrived, which proves the link alive.
+    pub fn heard_from(&mut self, now: Time, from: NodeId) {
+        if let Some(link) = self.link_mut(from) {
+            link.last_heard = now;
+        }
+    }
+
+    /// Notes that a message was sent to `to`, which makes a keepalive unnecessary.
+    pub fn sent_to(&mut self, now: Time, to: NodeId) {
+        if let Some(link) = self.link_mut(to) {
+            link.last_sent = now;
+        }
+    }
+
+    /// Handles a membership message from `from`.
+    pub fn handle_message(&mut self, now: Time, from: Peer, message: MembershipMessage) {
+        if from.id == self.me.id {
+            return;
+        }
+        match message {
+            MembershipMessage::Join => self.on_join(now, from),
+            MembershipMessage::ForwardJoin { joiner, ttl } => {
+                self.on_forward_join(now, from, joiner, ttl)
+            }
+            MembershipMessage::Neighbor { priority } => self.on_neighbor(now, from, priority),
+            MembershipMessage::NeighborReply { accepted } => {
+                self.on_neighbor_reply(now, from, accepted)
+            }
+            MembershipMessage::Disconnect { leaving } => self.on_disconnect(now, from, leaving),
+            MembershipMessage::Shuffle { origin, ttl, peers } => {
+                self.on_shuffle(from, origin, ttl, peers)
+            }
+            MembershipMessage::ShuffleReply { peers } => self.on_shuffle_reply(peers),
+            MembershipMessage::Ping => self.on_ping(from),
+        }
+    }
+
+    /// The transport could not reach `peer` (dial failed, connection lost).
+    pub fn handle_peer_down(&mut self, now: Time, peer: NodeId) {
+        if self.active.contains(peer) {
+            self.counters.peers_down += 1;
+            self.fail_neighbor(now, peer);
+        } else if let Some(request) = self.take_pending(peer) {
+            self.fail_request(now, request);
+        } else {
+            self.passive.remove(peer);
+        }
+    }
+
+    /// Runs the periodic work that is due at `now`.
+    pub fn handle_timeout(&mut self, now: Time) {
+        if now >= self.next_maintain {
+            self.next_maintain = now + self.config.maintain_interval;
+            self.maintain(now);
+        }
+        if now >= self.next_shuffle {
+            self.next_shuffle = now + self.config.shuffle_interval;
+            self.shuffle();
+        }
+    }
+
+    fn on_join(&mut self, now: Time, joiner: Peer) {
+        self.passive.remove(joiner.id);
+        self.take_pending(joiner.id);
+        if !self.active.contains(joiner.id) {
+            self.add_active(now, joiner);
+        }
+        self.send(joiner, MembershipMessage::NeighborReply { accepted: true });
+        let ttl = self.config.active_walk_length;
+        let others: Vec<Peer> = self
+            .active
+            .iter()
+            .filter(|p| p.id != joiner.id)
+            .copied()
+            .collect();
+        for peer in others {
+            self.send(peer, MembershipMessage::ForwardJoin { joiner, ttl });
+        }
+    }
+
+    fn on_forward_join(&mut self, now: Time, from: Peer, joiner: Peer, ttl: u8) {
+        if joiner.id == self.me.id {
+            return;
+        }
+        if ttl == 0 || self.active.len() <= 1 {
+            if !self.active.contains(joiner.id) && !self.is_pending(joiner.id) {
+                self.request(now, joiner, RequestKind::Neighbor, Priority::High);
+            }
+            return;
+        }
+        if ttl == self.config.passive_walk_length {
+            self.add_passive(joiner, &[]);
+        }
+        let next = self
+            .active
+            .random_except(&mut self.rng, |id| id == from.id || id == joiner.id);
+        match next {
+            Some(next) => self.send(
+                next,
+                MembershipMessage::ForwardJoin {
+                    joiner,
+                    ttl: ttl - 1,
+                },
+            ),
+            None => {
+                if !self.active.contains(joiner.id) && !self.is_pending(joiner.id) {
+                    self.request(now, joiner, RequestKind::Neighbor, Priority::High);
+                }
+            }
+        }
+    }
+
+    fn on_neighbor(&mut self, now: Time, from: Peer, priority: Priority) {
+        if self.active.contains(from.id) {
+            self.send(from, MembershipMessage::NeighborReply { accepted: true });
+            return;
+        }
+        let accept = priority == Priority::High || !self.active.is_full();
+        if accept {
+            self.take_pending(from.id);
+            self.passive.remove(from.id);
+            self.add_active(now, from);
+        } else {
+            self.add_passive(from, &[]);
+        }
+        self.send(from, MembershipMessage::NeighborReply { accepted: accept });
+    }
+
+    fn on_neighbor_reply(&mut self, now: Time, from: Peer, accepted: bool) {
+        let request = self.take_pending(from.id);
+        if !accepted {
+            // Still a good reserve; another candidate is tried at the next maintenance.
+            self.add_passive(from, &[]);
+            return;
+        }
+        if self.active.contains(from.id) {
+            return;
+        }
+        if request.is_none() && self.active.is_full() {
+            // A late acceptance of a request we gave up on: do not evict for it.
+            self.send(from, MembershipMessage::Disconnect { leaving: false });
+            self.add_passive(from, &[]);
+            return;
+        }
+        if let Some(Pending {
+            kind: RequestKind::Reconnect,
+            ..
+        }) = request
+        {
+            self.counters.reconnected += 1;
+        }
+        self.add_active(now, from);
+    }
+
+    fn on_disconnect(&mut self, now: Time, from: Peer, leaving: bool) {
+        self.take_pending(from.id);
+        if self.remove_active(from.id).is_some() {
+            if !leaving {
+                self.add_passive(from, &[]);
+            }
+            self.refill(now);
+        }
+        if leaving {
+            self.passive.remove(from.id);
+            self.lost.retain(|l| l.peer.id != from.id);
+        }
+    }
+
+    fn on_shuffle(&mut self, from: Peer, origin: Peer, ttl: u8, peers: Vec<Peer>) {
+        if origin.id == self.me.id {
+            return;
+        }
+        if ttl > 1 && self.active.len() > 1 {
+            let next = self
+                .active
+                .random_except(&mut self.rng, |id| id == from.id || id == origin.id);
+            if let Some(next) = next {
+                let forwarded = MembershipMessage::Shuffle {
+                    origin,
+                    ttl: ttl - 1,
+                    peers,
+                };
+                self.send(next, forwarded);
+                return;
+            }
+        }
+        let reply = self
+            .passive
+            .sample(&mut self.rng, peers.len(), |id| id == origin.id);
+        self.send(
+            origin,
+            MembershipMessage::ShuffleReply {
+                peers: reply.clone(),
+            },
+        );
+        for peer in peers {
+            self.add_passive(peer, &reply);
+        }
+    }
+
+    fn on_shuffle_reply(&mut self, peers: Vec<Peer>) {
+        let sent = std::mem::take(&mut self.last_shuffle);
+        for peer in peers {
+            self.add_passive(peer, &sent);
+        }
+    }
+
+    fn on_ping(&mut self, from: Peer) {
+        if !self.active.contains(from.id) && !self.is_pending(from.id) {
+            // The sender believes we are neighbours and we do not: repair the asymmetry.
+            self.send(from, MembershipMessage::Disconnect { leaving: false });
+        }
+    }
+
+    fn maintain(&mut self, now: Time) {
+        // Keepalives and silent neighbours.
+        let mut silent = Vec::new();
+        let mut idle = Vec::new();
+        for (id, link) in &self.links {
+            if now.saturating_since(link.last_heard) >= self.config.peer_timeout {
+                silent.push(*id);
+            } else if now.saturating_since(link.last_sent) >= self.config.keepalive_interval {
+                idle.push(*id);
+            }
+        }
+        for id in silent {
+            self.counters.peers_timed_out += 1;
+            self.fail_neighbor(now, id);
+        }
+        for id in idle {
+            if let Some(peer) = self.active.find(id).copied() {
+                self.send(peer, MembershipMessage::Ping);
+                self.sent_to(now, id);
+            }
+        }
+        // Requests that got no answer.
+        let mut expired = Vec::new();
+        self.pending.retain(|p| {
+            let keep = p.deadline > now;
+            if !keep {
+                expired.push(*p);
+            }
+            keep
+        });
+        for request in expired {
+            self.counters.requests_timed_out += 1;
+            self.fail_request(now, request);
+        }
+        // Forget old losses, then retry one that is due.
+        let expiry = self.config.lost_expiry;
+        self.lost
+            .retain(|l| now.saturating_since(l.lost_at) < expiry);
+        self.reconnect_one(now);
+        self.refill(now);
+        if self.active.is_empty() && self.pending.is_empty() {
+            self.try_join(now);
+        }
+    }
+
+    fn shuffle(&mut self) {
+        let Some(target) = self.active.random_except(&mut self.rng, |_| false) else {
+            return;
+        };
+        let mut peers = vec![self.me];
+        peers.extend(
+            self.active
+                .sample(&mut self.rng, self.config.shuffle_active, |id| {
+                    id == target.id
+                }),
+        );
+        peers.extend(
+            self.passive
+                .sample(&mut self.rng, self.config.shuffle_passive, |_| false),
+        );
+        peers.truncate(SHUFFLE_PEERS_MAX);
+        self.last_shuffle = peers.clone();
+        self.counters.shuffles += 1;
+        let message = MembershipMessage::Shuffle {
+            origin: self.me,
+            ttl: self.config.shuffle_walk_length,
+            peers,
+        };
+        self.send(target, message);
+    }
+
+    /// Sends low-priority neighbour requests (high priority when alone) to passive nodes until
+    /// the active view plus outstanding requests would be full.
+    fn refill(&mut self, now: Time) {
+        let outstanding = self
+            .pending
+            .iter()
+            .filter(|p| p.kind != RequestKind::Join)
+            .count();
+        let mut wanted = self
+            .config
+            .active_max
+            .saturating_sub(self.active.len() + outstanding);
+        while wanted > 0 {
+            let pending: Vec<NodeId> = self.pending.iter().map(|p| p.peer.id).collect();
+            let Some(candidate) = self
+                .passive
+                .random_except(&mut self.rng, |id| pending.contains(&id))
+            else {
+                break;
+            };
+            let priority = if self.active.is_empty() {
+                Priority::High
+            } else {
+                Priority::Low
+            };
+            self.request(now, candidate, RequestKind::Neighbor, priority);
+            wanted -= 1;
+        }
+    }
+
+    fn reconnect_one(&mut self, now: Time) {
+        let due = self
+            .lost
+            .iter()
+            .position(|l| l.next_try <= now && !self.active.contains(l.peer.id));
+        let Some(index) = due else { return };
+        let entry = &mut self.lost[index];
+        if self.pending.iter().any(|p| p.peer.id == entry.peer.id) {
+            return;
+        }
+        entry.attempts += 1;
+        let backoff = backoff(
+            self.config.reconnect_backoff_min,
+            self.config.reconnect_backoff_max,
+            entry.attempts,
+        );
+        entry.next_try = now + backoff;
+        let peer = entry.peer;
+        self.request(now, peer, RequestKind::Reconnect, Priority::High);
+    }
+
+    fn try_join(&mut self, now: Time) {
+        if self.pending.iter().any(|p| p.kind == RequestKind::Join) {
+            return;
+        }
+        let candidates: Vec<Peer> = self
+            .contacts
+            .iter()
+            .filter(|c| !self.active.contains(c.id))
+            .copied()
+            .collect();
+        if let Some(contact) = self.rng.choose(&candidates).copied() {
+            if self.pending.len() >= self.pending_max() {
+                return;
+            }
+            self.pending.push(Pending {
+                peer: contact,
+                kind: RequestKind::Join,
+                deadline: now + self.config.request_timeout,
+            });
+            self.send(contact, MembershipMessage::Join);
+        }
+    }
+
+    fn request(&mut self, now: Time, peer: Peer, kind: RequestKind, priority: Priority) {
+        if self.pending.len() >= self.pending_max() {
+            return;
+        }
+        self.pending.push(Pending {
+            peer,
+            kind,
+            deadline: now + self.config.request_timeout,
+        });
+        self.send(peer, MembershipMessage::Neighbor { priority });
+    }
+
+    fn fail_request(&mut self, now: Time, request: Pending) {
+        match request.kind {
+            RequestKind::Neighbor => {
+                self.passive.remove(request.peer.id);
+                self.refill(now);
+            }
+            RequestKind::Reconnect => {}
+            RequestKind::Join => self.try_join(now),
+        }
+    }
+
+    fn fail_neighbor(&mut self, now: Time, id: NodeId) {
+        let Some(peer) = self.remove_active(id) else {
+            return;
+        };
+        if !self.lost.iter().any(|l| l.peer.id == id) {
+            if self.lost.len() >= self.config.lost_max {
+                self.lost.pop_front();
+            }
+            self.lost.push_back(Lost {
+                peer,
+                lost_at: now,
+                next_try: now + self.config.reconnect_backoff_min,
+                attempts: 0,
+            });
+        }
+        self.refill(now);
+    }
+
+    fn add_active(&mut self, now: Time, peer: Peer) {
+        if peer.id == self.me.id || self.active.contains(peer.id) {
+            return;
+        }
+        if self.active.is_full() {
+            if let Some(evicted) = self.active.random_except(&mut self.rng, |_| false) {
+                self.send(evicted, MembershipMessage::Disconnect { leaving: false });
+                self.remove_active(evicted.id);
+                self.add_passive(evicted, &[]);
+            }
+        }
+        self.passive.remove(peer.id);
+        self.lost.retain(|l| l.peer.id != peer.id);
+        self.active.insert(peer);
+        self.links.push((
+            peer.id,
+            Link {
+                last_heard: now,
+                last_sent: now,
+            },
+        ));
+        self.events.push(MembershipEvent::NeighborUp(peer));
+    }
+
+    fn remove_active(&mut self, id: NodeId) -> Option<Peer> {
+        let peer = self.active.remove(id)?;
+        self.links.retain(|(link, _)| *link != id);
+        self.events.push(MembershipEvent::NeighborDown(peer));
+        Some(peer)
+    }
+
+    /// Adds `peer` to the passive view; when full, evicts one of `prefer_evict` if possible,
+    /// else a random entry.
+    fn add_passive(&mut self, peer: Peer, prefer_evict: &[Peer]) {
+        if peer.id == self.me.id || self.active.contains(peer.id) {
+            return;
+        }
+        if self.passive.contains(peer.id) {
+            self.passive.insert(peer);
+            return;
+        }
+        if self.passive.is_full() {
+            let victim = prefer_evict
+                .iter()
+                .find(|p| self.passive.contains(p.id))
+                .copied()
+                .or_else(|| self.passive.random_except(&mut self.rng, |_| false));
+            if let Some(victim) = victim {
+                self.passive.remove(victim.id);
+            }
+        }
+        self.passive.insert(peer);
+    }
+
+    fn send(&mut self, to: Peer, message: MembershipMessage) {
+        self.transmits.push((to, message));
+    }
+
+    /// Room for a full refill, a join and a reconnection, plus a few joins walking to us.
+    fn pending_max(&self) -> usize {
+        2 * self.config.active_max + 2
+    }
+
+    fn is_pending(&self, id: NodeId) -> bool {
+        self.pending.iter().any(|p| p.peer.id == id)
+    }
+
+    fn take_pending(&mut self, id: NodeId) -> Option<Pending> {
+        let index = self.pending.iter().position(|p| p.peer.id == id)?;
+        Some(self.pending.remove(index))
+    }
+
+    fn link_mut(&mut self, id: NodeId) -> Option<&mut Link> {
+        self.links
+            .iter_mut()
+            .find(|(link, _)| *link == id)
+            .map(|(_, link)| link)
+    }
+}
+
+/// A uniformly random fraction of `period`.
+fn jitter(rng: &mut Rng, period: Duration) -> Duration {
+    let micros = u64::try_from(period.as_micros()).unwrap_or(u64::MAX).max(1);
+    Duration::from_micros(rng.below(micros))
+}
+
+/// `min · 2^(attempts-1)`, capped at `max`.
+fn backoff(min: Duration, max: Duration, attempts: u32) -> Duration {
+    let factor = 1u32 << attempts.saturating_sub(1).min(20);
+    min.saturating_mul(factor).min(max)
+}

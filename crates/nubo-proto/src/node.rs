@@ -1,0 +1,200 @@
+//! A node of the cloud: every protocol layer composed behind one sans-IO interface.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use crate::broadcast::{Broadcast, BroadcastConfig, BroadcastError, Delivery, MessageId};
+use crate::id::{NodeId, Peer};
+use crate::membership::{Membership, MembershipConfig, MembershipEvent};
+use crate::rng::Rng;
+use crate::time::Time;
+use crate::wire::Message;
+
+/// Configuration of every layer of a node.
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    /// Overlay membership (HyParView).
+    pub membership: MembershipConfig,
+    /// Broadcast (Plumtree and anti-entropy).
+    pub broadcast: BroadcastConfig,
+}
+
+/// A message the driver must send.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transmit {
+    /// The receiver, with its address when known.
+    pub to: Peer,
+    /// What to send.
+    pub message: Message,
+}
+
+/// Something the application or the operator should know about.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A node became our neighbour in the overlay.
+    NeighborUp(Peer),
+    /// A node stopped being our neighbour.
+    NeighborDown(Peer),
+    /// A broadcast reached this node (exactly once per message id while it is remembered).
+    Delivered(Delivery),
+}
+
+/// One node's protocol state: the deterministic core of nubo.
+///
+/// # Driving contract
+/// The driver (the simulator or the real agent) owns the clock, the randomness seed and all I/O.
+/// 1. Create the node with [`Node::new`], giving its identity, configuration, a seed and `now`.
+/// 2. Feed every input through a `handle_*` method (or [`Node::join`], [`Node::broadcast`],
+///    [`Node::leave`]), always with the current time; time never goes backwards.
+/// 3. After each input, drain [`Node::poll_transmit`] until `None` and send each message, and
+///    drain [`Node::poll_event`] until `None`.
+/// 4. Call [`Node::handle_timeout`] once the time returned by [`Node::poll_timeout`] has come
+///    (calling it early is harmless), then drain again.
+/// 5. Report a peer that cannot be reached (dial failure, connection lost) with
+///    [`Node::handle_peer_down`].
+///
+/// The node never reads a clock, never draws OS randomness and never performs I/O; the same
+/// inputs with the same seed produce the same outputs, bit for bit.
+pub struct Node {
+    me: Peer,
+    membership: Membership,
+    broadcast: Broadcast,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+}
+
+impl Node {
+    /// A node with identity `me`, not yet part of any overlay.
+    pub fn new(me: Peer, config: Config, seed: u64, now: Time) -> Node {
+        let mut rng = Rng::from_seed(seed);
+        Node {
+            me,
+            membership: Membership::new(me, config.membership, rng.fork(), now),
+            broadcast: Broadcast::new(me, config.broadcast, rng.fork(), now),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// This node's identity.
+    pub fn id(&self) -> NodeId {
+        self.me.id
+    }
+
+    /// This node with its advertised address.
+    pub fn peer(&self) -> Peer {
+        self.me
+    }
+
+    /// The membership layer, for inspection.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// The broadcast layer, for inspection.
+    pub fn broadcast_layer(&self) -> &Broadcast {
+        &self.broadcast
+    }
+
+    /// Joins the overlay through one of `contacts`.
+    pub fn join(&mut self, now: Time, contacts: &[Peer]) {
+        self.membership.join(now, contacts);
+        self.flush(now);
+    }
+
+    /// Leaves the overlay gracefully.
+    pub fn leave(&mut self, now: Time) {
+        self.membership.leave();
+        self.flush(now);
+    }
+
+    /// Broadcasts `payload` to every node of the cloud.
+    pub fn broadcast(&mut self, now: Time, payload: Bytes) -> Result<MessageId, BroadcastError> {
+        let id = self.broadcast.broadcast(now, payload)?;
+        self.flush(now);
+        Ok(id)
+    }
+
+    /// Handles a message received from `from` (whose identity the transport authenticated).
+    pub fn handle_message(&mut self, now: Time, from: Peer, message: Message) {
+        if from.id == self.me.id {
+            return;
+        }
+        self.membership.heard_from(now, from.id);
+        match message {
+            Message::Membership(m) => self.membership.handle_message(now, from, m),
+            Message::Broadcast(m) => self.broadcast.handle_message(now, from, m),
+        }
+        self.flush(now);
+    }
+
+    /// The transport could not reach `peer`.
+    pub fn handle_peer_down(&mut self, now: Time, peer: NodeId) {
+        self.membership.handle_peer_down(now, peer);
+        self.flush(now);
+    }
+
+    /// Runs every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Time) {
+        if self.membership.poll_timeout() <= now {
+            self.membership.handle_timeout(now);
+        }
+        if self.broadcast.poll_timeout() <= now {
+            self.broadcast.handle_timeout(now);
+        }
+        self.flush(now);
+    }
+
+    /// When [`Node::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Time {
+        self.membership
+            .poll_timeout()
+            .min(self.broadcast.poll_timeout())
+    }
+
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Moves the layers' outputs into the node's queues, routing membership changes to the
+    /// broadcast layer first so that it never pushes to a former neighbour.
+    fn flush(&mut self, now: Time) {
+        let events: Vec<MembershipEvent> = self.membership.drain_events().collect();
+        for event in events {
+            match event {
+                MembershipEvent::NeighborUp(peer) => {
+                    self.broadcast.neighbor_up(peer);
+                    self.events.push_back(Event::NeighborUp(peer));
+                }
+                MembershipEvent::NeighborDown(peer) => {
+                    self.broadcast.neighbor_down(peer.id);
+                    self.events.push_back(Event::NeighborDown(peer));
+                }
+            }
+        }
+        let outgoing: Vec<(Peer, Message)> = self
+            .membership
+            .drain_transmits()
+            .map(|(to, m)| (to, Message::Membership(m)))
+            .chain(
+                self.broadcast
+                    .drain_transmits()
+                    .map(|(to, m)| (to, Message::Broadcast(m))),
+            )
+            .collect();
+        for (to, message) in outgoing {
+            self.membership.sent_to(now, to.id);
+            self.transmits.push_back(Transmit { to, message });
+        }
+        for delivery in self.broadcast.drain_deliveries() {
+            self.events.push_back(Event::Delivered(delivery));
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! The wire format: every message of every layer, encoded with postcard behind a version byte.
+//!
+//! A frame is one byte of [`PROTOCOL_VERSION`] followed by the postcard encoding of a
+//! [`Message`]. Decoding never panics: empty, oversized, truncated, trailing or garbage input,
+//! an unknown version and a message whose lists exceed their bounds are all errors.
+
+use serde::{Deserialize, Serialize};
+
+use crate::broadcast::BroadcastMessage;
+use crate::membership::MembershipMessage;
+
+/// Version of the wire format; a peer speaking another version is refused.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Largest encoded message, version byte included.
+pub const MESSAGE_BYTES_MAX: usize = 1024 * 1024;
+
+/// A message between two nodes, tagged by the layer it belongs to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Overlay membership (HyParView).
+    Membership(MembershipMessage),
+    /// Broadcast (Plumtree and anti-entropy).
+    Broadcast(BroadcastMessage),
+}
+
+impl Message {
+    /// Whether every list in the message respects its bound.
+    pub fn is_within_bounds(&self) -> bool {
+        match self {
+            Message::Membership(m) => m.is_within_bounds(),
+            Message::Broadcast(m) => m.is_within_bounds(),
+        }
+    }
+
+    /// A short name of the message kind, for counters and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Membership(m) => match m {
+                MembershipMessage::Join => "join",
+                MembershipMessage::ForwardJoin { .. } => "forward_join",
+                MembershipMessage::Neighbor { .. } => "neighbor",
+                MembershipMessage::NeighborReply { .. } => "neighbor_reply",
+                MembershipMessage::Disconnect { .. } => "disconnect",
+                MembershipMessage::Shuffle { .. } => "shuffle",
+                MembershipMessage::ShuffleReply { .. } => "shuffle_reply",
+                MembershipMessage::Ping => "ping",
+            },
+            Message::Broadcast(m) => match m {
+                BroadcastMessage::Gossip(_) => "gossip",
+                BroadcastMessage::IHave(_) => "ihave",
+                BroadcastMessage::Graft(_) => "graft",
+                BroadcastMessage::Prune => "prune",
+                BroadcastMessage::Digest { .. } => "digest",
+                BroadcastMessage::Ids(_) => "ids",
+                BroadcastMessage::Want(_) => "want",
+                BroadcastMessage::Repair(_) => "repair",
+            },
+        }
+    }
+}
+
+/// Why bytes could not be decoded into a [`Message`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// No bytes at all.
+    #[error("empty message")]
+    Empty,
+    /// More than [`MESSAGE_BYTES_MAX`] bytes.
+    #[error("message of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// Size received.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The peer speaks another version of the protocol.
+    #[error("unknown protocol version {found} (this node speaks {expected})")]
+    UnknownVersion {
+        /// Version found in the message.
+        found: u8,
+        /// Version this node speaks.
+        expected: u8,
+    },
+    /// The bytes are not a valid encoding of a message.
+    #[error("malformed message: {0}")]
+    Malformed(postcard::Error),
+    /// A valid message followed by extra bytes.
+    #[error("{0} unexpected bytes after the message")]
+    TrailingBytes(usize),
+    /// A list in the message is longer than its bound.
+    #[error("message exceeds a size bound")]
+    OutOfBounds,
+}
+
+/// Why a message could not be encoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The encoding would exceed [`MESSAGE_BYTES_MAX`], or a list exceeds its bound.
+    #[error("message exceeds the size limit")]
+    TooLarge,
+    /// Serialisation failed.
+    #[error("cannot encode message: {0}")]
+    Serialize(postcard::Error),
+}
+
+/// Encodes `message` as one frame.
+pub fn encode(message: &Message) -> Result<Vec<u8>, EncodeError> {
+    if !message.is_within_bounds() {
+        return Err(EncodeError::TooLarge);
+    }
+    let bytes =
+        postcard::to_extend(message, vec![PROTOCOL_VERSION]).map_err(EncodeError::Serialize)?;
+    if bytes.len() > MESSAGE_BYTES_MAX {
+        return Err(EncodeError::TooLarge);
+    }
+    Ok(bytes)
+}
+
+/// Decodes one frame produced by [`encode`].
+pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
+    let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
+    if bytes.len() > MESSAGE_BYTES_MAX {
+        return Err(DecodeError::TooLarge {
+            len: bytes.len(),
+            max: MESSAGE_BYTES_MAX,
+        });
+    }
+    if version != PROTOCOL_VERSION {
+        return Err(DecodeError::UnknownVersion {
+            found: version,
+            expected: PROTOCOL_VERSION,
+        });
+    }
+    let (message, rest): (Message, &[u8]) =
+        postcard::take_from_bytes(body).map_err(DecodeError::Malformed)?;
+    if !rest.is_empty() {
+        return Err(DecodeError::TrailingBytes(rest.len()));
+    }
+    if !message.is_within_bounds() {
+        return Err(DecodeError::OutOfBounds);
+    }
+    Ok(message)
+}

@@ -1,0 +1,474 @@
+//! The discrete-event engine: one thread, one binary heap of events, one seeded generator.
+//!
+//! Nodes are the real [`nubo_proto::Node`] state machines. The engine delivers their transmits
+//! after a sampled latency, drops them on loss or partition, reports `peer down` to a sender
+//! whose message reached a crashed node, and wakes each node at its `poll_timeout`.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::time::Duration;
+
+use nubo_proto::rng::splitmix64;
+use nubo_proto::wire::{self, Message};
+use nubo_proto::{Config, Event, Node, NodeId, Peer, Rng, Time};
+
+/// Index of a node in the simulation (stable across crashes and restarts).
+pub type NodeIndex = u32;
+
+/// How the simulated network behaves.
+///
+/// Each pair of machines has its own stable one-way latency, drawn uniformly between
+/// `latency_min` and `latency_max` from the pair's identities (as on a real network, where a
+/// path's latency depends on where the two machines are); each message adds a jitter of up to
+/// `jitter` on top, so messages on one link may be reordered.
+#[derive(Clone, Debug)]
+pub struct NetworkConfig {
+    /// Smallest base latency of a link.
+    pub latency_min: Duration,
+    /// Largest base latency of a link.
+    pub latency_max: Duration,
+    /// Largest extra delay of one message.
+    pub jitter: Duration,
+    /// Probability that a message is silently lost.
+    pub loss: f64,
+    /// Encode and decode every message through the wire format and check the round trip.
+    pub check_wire: bool,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            latency_min: Duration::from_millis(10),
+            latency_max: Duration::from_millis(40),
+            jitter: Duration::from_millis(5),
+            loss: 0.0,
+            check_wire: false,
+        }
+    }
+}
+
+/// What an experiment wants to see of a run. Every method has an empty default.
+pub trait Observer {
+    /// `node` produced `event` at `now`.
+    fn on_event(&mut self, _now: Time, _node: NodeIndex, _event: &Event) {}
+    /// A message from `from` reached the live node `to`.
+    fn on_receive(&mut self, _now: Time, _from: NodeIndex, _to: NodeIndex, _message: &Message) {}
+}
+
+/// An observer that looks at nothing.
+pub struct NoObserver;
+impl Observer for NoObserver {}
+
+/// Counters of the engine itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineStats {
+    /// Events taken off the heap.
+    pub events: u64,
+    /// Messages handed to the network.
+    pub sent: u64,
+    /// Messages delivered to a live node.
+    pub delivered: u64,
+    /// Messages lost to random loss.
+    pub lost: u64,
+    /// Messages dropped by a partition.
+    pub cut: u64,
+    /// Messages that reached a crashed node.
+    pub to_dead: u64,
+}
+
+enum Action {
+    Deliver {
+        from: NodeIndex,
+        to: NodeIndex,
+        message: Message,
+    },
+    PeerDown {
+        at: NodeIndex,
+        incarnation: u32,
+        peer: NodeId,
+    },
+    Wake {
+        node: NodeIndex,
+    },
+}
+
+struct Scheduled {
+    at: Time,
+    seq: u64,
+    action: Action,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at && self.seq == other.seq
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    /// Reversed, so that the max-heap pops the earliest event; ties go to the first scheduled.
+    fn cmp(&self, other: &Self) -> Ordering {
+        other.at.cmp(&self.at).then(other.seq.cmp(&self.seq))
+    }
+}
+
+/// One simulated machine: its identity and, while it runs, its node.
+struct Slot {
+    peer: Peer,
+    node: Option<Node>,
+    incarnation: u32,
+    wake: Option<Time>,
+    group: u16,
+}
+
+/// A simulation of many nodes on one network.
+pub struct Sim {
+    now: Time,
+    rng: Rng,
+    seq: u64,
+    queue: BinaryHeap<Scheduled>,
+    slots: Vec<Slot>,
+    index: HashMap<NodeId, NodeIndex>,
+    config: Config,
+    network: NetworkConfig,
+    blocked: BTreeSet<(u16, u16)>,
+    stats: EngineStats,
+}
+
+impl Sim {
+    /// An empty simulation whose every random choice derives from `seed`.
+    pub fn new(seed: u64, config: Config, network: NetworkConfig) -> Sim {
+        Sim {
+            now: Time::ZERO,
+            rng: Rng::from_seed(seed),
+            seq: 0,
+            queue: BinaryHeap::new(),
+            slots: Vec::new(),
+            index: HashMap::new(),
+            config,
+            network,
+            blocked: BTreeSet::new(),
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// The simulated time.
+    pub fn now(&self) -> Time {
+        self.now
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// The simulation's generator, for experiments' own random choices.
+    pub fn rng(&mut self) -> &mut Rng {
+        &mut self.rng
+    }
+
+    /// Number of machines ever added.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True when no machine was added.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The node running on machine `i`, if it runs.
+    pub fn node(&self, i: NodeIndex) -> Option<&Node> {
+        self.slots[i as usize].node.as_ref()
+    }
+
+    /// The identity of machine `i`.
+    pub fn peer(&self, i: NodeIndex) -> Peer {
+        self.slots[i as usize].peer
+    }
+
+    /// The machine running node `id`.
+    pub fn index_of(&self, id: NodeId) -> Option<NodeIndex> {
+        self.index.get(&id).copied()
+    }
+
+    /// Whether machine `i` runs.
+    pub fn is_alive(&self, i: NodeIndex) -> bool {
+        self.slots[i as usize].node.is_some()
+    }
+
+    /// Indices of the running machines, ascending.
+    pub fn alive(&self) -> Vec<NodeIndex> {
+        (0..self.slots.len() as NodeIndex)
+            .filter(|&i| self.is_alive(i))
+            .collect()
+    }
+
+    /// Starts a new machine with a fresh identity; it does not join anything yet.
+    pub fn add_node(&mut self) -> NodeIndex {
+        let mut id = NodeId(self.rng.next_u128());
+        while self.index.contains_key(&id) {
+            id = NodeId(self.rng.next_u128());
+        }
+        let index = self.slots.len() as NodeIndex;
+        self.slots.push(Slot {
+            peer: Peer::new(id),
+            node: None,
+            incarnation: 0,
+            wake: None,
+            group: 0,
+        });
+        self.index.insert(id, index);
+        self.boot(index);
+        index
+    }
+
+    /// Makes machine `i` join the overlay through `contacts`.
+    pub fn join(&mut self, i: NodeIndex, contacts: &[NodeIndex], observer: &mut impl Observer) {
+        let peers: Vec<Peer> = contacts.iter().map(|&c| self.peer(c)).collect();
+        let now = self.now;
+        if let Some(node) = self.slots[i as usize].node.as_mut() {
+            node.join(now, &peers);
+            self.after_step(i, observer);
+        }
+    }
+
+    /// Broadcasts `payload` from machine `i`.
+    pub fn broadcast(
+        &mut self,
+        i: NodeIndex,
+        payload: bytes::Bytes,
+        observer: &mut impl Observer,
+    ) -> Option<nubo_proto::MessageId> {
+        let now = self.now;
+        let node = self.slots[i as usize].node.as_mut()?;
+        let id = node.broadcast(now, payload).ok()?;
+        self.after_step(i, observer);
+        Some(id)
+    }
+
+    /// Machine `i` leaves gracefully and stops.
+    pub fn leave(&mut self, i: NodeIndex, observer: &mut impl Observer) {
+        let now = self.now;
+        if let Some(node) = self.slots[i as usize].node.as_mut() {
+            node.leave(now);
+            self.after_step(i, observer);
+        }
+        self.crash(i);
+    }
+
+    /// Machine `i` stops at once, losing all its state.
+    pub fn crash(&mut self, i: NodeIndex) {
+        let slot = &mut self.slots[i as usize];
+        slot.node = None;
+        slot.wake = None;
+    }
+
+    /// Machine `i` starts again with the same identity and empty state.
+    pub fn restart(&mut self, i: NodeIndex) {
+        if !self.is_alive(i) {
+            self.slots[i as usize].incarnation += 1;
+            self.boot(i);
+        }
+    }
+
+    /// Places machine `i` in partition group `group` (all start in group 0).
+    pub fn set_group(&mut self, i: NodeIndex, group: u16) {
+        self.slots[i as usize].group = group;
+    }
+
+    /// Drops every message from group `from` to group `to` (a one-way cut).
+    pub fn block(&mut self, from: u16, to: u16) {
+        self.blocked.insert((from, to));
+    }
+
+    /// Removes every cut and puts every machine back in group 0.
+    pub fn heal(&mut self) {
+        self.blocked.clear();
+        for slot in &mut self.slots {
+            slot.group = 0;
+        }
+    }
+
+    /// Sets the probability of losing a message.
+    pub fn set_loss(&mut self, loss: f64) {
+        self.network.loss = loss;
+    }
+
+    /// Runs every event up to and including `until`, then sets the clock to `until`.
+    pub fn run_until(&mut self, until: Time, observer: &mut impl Observer) {
+        while let Some(next) = self.queue.peek() {
+            if next.at > until {
+                break;
+            }
+            let Some(Scheduled { at, action, .. }) = self.queue.pop() else {
+                break;
+            };
+            self.now = at;
+            self.stats.events += 1;
+            self.dispatch(action, observer);
+        }
+        self.now = until;
+    }
+
+    /// Runs for `span` of simulated time.
+    pub fn run_for(&mut self, span: Duration, observer: &mut impl Observer) {
+        let until = self.now + span;
+        self.run_until(until, observer);
+    }
+
+    fn boot(&mut self, i: NodeIndex) {
+        let seed = self.rng.next_u64();
+        let slot = &mut self.slots[i as usize];
+        slot.node = Some(Node::new(slot.peer, self.config.clone(), seed, self.now));
+        slot.wake = None;
+        self.schedule_wake(i);
+    }
+
+    fn dispatch(&mut self, action: Action, observer: &mut impl Observer) {
+        let now = self.now;
+        match action {
+            Action::Deliver { from, to, message } => {
+                if self.slots[to as usize].node.is_none() {
+                    self.stats.to_dead += 1;
+                    // The sender's transport notices the failure one trip later.
+                    let sender = &self.slots[from as usize];
+                    if sender.node.is_some() {
+                        let action = Action::PeerDown {
+                            at: from,
+                            incarnation: sender.incarnation,
+                            peer: self.slots[to as usize].peer.id,
+                        };
+                        let delay = self.latency(from, to);
+                        self.push(now + delay, action);
+                    }
+                    return;
+                }
+                self.stats.delivered += 1;
+                observer.on_receive(now, from, to, &message);
+                let sender = self.slots[from as usize].peer;
+                if let Some(node) = self.slots[to as usize].node.as_mut() {
+                    node.handle_message(now, sender, message);
+                }
+                self.after_step(to, observer);
+            }
+            Action::PeerDown {
+                at,
+                incarnation,
+                peer,
+            } => {
+                let slot = &mut self.slots[at as usize];
+                if slot.incarnation != incarnation {
+                    return;
+                }
+                if let Some(node) = slot.node.as_mut() {
+                    node.handle_peer_down(now, peer);
+                    self.after_step(at, observer);
+                }
+            }
+            Action::Wake { node: i } => {
+                let slot = &mut self.slots[i as usize];
+                if slot.wake != Some(now) {
+                    return;
+                }
+                slot.wake = None;
+                if let Some(node) = slot.node.as_mut() {
+                    node.handle_timeout(now);
+                    self.after_step(i, observer);
+                }
+            }
+        }
+    }
+
+    /// Drains node `i`'s outputs into the network and the observer, and schedules its wake-up.
+    fn after_step(&mut self, i: NodeIndex, observer: &mut impl Observer) {
+        let now = self.now;
+        loop {
+            let slot = &mut self.slots[i as usize];
+            let Some(node) = slot.node.as_mut() else {
+                return;
+            };
+            if let Some(event) = node.poll_event() {
+                observer.on_event(now, i, &event);
+                continue;
+            }
+            let Some(transmit) = node.poll_transmit() else {
+                break;
+            };
+            self.send(i, transmit.to.id, transmit.message);
+        }
+        self.schedule_wake(i);
+    }
+
+    fn schedule_wake(&mut self, i: NodeIndex) {
+        let now = self.now;
+        let slot = &mut self.slots[i as usize];
+        let Some(node) = slot.node.as_ref() else {
+            return;
+        };
+        let at = node.poll_timeout().max(now);
+        if slot.wake.is_none_or(|w| at < w) {
+            slot.wake = Some(at);
+            self.push(at, Action::Wake { node: i });
+        }
+    }
+
+    fn send(&mut self, from: NodeIndex, to: NodeId, message: Message) {
+        self.stats.sent += 1;
+        let Some(&to) = self.index.get(&to) else {
+            return;
+        };
+        let message = if self.network.check_wire {
+            round_trip(message)
+        } else {
+            message
+        };
+        let cut = {
+            let a = self.slots[from as usize].group;
+            let b = self.slots[to as usize].group;
+            !self.blocked.is_empty() && self.blocked.contains(&(a, b))
+        };
+        if cut {
+            self.stats.cut += 1;
+            return;
+        }
+        if self.network.loss > 0.0 && self.rng.chance(self.network.loss) {
+            self.stats.lost += 1;
+            return;
+        }
+        let delay = self.latency(from, to);
+        self.push(self.now + delay, Action::Deliver { from, to, message });
+    }
+
+    /// One-way delay of a message from `a` to `b`: the link's base latency plus jitter.
+    fn latency(&mut self, a: NodeIndex, b: NodeIndex) -> Duration {
+        let min = self.network.latency_min.as_micros() as u64;
+        let max = (self.network.latency_max.as_micros() as u64).max(min);
+        let mut pair = u64::from(a.min(b)) << 32 | u64::from(a.max(b));
+        let base = min + splitmix64(&mut pair) % (max - min + 1);
+        let jitter = self.network.jitter.as_micros() as u64;
+        Duration::from_micros(base + self.rng.below(jitter + 1))
+    }
+
+    fn push(&mut self, at: Time, action: Action) {
+        self.seq += 1;
+        self.queue.push(Scheduled {
+            at,
+            seq: self.seq,
+            action,
+        });
+    }
+}
+
+/// Encodes and decodes `message`, panicking if the wire format does not give it back: a bug in
+/// the core, which the fuzzer must report with its seed.
+fn round_trip(message: Message) -> Message {
+    let bytes = wire::encode(&message).expect("a message the core produced must encode");
+    let decoded = wire::decode(&bytes).expect("an encoded message must decode");
+    assert_eq!(decoded, message, "wire round trip changed a message");
+    decoded
+}

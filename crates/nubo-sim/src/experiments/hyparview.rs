@@ -1,0 +1,270 @@
+//! The HyParView paper's experiment (TR-07-13 §5): build an overlay, kill a fraction of the
+//! nodes at once, then broadcast from random survivors and measure who gets what.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Args;
+use nubo_proto::Config;
+use nubo_proto::broadcast::BroadcastConfig;
+use nubo_proto::membership::MembershipConfig;
+
+use crate::engine::{NetworkConfig, NodeIndex, Sim};
+use crate::overlay::overlay_health;
+use crate::report::{Report, peak_rss_mib};
+use crate::tracker::BroadcastTracker;
+
+/// Options of `nubo-sim hyparview`.
+#[derive(Args, Clone, Debug)]
+pub struct HyparviewArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 10_000)]
+    pub nodes: u32,
+    /// Fraction of nodes killed at once after warm-up (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub fail: f64,
+    /// Seed from which every random choice derives.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Broadcasts sent from random live nodes after the failure.
+    #[arg(long, default_value_t = 1_000)]
+    pub broadcasts: u32,
+    /// Broadcasts per cycle.
+    #[arg(long, default_value_t = 10)]
+    pub rate: u32,
+    /// Largest active view.
+    #[arg(long, default_value_t = 5)]
+    pub active: usize,
+    /// Largest passive view.
+    #[arg(long, default_value_t = 30)]
+    pub passive: usize,
+    /// Cycles (shuffle periods) of warm-up after every node joined.
+    #[arg(long, default_value_t = 50)]
+    pub warmup: u32,
+    /// Length of a cycle in milliseconds of simulated time.
+    #[arg(long, default_value_t = 1_000)]
+    pub cycle_ms: u64,
+    /// Probability that a message is lost.
+    #[arg(long, default_value_t = 0.0)]
+    pub loss: f64,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The node configuration of the experiment: the paper's parameters, one cycle per shuffle.
+pub fn experiment_config(active: usize, passive: usize, cycle: Duration) -> Config {
+    Config {
+        membership: MembershipConfig {
+            active_max: active,
+            passive_max: passive,
+            active_walk_length: 6,
+            passive_walk_length: 3,
+            shuffle_active: 3,
+            shuffle_passive: 4,
+            shuffle_walk_length: 6,
+            shuffle_interval: cycle,
+            maintain_interval: cycle / 4,
+            keepalive_interval: cycle,
+            peer_timeout: cycle * 3,
+            request_timeout: cycle,
+            ..MembershipConfig::default()
+        },
+        broadcast: BroadcastConfig {
+            ae_interval: cycle * 2,
+            ae_settle: cycle,
+            retention: cycle * 120,
+            graft_timeout: cycle / 4,
+            graft_retry: cycle / 2,
+            ..BroadcastConfig::default()
+        },
+    }
+}
+
+/// Runs the experiment and reports it.
+pub fn run(args: &HyparviewArgs) -> Report {
+    let started = Instant::now();
+    let cycle = Duration::from_millis(args.cycle_ms);
+    let config = experiment_config(args.active, args.passive, cycle);
+    let network = NetworkConfig {
+        loss: args.loss,
+        ..NetworkConfig::default()
+    };
+    let mut sim = Sim::new(args.seed, config, network);
+    let mut tracker = BroadcastTracker::new(false);
+
+    // Joins, spread over 10 cycles, each through a random node that is already there.
+    let join_phase = cycle * 10;
+    let spacing = join_phase / args.nodes.max(1);
+    let first = sim.add_node();
+    debug_assert_eq!(first, 0);
+    for i in 1..args.nodes {
+        sim.run_for(spacing, &mut tracker);
+        let node = sim.add_node();
+        let contact = sim.rng().below(u64::from(i)) as NodeIndex;
+        sim.join(node, &[contact], &mut tracker);
+    }
+    sim.run_for(cycle * args.warmup, &mut tracker);
+    let before = overlay_health(&sim);
+
+    // Kill the given fraction at once.
+    let mut victims: Vec<NodeIndex> = sim.alive();
+    sim.rng().shuffle(&mut victims);
+    let killed = ((args.fail.clamp(0.0, 1.0)) * f64::from(args.nodes)).round() as usize;
+    for &victim in victims.iter().take(killed) {
+        sim.crash(victim);
+    }
+    let failed_at = sim.now();
+    let survivors = sim.alive();
+
+    // Broadcast from random survivors; watch the overlay heal cycle by cycle.
+    let interval = cycle / args.rate.max(1);
+    let mut healed_cycles: Option<u32> = None;
+    let mut health_checks = 0u32;
+    let mut next_check = failed_at + cycle;
+    let check_cycles_max = (args.broadcasts / args.rate.max(1)).max(30);
+    for _ in 0..args.broadcasts {
+        if survivors.is_empty() {
+            break;
+        }
+        let origin = survivors[sim.rng().index(survivors.len())];
+        let payload = Bytes::from_static(b"hyparview experiment");
+        if tracker.records.len() % 20 == 0 {
+            let (e, a, l) = eager_stats(&sim);
+            let last = tracker
+                .records
+                .last()
+                .map(|r| (r.hops_max, r.payloads_received, r.delivered));
+            eprintln!("t={} eager={e} asym={a} lazy={l} last={last:?}", sim.now());
+        }
+        if let Some(id) = sim.broadcast(origin, payload, &mut tracker) {
+            tracker.track(id, sim.now(), origin);
+        }
+        let until = sim.now() + interval;
+        while next_check <= until && health_checks < check_cycles_max {
+            sim.run_until(next_check, &mut tracker);
+            health_checks += 1;
+            if healed_cycles.is_none() && overlay_health(&sim).is_healed() {
+                healed_cycles = Some(health_checks);
+            }
+            next_check += cycle;
+        }
+        sim.run_until(until, &mut tracker);
+    }
+    while healed_cycles.is_none() && health_checks < check_cycles_max {
+        sim.run_until(next_check, &mut tracker);
+        health_checks += 1;
+        if overlay_health(&sim).is_healed() {
+            healed_cycles = Some(health_checks);
+        }
+        next_check += cycle;
+    }
+    // Let grafts and anti-entropy finish.
+    sim.run_for(cycle * 5, &mut tracker);
+    let after = overlay_health(&sim);
+
+    for r in tracker.records.iter().take(40) {
+        eprintln!(
+            "hops={} rmr={:.2} lat={}",
+            r.hops_max,
+            r.rmr(),
+            r.last_delivery.saturating_since(r.sent_at).as_millis()
+        );
+    }
+    let live = survivors.len().max(1) as f64;
+    let records = &tracker.records;
+    let reliabilities: Vec<f64> = records
+        .iter()
+        .map(|r| f64::from(r.delivered) / live)
+        .collect();
+    let reliability_avg = mean(&reliabilities);
+    let reliability_min = reliabilities.iter().copied().fold(1.0, f64::min);
+    let complete = reliabilities.iter().filter(|&&r| r >= 1.0).count();
+    let rmr_avg = mean(&records.iter().map(|r| r.rmr()).collect::<Vec<_>>());
+    let ldh_max = records.iter().map(|r| r.hops_max).max().unwrap_or(0);
+    let ldh_avg = mean(
+        &records
+            .iter()
+            .map(|r| f64::from(r.hops_max))
+            .collect::<Vec<_>>(),
+    );
+    let latency_ms: Vec<f64> = records
+        .iter()
+        .map(|r| r.last_delivery.saturating_since(r.sent_at).as_secs_f64() * 1e3)
+        .collect();
+    let (repaired, grafts) = survivors
+        .iter()
+        .filter_map(|&i| sim.node(i))
+        .map(|n| n.broadcast_layer().counters())
+        .fold((0, 0), |(r, g), c| (r + c.repaired, g + c.grafts));
+    let wall = started.elapsed().as_secs_f64();
+    let stats = sim.stats();
+
+    let mut report = Report::new(format!(
+        "HyParView + Plumtree: {} nodes, {:.0}% killed, {} broadcasts (seed {})",
+        args.nodes,
+        args.fail * 100.0,
+        records.len(),
+        args.seed
+    ));
+    report
+        .add("nodes", args.nodes)
+        .add("fail", args.fail)
+        .add("seed", args.seed)
+        .add("survivors", survivors.len())
+        .add("broadcasts", records.len());
+    report
+        .add_f64("reliability_avg", reliability_avg)
+        .add_f64("reliability_min", reliability_min)
+        .add("broadcasts_complete", complete)
+        .add_f64("rmr_avg", rmr_avg)
+        .add("ldh_max", ldh_max)
+        .add_f64("ldh_avg", ldh_avg)
+        .add_f64("last_delivery_ms_avg", mean(&latency_ms))
+        .add(
+            "healed_cycles",
+            healed_cycles.map_or(serde_json::Value::Null, |c| c.into()),
+        )
+        .add("grafts", grafts)
+        .add("repaired_by_anti_entropy", repaired)
+        .add("components_before", before.components)
+        .add("components_after", after.components)
+        .add("isolated_after", after.isolated)
+        .add("dead_links_after", after.dead_links)
+        .add("asymmetric_links_after", after.asymmetric_links)
+        .add("simulated_seconds", sim.now().as_micros() / 1_000_000)
+        .add("events", stats.events)
+        .add("messages_delivered", stats.delivered)
+        .add_f64("events_per_second", stats.events as f64 / wall.max(1e-9))
+        .add_f64("wall_seconds", wall)
+        .add_f64("peak_rss_mib", peak_rss_mib());
+    report
+}
+
+fn mean(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.iter().sum::<f64>() / values.len() as f64
+}
+
+/// Debug: eager-graph statistics.
+pub fn eager_stats(sim: &Sim) -> (usize, usize, usize) {
+    let mut eager = 0;
+    let mut asym = 0;
+    let mut lazy = 0;
+    for i in sim.alive() {
+        let node = sim.node(i).unwrap();
+        for p in node.broadcast_layer().eager() {
+            eager += 1;
+            let j = sim.index_of(p.id).unwrap();
+            if let Some(o) = sim.node(j) {
+                if !o.broadcast_layer().eager().any(|q| q.id == node.id()) {
+                    asym += 1;
+                }
+            }
+        }
+        lazy += node.broadcast_layer().lazy().count();
+    }
+    (eager, asym, lazy)
+}

@@ -1,0 +1,3 @@
+//! Experiments, one per subcommand of `nubo-sim`.
+
+pub mod hyparview;
