@@ -135,17 +135,15 @@ impl BroadcastMessage {
 /// Tuning of the broadcast protocol.
 #[derive(Clone, Debug)]
 pub struct BroadcastConfig {
-    /// Wait after the first announcement of a missing message before grafting (Plumtree's T1);
-    /// a little above a typical one-hop latency.
+    /// Wait after the first announcement of a missing message before grafting (Plumtree's T1,
+    /// drawn in `[T1, 2·T1)`); above the time a message takes to cross the tree, or healthy
+    /// but slow paths get grafted and the tree churns.
     pub graft_timeout: Duration,
     /// Wait for a grafted message before asking the next announcer (T2).
     pub graft_retry: Duration,
     /// Duplicates in a row over a link before it is pruned from the tree (1 is the paper's
     /// rule; more keeps the tree whole when messages from many origins are in flight).
     pub prune_threshold: u8,
-    /// When a neighbour announces a message we have with at least this many hops fewer than
-    /// our copy took, its link replaces ours in the tree (the paper's optimisation; 0 = off).
-    pub optimization_threshold: u16,
     /// Announcements to the same neighbour within this interval share one `IHave`.
     pub ihave_interval: Duration,
     /// Payloads are kept this long after their birth, to answer grafts and anti-entropy.
@@ -168,10 +166,9 @@ pub struct BroadcastConfig {
 impl Default for BroadcastConfig {
     fn default() -> Self {
         BroadcastConfig {
-            graft_timeout: Duration::from_millis(150),
-            graft_retry: Duration::from_millis(300),
-            prune_threshold: 5,
-            optimization_threshold: 0,
+            graft_timeout: Duration::from_secs(1),
+            graft_retry: Duration::from_millis(500),
+            prune_threshold: 1,
             ihave_interval: Duration::from_millis(20),
             retention: Duration::from_secs(120),
             ae_interval: Duration::from_secs(2),
@@ -231,8 +228,6 @@ pub struct BroadcastCounters {
 struct Stored {
     born: Time,
     hops: u16,
-    /// The neighbour it came from first (none for our own messages).
-    from: Option<NodeId>,
     payload: Option<Bytes>,
 }
 
@@ -350,7 +345,8 @@ impl Broadcast {
         next
     }
 
-    /// `peer` became a neighbour: it joins the tree.
+    /// `peer` became a neighbour: the link joins the tree (a cycle it closes is pruned by the
+    /// first duplicate it carries).
     pub fn neighbor_up(&mut self, peer: Peer) {
         self.links.retain(|l| l.peer.id != peer.id);
         self.links.push(Link {
@@ -388,7 +384,7 @@ impl Broadcast {
             hops: 0,
             payload,
         };
-        self.deliver(&gossip, None);
+        self.deliver(&gossip);
         self.push(now, &gossip, None);
         Ok(id)
     }
@@ -437,9 +433,8 @@ impl Broadcast {
         if self.store.contains_key(&gossip.id) {
             self.counters.duplicates += 1;
             // With several messages in flight from different origins, each could prune a
-            // different link of the same cycle and cut this node off the tree. So a link is
-            // pruned only after `prune_threshold` duplicates in a row, and never while it
-            // brought our latest first copy.
+            // different link of the same cycle and cut this node off the tree: never prune the
+            // link that brought our latest first copy, and allow a threshold of duplicates.
             if self.latest_parent == Some(from.id) {
                 return;
             }
@@ -462,25 +457,17 @@ impl Broadcast {
             self.counters.rejected += 1;
             return;
         }
-        self.deliver(&gossip, Some(from.id));
+        self.deliver(&gossip);
         if let Some(link) = self.link_mut(from.id) {
-            let pruned = !link.eager;
-            link.eager = true;
             link.duplicates = 0;
             self.latest_parent = Some(from.id);
-            if pruned {
-                // It pushed to us before a prune crossed it, and proved the faster path:
-                // put the link back in the tree at both ends.
-                self.send(from, BroadcastMessage::Graft(Vec::new()));
-            }
         }
         self.push(now, &gossip, Some(from.id));
     }
 
     fn on_ihave(&mut self, now: Time, from: Peer, announcements: Vec<Announcement>) {
         for Announcement { id, hops } in announcements {
-            if let Some(stored) = self.store.get(&id) {
-                self.consider_shortcut(from, hops, stored.hops, stored.from);
+            if self.store.contains_key(&id) {
                 continue;
             }
             if let Some(missing) = self.missing.get_mut(&id) {
@@ -507,40 +494,6 @@ impl Broadcast {
             );
             self.missing_deadlines.insert((deadline, id));
         }
-    }
-
-    /// The tree optimisation: `from` announced a message with `announced` hops that reached us
-    /// in `received` hops via `parent`; if the difference is large, swap the two links.
-    fn consider_shortcut(
-        &mut self,
-        from: Peer,
-        announced: u16,
-        received: u16,
-        parent: Option<NodeId>,
-    ) {
-        let threshold = self.config.optimization_threshold;
-        if threshold == 0 || announced.saturating_add(threshold) > received {
-            return;
-        }
-        let Some(parent) = parent else { return };
-        let Some(parent_peer) = self.link_mut(parent).map(|l| l.peer) else {
-            return;
-        };
-        let Some(link) = self.link_mut(from.id) else {
-            return;
-        };
-        if link.eager {
-            return;
-        }
-        link.eager = true;
-        link.duplicates = 0;
-        self.send(from, BroadcastMessage::Graft(Vec::new()));
-        if let Some(link) = self.link_mut(parent) {
-            link.eager = false;
-        }
-        self.counters.prunes += 1;
-        self.send(parent_peer, BroadcastMessage::Prune);
-        self.latest_parent = Some(from.id);
     }
 
     fn on_graft(&mut self, from: Peer, ids: Vec<MessageId>) {
@@ -620,7 +573,7 @@ impl Broadcast {
                 continue;
             }
             self.counters.repaired += 1;
-            self.deliver(&gossip, Some(from.id));
+            self.deliver(&gossip);
             // Announce rather than push: neighbours that have it would otherwise prune us.
             let announcement = Announcement {
                 id: gossip.id,
@@ -638,10 +591,13 @@ impl Broadcast {
         }
     }
 
-    /// Pushes `gossip` (as received, or fresh from us) to eager neighbours and announces it to
-    /// lazy ones, skipping `except`.
+    /// Pushes `gossip` (as received, or fresh from us) to tree neighbours and announces it to
+    /// the others, skipping `except`.
     fn push(&mut self, now: Time, gossip: &Gossip, except: Option<NodeId>) {
-        let hops = gossip.hops.saturating_add(1);
+        let forwarded = Gossip {
+            hops: gossip.hops.saturating_add(1),
+            ..gossip.clone()
+        };
         let targets: Vec<Link> = self
             .links
             .iter()
@@ -650,15 +606,11 @@ impl Broadcast {
             .collect();
         let announcement = Announcement {
             id: gossip.id,
-            hops,
+            hops: forwarded.hops,
         };
         for link in targets {
             if link.eager {
-                let forwarded = Gossip {
-                    hops,
-                    ..gossip.clone()
-                };
-                self.send(link.peer, BroadcastMessage::Gossip(forwarded));
+                self.send(link.peer, BroadcastMessage::Gossip(forwarded.clone()));
             } else {
                 self.announce(now, link.peer, announcement);
             }
@@ -701,15 +653,20 @@ impl Broadcast {
         let Some(missing) = self.missing.get_mut(&id) else {
             return;
         };
-        let neighbours: Vec<NodeId> = self.links.iter().map(|l| l.peer.id).collect();
-        let mut target = None;
-        while let Some((peer, _hops)) = missing.announcers.pop_front() {
-            if neighbours.contains(&peer.id) {
-                target = Some(peer);
-                break;
-            }
-        }
-        let Some(peer) = target else {
+        missing
+            .announcers
+            .retain(|(peer, _)| self.links.iter().any(|l| l.peer.id == peer.id));
+        // Prefer an announcer already in the tree (grafted for another missing message): asking
+        // it costs no new tree link, and several concurrent misses then heal the tree through
+        // one graft instead of creating a cycle per message.
+        let in_tree = missing
+            .announcers
+            .iter()
+            .position(|(peer, _)| self.links.iter().any(|l| l.peer.id == peer.id && l.eager));
+        let Some((peer, _)) = in_tree
+            .and_then(|i| missing.announcers.remove(i))
+            .or_else(|| missing.announcers.pop_front())
+        else {
             // Nobody left to ask; anti-entropy will find it if it still exists.
             self.missing.remove(&id);
             return;
@@ -719,6 +676,7 @@ impl Broadcast {
         self.missing_deadlines.insert((deadline, id));
         if let Some(link) = self.link_mut(peer.id) {
             link.eager = true;
+            link.duplicates = 0;
         }
         self.counters.grafts += 1;
         self.send(peer, BroadcastMessage::Graft(vec![id]));
@@ -780,7 +738,7 @@ impl Broadcast {
         born >= oldest && born <= now + self.config.clock_skew_max
     }
 
-    fn deliver(&mut self, gossip: &Gossip, from: Option<NodeId>) {
+    fn deliver(&mut self, gossip: &Gossip) {
         if let Some(missing) = self.missing.remove(&gossip.id) {
             self.missing_deadlines
                 .remove(&(missing.deadline, gossip.id));
@@ -790,7 +748,6 @@ impl Broadcast {
             Stored {
                 born: gossip.born,
                 hops: gossip.hops,
-                from,
                 payload: Some(gossip.payload.clone()),
             },
         );
@@ -847,4 +804,289 @@ fn micros(span: Duration) -> u64 {
 
 fn expire_interval(config: &BroadcastConfig) -> Duration {
     (config.retention / 8).max(Duration::from_millis(100))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u128) -> Peer {
+        Peer::new(NodeId(n))
+    }
+
+    fn config() -> BroadcastConfig {
+        BroadcastConfig {
+            graft_timeout: Duration::from_millis(100),
+            graft_retry: Duration::from_millis(50),
+            ihave_interval: Duration::from_millis(10),
+            ..BroadcastConfig::default()
+        }
+    }
+
+    fn node(me: u128, neighbours: &[u128]) -> Broadcast {
+        let mut b = Broadcast::new(peer(me), config(), Rng::from_seed(7), Time::ZERO);
+        // Anti-entropy rounds start only where a test asks for one.
+        b.next_ae = Time::MAX;
+        for &n in neighbours {
+            b.neighbor_up(peer(n));
+        }
+        b
+    }
+
+    fn transmits(b: &mut Broadcast) -> Vec<(NodeId, BroadcastMessage)> {
+        b.drain_transmits().map(|(p, m)| (p.id, m)).collect()
+    }
+
+    fn gossip(origin: u128, seq: u64, hops: u16) -> Gossip {
+        Gossip {
+            id: MessageId {
+                origin: NodeId(origin),
+                seq,
+            },
+            born: Time::ZERO,
+            hops,
+            payload: Bytes::from_static(b"hello"),
+        }
+    }
+
+    fn at_millis(ms: u64) -> Time {
+        Time::from_millis(ms)
+    }
+
+    #[test]
+    fn broadcast_is_delivered_locally_and_pushed_to_every_tree_neighbour() {
+        let mut b = node(1, &[2, 3]);
+        let id = b
+            .broadcast(Time::ZERO, Bytes::from_static(b"hello"))
+            .unwrap();
+        let expected = Gossip {
+            id,
+            ..gossip(1, 0, 1)
+        };
+        assert_eq!(
+            transmits(&mut b),
+            vec![
+                (NodeId(2), BroadcastMessage::Gossip(expected.clone())),
+                (NodeId(3), BroadcastMessage::Gossip(expected)),
+            ]
+        );
+        let delivered: Vec<Delivery> = b.drain_deliveries().collect();
+        assert_eq!(delivered.len(), 1);
+        assert_eq!(delivered[0].hops, 0);
+    }
+
+    #[test]
+    fn first_copy_is_forwarded_and_a_duplicate_prunes_its_link() {
+        let mut b = node(1, &[2, 3, 4]);
+        b.handle_message(
+            Time::ZERO,
+            peer(2),
+            BroadcastMessage::Gossip(gossip(9, 1, 3)),
+        );
+        assert_eq!(
+            transmits(&mut b),
+            vec![
+                (NodeId(3), BroadcastMessage::Gossip(gossip(9, 1, 4))),
+                (NodeId(4), BroadcastMessage::Gossip(gossip(9, 1, 4))),
+            ]
+        );
+        assert_eq!(b.drain_deliveries().count(), 1);
+        b.handle_message(
+            Time::ZERO,
+            peer(3),
+            BroadcastMessage::Gossip(gossip(9, 1, 2)),
+        );
+        assert_eq!(
+            transmits(&mut b),
+            vec![(NodeId(3), BroadcastMessage::Prune)]
+        );
+        assert_eq!(b.drain_deliveries().count(), 0);
+        assert_eq!(b.lazy().map(|p| p.id).collect::<Vec<_>>(), vec![NodeId(3)]);
+        // The link that brought the first copy is never pruned by a late duplicate.
+        b.handle_message(
+            Time::ZERO,
+            peer(2),
+            BroadcastMessage::Gossip(gossip(9, 1, 3)),
+        );
+        assert!(transmits(&mut b).is_empty());
+    }
+
+    #[test]
+    fn lazy_links_get_batched_announcements() {
+        let mut b = node(1, &[2, 3]);
+        b.handle_message(Time::ZERO, peer(3), BroadcastMessage::Prune);
+        b.handle_message(
+            Time::ZERO,
+            peer(2),
+            BroadcastMessage::Gossip(gossip(9, 1, 1)),
+        );
+        b.handle_message(
+            Time::ZERO,
+            peer(2),
+            BroadcastMessage::Gossip(gossip(9, 2, 1)),
+        );
+        assert!(
+            transmits(&mut b).is_empty(),
+            "3 is lazy and 2 sent the messages"
+        );
+        assert_eq!(b.poll_timeout(), at_millis(10));
+        b.handle_timeout(at_millis(10));
+        let announcements = vec![
+            Announcement {
+                id: gossip(9, 1, 0).id,
+                hops: 2,
+            },
+            Announcement {
+                id: gossip(9, 2, 0).id,
+                hops: 2,
+            },
+        ];
+        assert_eq!(
+            transmits(&mut b),
+            vec![(NodeId(3), BroadcastMessage::IHave(announcements))]
+        );
+    }
+
+    #[test]
+    fn missing_message_is_grafted_from_its_announcer_then_the_next_one() {
+        let mut b = node(1, &[2, 3]);
+        let id = gossip(9, 1, 0).id;
+        b.handle_message(
+            Time::ZERO,
+            peer(2),
+            BroadcastMessage::IHave(vec![Announcement { id, hops: 2 }]),
+        );
+        b.handle_message(
+            Time::ZERO,
+            peer(3),
+            BroadcastMessage::IHave(vec![Announcement { id, hops: 4 }]),
+        );
+        assert!(transmits(&mut b).is_empty());
+        // The graft timer is drawn in [T, 2T).
+        let deadline = b.poll_timeout();
+        assert!(
+            deadline >= at_millis(100) && deadline < at_millis(200),
+            "{deadline}"
+        );
+        b.handle_timeout(deadline);
+        assert_eq!(
+            transmits(&mut b),
+            vec![(NodeId(2), BroadcastMessage::Graft(vec![id]))]
+        );
+        // No answer within T2: ask the other announcer.
+        b.handle_timeout(deadline + Duration::from_millis(50));
+        assert_eq!(
+            transmits(&mut b),
+            vec![(NodeId(3), BroadcastMessage::Graft(vec![id]))]
+        );
+        assert_eq!(b.counters().grafts, 2);
+    }
+
+    #[test]
+    fn graft_is_answered_with_the_message_and_puts_the_link_in_the_tree() {
+        let mut b = node(1, &[2, 3]);
+        b.handle_message(Time::ZERO, peer(3), BroadcastMessage::Prune);
+        b.handle_message(
+            Time::ZERO,
+            peer(2),
+            BroadcastMessage::Gossip(gossip(9, 1, 1)),
+        );
+        transmits(&mut b);
+        b.handle_message(
+            Time::ZERO,
+            peer(3),
+            BroadcastMessage::Graft(vec![gossip(9, 1, 0).id]),
+        );
+        assert_eq!(
+            transmits(&mut b),
+            vec![(NodeId(3), BroadcastMessage::Gossip(gossip(9, 1, 2)))]
+        );
+        assert!(b.eager().any(|p| p.id == NodeId(3)));
+    }
+
+    #[test]
+    fn anti_entropy_recovers_what_a_neighbour_missed() {
+        let mut full = node(1, &[2]);
+        let mut behind = node(2, &[1]);
+        let now = Time::from_millis(10_000);
+        for seq in 0..3 {
+            let mut g = gossip(9, seq, 1);
+            g.born = Time::from_millis(5_000);
+            full.handle_message(g.born, peer(7), BroadcastMessage::Gossip(g.clone()));
+            if seq == 0 {
+                behind.handle_message(g.born, peer(7), BroadcastMessage::Gossip(g));
+            }
+        }
+        transmits(&mut full);
+        transmits(&mut behind);
+        behind.drain_deliveries().count();
+
+        // `behind` sends its digest; `full` lists what differs; `behind` asks; `full` repairs.
+        behind.next_ae = now;
+        behind.handle_timeout(now);
+        let mut to_full = transmits(&mut behind);
+        assert!(matches!(
+            to_full.last(),
+            Some((NodeId(1), BroadcastMessage::Digest { .. }))
+        ));
+        let (_, digest) = to_full.pop().unwrap();
+        full.handle_message(now, peer(2), digest);
+        let (_, ids) = transmits(&mut full).pop().unwrap();
+        let BroadcastMessage::Ids(listed) = &ids else {
+            panic!("{ids:?}")
+        };
+        assert!(!listed.is_empty());
+        behind.handle_message(now, peer(1), ids);
+        let (_, want) = transmits(&mut behind).pop().unwrap();
+        assert_eq!(
+            want,
+            BroadcastMessage::Want(vec![gossip(9, 1, 0).id, gossip(9, 2, 0).id])
+        );
+        full.handle_message(now, peer(2), want);
+        let (_, repair) = transmits(&mut full).pop().unwrap();
+        behind.handle_message(now, peer(1), repair);
+        let recovered: Vec<u64> = behind.drain_deliveries().map(|d| d.id.seq).collect();
+        assert_eq!(recovered, vec![1, 2]);
+        assert_eq!(behind.counters().repaired, 2);
+    }
+
+    #[test]
+    fn old_and_future_messages_are_rejected() {
+        let mut b = node(1, &[2]);
+        let now = Time::from_millis(1_000_000);
+        let mut old = gossip(9, 1, 1);
+        old.born = Time::from_millis(1);
+        b.handle_message(now, peer(2), BroadcastMessage::Gossip(old));
+        let mut future = gossip(9, 2, 1);
+        future.born = now + Duration::from_secs(3_600);
+        b.handle_message(now, peer(2), BroadcastMessage::Gossip(future));
+        assert_eq!(b.drain_deliveries().count(), 0);
+        assert_eq!(b.counters().rejected, 2);
+    }
+
+    #[test]
+    fn payloads_expire_after_retention_and_ids_after_twice_that() {
+        let mut b = node(1, &[2]);
+        b.handle_message(
+            Time::ZERO,
+            peer(2),
+            BroadcastMessage::Gossip(gossip(9, 1, 1)),
+        );
+        let retention = config().retention;
+        b.handle_timeout(Time::ZERO + retention + Duration::from_secs(1));
+        assert!(b.has(&gossip(9, 1, 0).id));
+        assert!(b.stored_gossip(&gossip(9, 1, 0).id).is_none());
+        b.handle_timeout(Time::ZERO + retention * 2 + Duration::from_secs(1));
+        assert!(!b.has(&gossip(9, 1, 0).id));
+    }
+
+    #[test]
+    fn oversized_payload_is_refused() {
+        let mut b = node(1, &[2]);
+        let payload = Bytes::from(vec![0u8; PAYLOAD_BYTES_MAX + 1]);
+        assert!(matches!(
+            b.broadcast(Time::ZERO, payload),
+            Err(BroadcastError::PayloadTooLarge { .. })
+        ));
+    }
 }

@@ -309,7 +309,7 @@ impl Membership {
 
     /// Leaves the overlay gracefully: every neighbour is told not to keep us as a reserve.
     pub fn leave(&mut self) {
-        let neighbours: Vec<Peer> = self.active.iter().copied().collect();
+        let neighbours: Vec<Peer> = self.active.iter().collect();
         for peer in neighbours {
             self.send(peer, MembershipMessage::Disconnect { leaving: true });
             self.remove_active(peer.id);
@@ -387,13 +387,16 @@ impl Membership {
             self.add_active(now, joiner);
         }
         self.send(joiner, MembershipMessage::NeighborReply { accepted: true });
+        // Seed the newcomer's passive view, so that it is not lost if we fail right away.
+        let count = self.config.shuffle_active + self.config.shuffle_passive;
+        let reserve = self
+            .passive
+            .sample(&mut self.rng, count, |id| id == joiner.id);
+        if !reserve.is_empty() {
+            self.send(joiner, MembershipMessage::ShuffleReply { peers: reserve });
+        }
         let ttl = self.config.active_walk_length;
-        let others: Vec<Peer> = self
-            .active
-            .iter()
-            .filter(|p| p.id != joiner.id)
-            .copied()
-            .collect();
+        let others: Vec<Peer> = self.active.iter().filter(|p| p.id != joiner.id).collect();
         for peer in others {
             self.send(peer, MembershipMessage::ForwardJoin { joiner, ttl });
         }
@@ -549,7 +552,7 @@ impl Membership {
             self.fail_neighbor(now, id);
         }
         for id in idle {
-            if let Some(peer) = self.active.find(id).copied() {
+            if let Some(peer) = self.active.find(id) {
                 self.send(peer, MembershipMessage::Ping);
                 self.sent_to(now, id);
             }
@@ -809,4 +812,342 @@ fn jitter(rng: &mut Rng, period: Duration) -> Duration {
 fn backoff(min: Duration, max: Duration, attempts: u32) -> Duration {
     let factor = 1u32 << attempts.saturating_sub(1).min(20);
     min.saturating_mul(factor).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u128) -> Peer {
+        Peer::new(NodeId(n))
+    }
+
+    fn config() -> MembershipConfig {
+        MembershipConfig {
+            active_max: 3,
+            passive_max: 4,
+            ..MembershipConfig::default()
+        }
+    }
+
+    fn node(me: u128) -> Membership {
+        Membership::new(peer(me), config(), Rng::from_seed(me as u64), Time::ZERO)
+    }
+
+    fn transmits(m: &mut Membership) -> Vec<(NodeId, MembershipMessage)> {
+        m.drain_transmits().map(|(p, msg)| (p.id, msg)).collect()
+    }
+
+    fn events(m: &mut Membership) -> Vec<MembershipEvent> {
+        m.drain_events().collect()
+    }
+
+    /// A node whose active view holds exactly `neighbours`, with every output drained.
+    fn with_active(me: u128, neighbours: &[u128]) -> Membership {
+        let mut m = node(me);
+        for &n in neighbours {
+            m.handle_message(
+                Time::ZERO,
+                peer(n),
+                MembershipMessage::Neighbor {
+                    priority: Priority::Low,
+                },
+            );
+        }
+        transmits(&mut m);
+        events(&mut m);
+        m
+    }
+
+    #[test]
+    fn joiner_sends_join_and_adds_contact_on_reply() {
+        let mut m = node(1);
+        m.join(Time::ZERO, &[peer(2)]);
+        assert_eq!(
+            transmits(&mut m),
+            vec![(NodeId(2), MembershipMessage::Join)]
+        );
+        m.handle_message(
+            Time::ZERO,
+            peer(2),
+            MembershipMessage::NeighborReply { accepted: true },
+        );
+        assert_eq!(events(&mut m), vec![MembershipEvent::NeighborUp(peer(2))]);
+        assert!(m.active().contains(NodeId(2)));
+        assert!(transmits(&mut m).is_empty());
+    }
+
+    #[test]
+    fn contact_accepts_join_and_forwards_it_to_every_other_neighbour() {
+        let mut m = with_active(1, &[2, 3]);
+        m.handle_message(Time::ZERO, peer(9), MembershipMessage::Join);
+        assert_eq!(events(&mut m), vec![MembershipEvent::NeighborUp(peer(9))]);
+        let walk = config().active_walk_length;
+        assert_eq!(
+            transmits(&mut m),
+            vec![
+                (
+                    NodeId(9),
+                    MembershipMessage::NeighborReply { accepted: true }
+                ),
+                (
+                    NodeId(2),
+                    MembershipMessage::ForwardJoin {
+                        joiner: peer(9),
+                        ttl: walk
+                    }
+                ),
+                (
+                    NodeId(3),
+                    MembershipMessage::ForwardJoin {
+                        joiner: peer(9),
+                        ttl: walk
+                    }
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn forward_join_ends_with_a_high_priority_request_when_ttl_is_zero() {
+        let mut m = with_active(1, &[2, 3]);
+        m.handle_message(
+            Time::ZERO,
+            peer(2),
+            MembershipMessage::ForwardJoin {
+                joiner: peer(9),
+                ttl: 0,
+            },
+        );
+        assert_eq!(
+            transmits(&mut m),
+            vec![(
+                NodeId(9),
+                MembershipMessage::Neighbor {
+                    priority: Priority::High
+                }
+            )]
+        );
+        // The link exists once the joiner accepts.
+        m.handle_message(
+            Time::ZERO,
+            peer(9),
+            MembershipMessage::NeighborReply { accepted: true },
+        );
+        assert_eq!(events(&mut m), vec![MembershipEvent::NeighborUp(peer(9))]);
+    }
+
+    #[test]
+    fn forward_join_at_passive_walk_length_is_recorded_and_forwarded() {
+        let mut m = with_active(1, &[2, 3]);
+        let ttl = config().passive_walk_length;
+        m.handle_message(
+            Time::ZERO,
+            peer(2),
+            MembershipMessage::ForwardJoin {
+                joiner: peer(9),
+                ttl,
+            },
+        );
+        assert!(m.passive().contains(NodeId(9)));
+        // Forwarded to the only neighbour that is neither the sender nor the joiner.
+        assert_eq!(
+            transmits(&mut m),
+            vec![(
+                NodeId(3),
+                MembershipMessage::ForwardJoin {
+                    joiner: peer(9),
+                    ttl: ttl - 1
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn low_priority_request_is_refused_when_full_and_high_priority_evicts() {
+        let mut m = with_active(1, &[2, 3, 4]);
+        m.handle_message(
+            Time::ZERO,
+            peer(5),
+            MembershipMessage::Neighbor {
+                priority: Priority::Low,
+            },
+        );
+        assert_eq!(
+            transmits(&mut m),
+            vec![(
+                NodeId(5),
+                MembershipMessage::NeighborReply { accepted: false }
+            )]
+        );
+        assert!(m.passive().contains(NodeId(5)));
+        assert!(events(&mut m).is_empty());
+
+        m.handle_message(
+            Time::ZERO,
+            peer(6),
+            MembershipMessage::Neighbor {
+                priority: Priority::High,
+            },
+        );
+        let sent = transmits(&mut m);
+        assert_eq!(sent.len(), 2);
+        let (evicted, disconnect) = &sent[0];
+        assert_eq!(
+            *disconnect,
+            MembershipMessage::Disconnect { leaving: false }
+        );
+        assert!([NodeId(2), NodeId(3), NodeId(4)].contains(evicted));
+        assert_eq!(
+            sent[1],
+            (
+                NodeId(6),
+                MembershipMessage::NeighborReply { accepted: true }
+            )
+        );
+        assert_eq!(
+            events(&mut m),
+            vec![
+                MembershipEvent::NeighborDown(Peer::new(*evicted)),
+                MembershipEvent::NeighborUp(peer(6)),
+            ]
+        );
+        assert_eq!(m.active().len(), 3);
+        assert!(m.passive().contains(*evicted));
+    }
+
+    #[test]
+    fn failed_neighbour_is_replaced_from_the_passive_view() {
+        let mut m = with_active(1, &[2]);
+        m.handle_message(
+            Time::ZERO,
+            peer(7),
+            MembershipMessage::ShuffleReply {
+                peers: vec![peer(7)],
+            },
+        );
+        assert!(m.passive().contains(NodeId(7)));
+        m.handle_peer_down(Time::ZERO, NodeId(2));
+        assert_eq!(events(&mut m), vec![MembershipEvent::NeighborDown(peer(2))]);
+        // Alone now, so the request is high priority.
+        assert_eq!(
+            transmits(&mut m),
+            vec![(
+                NodeId(7),
+                MembershipMessage::Neighbor {
+                    priority: Priority::High
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn silent_neighbour_times_out_and_idle_links_get_keepalives() {
+        let mut m = with_active(1, &[2, 3]);
+        let timeout = config().peer_timeout;
+        let later = Time::ZERO + timeout;
+        m.heard_from(later, NodeId(3));
+        m.handle_timeout(later + config().maintain_interval);
+        assert_eq!(events(&mut m), vec![MembershipEvent::NeighborDown(peer(2))]);
+        assert_eq!(
+            transmits(&mut m),
+            vec![(NodeId(3), MembershipMessage::Ping)]
+        );
+    }
+
+    #[test]
+    fn keepalive_from_a_stranger_is_answered_with_disconnect() {
+        let mut m = with_active(1, &[2]);
+        m.handle_message(Time::ZERO, peer(8), MembershipMessage::Ping);
+        assert_eq!(
+            transmits(&mut m),
+            vec![(NodeId(8), MembershipMessage::Disconnect { leaving: false })]
+        );
+        m.handle_message(Time::ZERO, peer(2), MembershipMessage::Ping);
+        assert!(transmits(&mut m).is_empty());
+    }
+
+    #[test]
+    fn shuffle_is_answered_at_the_end_of_its_walk_and_integrated() {
+        let mut m = with_active(1, &[2]);
+        for n in [10, 11] {
+            m.handle_message(
+                Time::ZERO,
+                peer(n),
+                MembershipMessage::ShuffleReply {
+                    peers: vec![peer(n)],
+                },
+            );
+        }
+        let offered = vec![peer(20), peer(21)];
+        m.handle_message(
+            Time::ZERO,
+            peer(2),
+            MembershipMessage::Shuffle {
+                origin: peer(20),
+                ttl: 3,
+                peers: offered,
+            },
+        );
+        // Only one neighbour, so the walk ends here: reply straight to the origin.
+        let sent = transmits(&mut m);
+        assert_eq!(sent.len(), 1);
+        let (to, MembershipMessage::ShuffleReply { peers }) = &sent[0] else {
+            panic!("expected a shuffle reply, got {sent:?}");
+        };
+        assert_eq!(*to, NodeId(20));
+        assert_eq!(peers.len(), 2);
+        assert!(
+            peers
+                .iter()
+                .all(|p| [NodeId(10), NodeId(11)].contains(&p.id))
+        );
+        // The passive view (capacity 4) now holds the offered nodes.
+        assert!(m.passive().contains(NodeId(20)) && m.passive().contains(NodeId(21)));
+        assert!(m.passive().len() <= 4);
+    }
+
+    #[test]
+    fn lost_neighbour_is_retried_at_high_priority_after_backoff() {
+        let mut m = with_active(1, &[2, 3]);
+        m.handle_peer_down(Time::ZERO, NodeId(2));
+        transmits(&mut m);
+        events(&mut m);
+        let retry = Time::ZERO + config().reconnect_backoff_min;
+        m.handle_timeout(retry);
+        let sent = transmits(&mut m);
+        assert!(
+            sent.contains(&(
+                NodeId(2),
+                MembershipMessage::Neighbor {
+                    priority: Priority::High
+                }
+            )),
+            "{sent:?}"
+        );
+        m.handle_message(
+            retry,
+            peer(2),
+            MembershipMessage::NeighborReply { accepted: true },
+        );
+        assert_eq!(events(&mut m), vec![MembershipEvent::NeighborUp(peer(2))]);
+        assert_eq!(m.counters().reconnected, 1);
+    }
+
+    #[test]
+    fn views_never_exceed_their_bounds() {
+        let mut m = node(1);
+        for n in 2..100 {
+            m.handle_message(Time::ZERO, peer(n), MembershipMessage::Join);
+            m.handle_message(
+                Time::ZERO,
+                peer(n),
+                MembershipMessage::ShuffleReply {
+                    peers: vec![peer(n + 1000), peer(n + 2000)],
+                },
+            );
+            assert!(m.active().len() <= 3);
+            assert!(m.passive().len() <= 4);
+        }
+    }
 }

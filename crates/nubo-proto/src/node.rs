@@ -166,8 +166,7 @@ impl Node {
     /// Moves the layers' outputs into the node's queues, routing membership changes to the
     /// broadcast layer first so that it never pushes to a former neighbour.
     fn flush(&mut self, now: Time) {
-        let events: Vec<MembershipEvent> = self.membership.drain_events().collect();
-        for event in events {
+        for event in self.membership.drain_events() {
             match event {
                 MembershipEvent::NeighborUp(peer) => {
                     self.broadcast.neighbor_up(peer);
@@ -179,22 +178,21 @@ impl Node {
                 }
             }
         }
-        let outgoing: Vec<(Peer, Message)> = self
-            .membership
-            .drain_transmits()
-            .map(|(to, m)| (to, Message::Membership(m)))
-            .chain(
-                self.broadcast
-                    .drain_transmits()
-                    .map(|(to, m)| (to, Message::Broadcast(m))),
-            )
-            .collect();
-        for (to, message) in outgoing {
-            self.membership.sent_to(now, to.id);
-            self.transmits.push_back(Transmit { to, message });
+        let before = self.transmits.len();
+        self.transmits
+            .extend(self.membership.drain_transmits().map(|(to, m)| Transmit {
+                to,
+                message: Message::Membership(m),
+            }));
+        self.transmits
+            .extend(self.broadcast.drain_transmits().map(|(to, m)| Transmit {
+                to,
+                message: Message::Broadcast(m),
+            }));
+        for transmit in self.transmits.range(before..) {
+            self.membership.sent_to(now, transmit.to.id);
         }
-        for delivery in self.broadcast.drain_deliveries() {
-            self.events.push_back(Event::Delivered(delivery));
-        }
+        self.events
+            .extend(self.broadcast.drain_deliveries().map(Event::Delivered));
     }
 }

@@ -1,15 +1,19 @@
 //! A bounded set of peers with uniform random selection.
 
+use core::net::SocketAddr;
+
 use crate::id::{NodeId, Peer};
 use crate::rng::Rng;
 
 /// A set of at most `capacity` peers, kept in insertion order.
 ///
-/// Views are small (a handful to a few dozen entries), so a vector with linear search is both
-/// the fastest and the most predictable representation; iteration order is deterministic.
+/// Views are small (a handful to a few dozen entries), so vectors with linear search are both
+/// the fastest and the most predictable representation; iteration order is deterministic. Ids
+/// and addresses live in separate vectors so that searches scan ids only.
 #[derive(Clone, Debug)]
 pub struct PeerView {
-    peers: Vec<Peer>,
+    ids: Vec<NodeId>,
+    addrs: Vec<Option<SocketAddr>>,
     capacity: usize,
 }
 
@@ -17,7 +21,8 @@ impl PeerView {
     /// An empty view holding at most `capacity` peers.
     pub fn new(capacity: usize) -> PeerView {
         PeerView {
-            peers: Vec::with_capacity(capacity.min(64)),
+            ids: Vec::new(),
+            addrs: Vec::new(),
             capacity,
         }
     }
@@ -29,63 +34,71 @@ impl PeerView {
 
     /// Number of peers in the view.
     pub fn len(&self) -> usize {
-        self.peers.len()
+        self.ids.len()
     }
 
     /// True when the view holds no peer.
     pub fn is_empty(&self) -> bool {
-        self.peers.is_empty()
+        self.ids.is_empty()
     }
 
     /// True when no peer can be added without removing another.
     pub fn is_full(&self) -> bool {
-        self.peers.len() >= self.capacity
+        self.ids.len() >= self.capacity
     }
 
     /// True when `id` is in the view.
     pub fn contains(&self, id: NodeId) -> bool {
-        self.peers.iter().any(|p| p.id == id)
+        self.ids.contains(&id)
     }
 
     /// The entry for `id`, if present.
-    pub fn find(&self, id: NodeId) -> Option<&Peer> {
-        self.peers.iter().find(|p| p.id == id)
+    pub fn find(&self, id: NodeId) -> Option<Peer> {
+        let index = self.position(id)?;
+        Some(self.at(index))
     }
 
     /// Adds `peer` if absent and there is room; returns whether it was added. A known peer
     /// gets its address refreshed when the new entry carries one.
     pub fn insert(&mut self, peer: Peer) -> bool {
-        if let Some(known) = self.peers.iter_mut().find(|p| p.id == peer.id) {
+        if let Some(index) = self.position(peer.id) {
             if peer.addr.is_some() {
-                known.addr = peer.addr;
+                self.addrs[index] = peer.addr;
             }
             return false;
         }
         if self.is_full() {
             return false;
         }
-        self.peers.push(peer);
+        self.ids.push(peer.id);
+        self.addrs.push(peer.addr);
         true
     }
 
     /// Removes `id`; returns the removed entry.
     pub fn remove(&mut self, id: NodeId) -> Option<Peer> {
-        let index = self.peers.iter().position(|p| p.id == id)?;
-        Some(self.peers.remove(index))
+        let index = self.position(id)?;
+        let peer = self.at(index);
+        self.ids.remove(index);
+        self.addrs.remove(index);
+        Some(peer)
     }
 
     /// A uniformly chosen peer that `exclude` does not reject.
     pub fn random_except(&self, rng: &mut Rng, exclude: impl Fn(NodeId) -> bool) -> Option<Peer> {
-        let candidates = self.peers.iter().filter(|p| !exclude(p.id)).count();
+        let candidates = self.ids.iter().filter(|&&id| !exclude(id)).count();
         if candidates == 0 {
             return None;
         }
         let pick = rng.index(candidates);
-        self.peers
+        let index = self
+            .ids
             .iter()
-            .filter(|p| !exclude(p.id))
-            .nth(pick)
-            .copied()
+            .enumerate()
+            .filter(|&(_, &id)| !exclude(id))
+            .nth(pick)?
+            .0;
+        Some(self.at(index))
     }
 
     /// Up to `count` distinct peers chosen uniformly at random, none rejected by `exclude`.
@@ -95,25 +108,31 @@ impl PeerView {
         count: usize,
         exclude: impl Fn(NodeId) -> bool,
     ) -> Vec<Peer> {
-        let mut candidates: Vec<Peer> = self
-            .peers
-            .iter()
-            .filter(|p| !exclude(p.id))
-            .copied()
-            .collect();
+        let mut candidates: Vec<Peer> = self.iter().filter(|p| !exclude(p.id)).collect();
         rng.shuffle(&mut candidates);
         candidates.truncate(count);
         candidates
     }
 
     /// The peers, in insertion order.
-    pub fn iter(&self) -> impl Iterator<Item = &Peer> + '_ {
-        self.peers.iter()
+    pub fn iter(&self) -> impl Iterator<Item = Peer> + '_ {
+        (0..self.ids.len()).map(|i| self.at(i))
     }
 
     /// The ids of the peers, in insertion order.
     pub fn ids(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.peers.iter().map(|p| p.id)
+        self.ids.iter().copied()
+    }
+
+    fn position(&self, id: NodeId) -> Option<usize> {
+        self.ids.iter().position(|&known| known == id)
+    }
+
+    fn at(&self, index: usize) -> Peer {
+        Peer {
+            id: self.ids[index],
+            addr: self.addrs[index],
+        }
     }
 }
 

@@ -1,7 +1,9 @@
 //! `nubo-sim`: experiments and randomized runs over the nubo protocol core.
 
 use clap::{Parser, Subcommand};
-use nubo_sim::experiments::hyparview;
+use std::process::ExitCode;
+
+use nubo_sim::experiments::{fuzz, hyparview};
 
 /// Deterministic simulator of a nubo cloud. Every run is reproducible from its --seed.
 #[derive(Parser)]
@@ -17,11 +19,24 @@ enum Command {
     ///
     /// Example: nubo-sim hyparview --nodes 10000 --fail 0.8 --seed 1 --json
     Hyparview(hyparview::HyparviewArgs),
+    /// Randomized runs with faults and invariant checks; every option derives from the seed.
+    ///
+    /// Example: nubo-sim fuzz --seed 1 --runs 100
+    /// A failing run prints its seed; `nubo-sim fuzz --seed S --runs 1 --verbose` replays it.
+    Fuzz(fuzz::FuzzArgs),
 }
 
-fn main() {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Hyparview(args) => hyparview::run(&args).print(args.json),
+        Command::Fuzz(args) => {
+            let (report, passed) = fuzz::run(&args);
+            report.print(args.json);
+            if !passed {
+                return ExitCode::FAILURE;
+            }
+        }
     }
+    ExitCode::SUCCESS
 }

@@ -29,8 +29,9 @@ pub struct HyparviewArgs {
     /// Broadcasts sent from random live nodes after the failure.
     #[arg(long, default_value_t = 1_000)]
     pub broadcasts: u32,
-    /// Broadcasts per cycle.
-    #[arg(long, default_value_t = 10)]
+    /// Broadcasts per cycle. The paper sends one at a time; at 1 per cycle each broadcast has
+    /// reached everyone before the next starts.
+    #[arg(long, default_value_t = 1)]
     pub rate: u32,
     /// Largest active view.
     #[arg(long, default_value_t = 5)]
@@ -47,6 +48,12 @@ pub struct HyparviewArgs {
     /// Probability that a message is lost.
     #[arg(long, default_value_t = 0.0)]
     pub loss: f64,
+    /// Smallest base latency of a link, in milliseconds.
+    #[arg(long, default_value_t = 10)]
+    pub latency_min_ms: u64,
+    /// Largest base latency of a link, in milliseconds.
+    #[arg(long, default_value_t = 40)]
+    pub latency_max_ms: u64,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -64,17 +71,17 @@ pub fn experiment_config(active: usize, passive: usize, cycle: Duration) -> Conf
             shuffle_passive: 4,
             shuffle_walk_length: 6,
             shuffle_interval: cycle,
-            maintain_interval: cycle / 4,
-            keepalive_interval: cycle,
-            peer_timeout: cycle * 3,
+            maintain_interval: cycle / 2,
+            keepalive_interval: cycle * 2,
+            peer_timeout: cycle * 6,
             request_timeout: cycle,
             ..MembershipConfig::default()
         },
         broadcast: BroadcastConfig {
-            ae_interval: cycle * 2,
+            ae_interval: cycle * 5,
             ae_settle: cycle,
             retention: cycle * 120,
-            graft_timeout: cycle / 4,
+            graft_timeout: cycle,
             graft_retry: cycle / 2,
             ..BroadcastConfig::default()
         },
@@ -88,6 +95,8 @@ pub fn run(args: &HyparviewArgs) -> Report {
     let config = experiment_config(args.active, args.passive, cycle);
     let network = NetworkConfig {
         loss: args.loss,
+        latency_min: Duration::from_millis(args.latency_min_ms),
+        latency_max: Duration::from_millis(args.latency_max_ms),
         ..NetworkConfig::default()
     };
     let mut sim = Sim::new(args.seed, config, network);
@@ -129,14 +138,6 @@ pub fn run(args: &HyparviewArgs) -> Report {
         }
         let origin = survivors[sim.rng().index(survivors.len())];
         let payload = Bytes::from_static(b"hyparview experiment");
-        if tracker.records.len() % 20 == 0 {
-            let (e, a, l) = eager_stats(&sim);
-            let last = tracker
-                .records
-                .last()
-                .map(|r| (r.hops_max, r.payloads_received, r.delivered));
-            eprintln!("t={} eager={e} asym={a} lazy={l} last={last:?}", sim.now());
-        }
         if let Some(id) = sim.broadcast(origin, payload, &mut tracker) {
             tracker.track(id, sim.now(), origin);
         }
@@ -163,14 +164,6 @@ pub fn run(args: &HyparviewArgs) -> Report {
     sim.run_for(cycle * 5, &mut tracker);
     let after = overlay_health(&sim);
 
-    for r in tracker.records.iter().take(40) {
-        eprintln!(
-            "hops={} rmr={:.2} lat={}",
-            r.hops_max,
-            r.rmr(),
-            r.last_delivery.saturating_since(r.sent_at).as_millis()
-        );
-    }
     let live = survivors.len().max(1) as f64;
     let records = &tracker.records;
     let reliabilities: Vec<f64> = records
@@ -246,25 +239,4 @@ fn mean(values: &[f64]) -> f64 {
         return f64::NAN;
     }
     values.iter().sum::<f64>() / values.len() as f64
-}
-
-/// Debug: eager-graph statistics.
-pub fn eager_stats(sim: &Sim) -> (usize, usize, usize) {
-    let mut eager = 0;
-    let mut asym = 0;
-    let mut lazy = 0;
-    for i in sim.alive() {
-        let node = sim.node(i).unwrap();
-        for p in node.broadcast_layer().eager() {
-            eager += 1;
-            let j = sim.index_of(p.id).unwrap();
-            if let Some(o) = sim.node(j) {
-                if !o.broadcast_layer().eager().any(|q| q.id == node.id()) {
-                    asym += 1;
-                }
-            }
-        }
-        lazy += node.broadcast_layer().lazy().count();
-    }
-    (eager, asym, lazy)
 }

@@ -1,3 +1,4 @@
 //! Experiments, one per subcommand of `nubo-sim`.
 
+pub mod fuzz;
 pub mod hyparview;

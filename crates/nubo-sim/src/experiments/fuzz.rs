@@ -1,0 +1,468 @@
+//! Swarm testing: every option of a run derives from its seed; a safety phase injects faults
+//! (crashes, restarts, joins, leaves, partitions, loss) while checking invariants that must
+//! always hold; a liveness phase heals everything and checks that the cloud converges.
+//!
+//! A run with seed `S` is reproduced exactly by `nubo-sim fuzz --seed S --runs 1`.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use nubo_proto::broadcast::BroadcastConfig;
+use nubo_proto::membership::MembershipConfig;
+use nubo_proto::{Config, Rng};
+
+use crate::engine::{NetworkConfig, NodeIndex, Sim};
+use crate::overlay::overlay_health;
+use crate::report::Report;
+use crate::tracker::BroadcastTracker;
+
+/// How big and long each run is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Profile {
+    /// Small clouds and short phases: 100 seeds in well under a minute (CI).
+    Fast,
+    /// Larger clouds and longer fault phases.
+    Full,
+}
+
+impl Profile {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Fast => "fast",
+            Profile::Full => "full",
+        }
+    }
+}
+
+/// Options of `nubo-sim fuzz`.
+#[derive(Args, Clone, Debug)]
+pub struct FuzzArgs {
+    /// Seed of the first run; run `i` uses seed + i.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Number of runs.
+    #[arg(long, default_value_t = 100)]
+    pub runs: u64,
+    /// Size of the runs.
+    #[arg(long, value_enum, default_value_t = Profile::Fast)]
+    pub profile: Profile,
+    /// Print what each run does.
+    #[arg(long)]
+    pub verbose: bool,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Everything a run is made of, derived from its seed.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// The run's seed.
+    pub seed: u64,
+    /// Nodes at the start.
+    pub nodes: u32,
+    /// Node configuration.
+    pub config: Config,
+    /// Network configuration.
+    pub network: NetworkConfig,
+    /// Length of the fault phase.
+    pub safety: Duration,
+    /// Length of the healing phase before the liveness checks.
+    pub settle: Duration,
+    /// Mean time between faults.
+    pub fault_interval: Duration,
+    /// Largest fraction of the nodes down at once.
+    pub down_max: f64,
+}
+
+impl Scenario {
+    /// The scenario of seed `seed`.
+    pub fn from_seed(seed: u64, profile: Profile) -> Scenario {
+        let mut rng = Rng::from_seed(seed ^ 0xF022_5EED);
+        let (nodes_min, nodes_max, safety_s) = match profile {
+            Profile::Fast => (6, 40, 40),
+            Profile::Full => (16, 250, 180),
+        };
+        let nodes = nodes_min + rng.below(u64::from(nodes_max - nodes_min + 1)) as u32;
+        let active_max = 3 + rng.index(4);
+        let passive_max = active_max * (2 + rng.index(5));
+        let cycle = Duration::from_millis(200 + rng.below(1_800));
+        let latency_min = Duration::from_millis(1 + rng.below(20));
+        let latency_max = latency_min + Duration::from_millis(rng.below(80));
+        let loss = if rng.chance(0.5) {
+            0.0
+        } else {
+            rng.unit() * 0.05
+        };
+        let config = Config {
+            membership: MembershipConfig {
+                active_max,
+                passive_max,
+                active_walk_length: 2 + rng.below(5) as u8,
+                passive_walk_length: 1 + rng.below(2) as u8,
+                shuffle_active: 1 + rng.index(active_max),
+                shuffle_passive: 1 + rng.index(passive_max / 2 + 1),
+                shuffle_walk_length: 1 + rng.below(6) as u8,
+                shuffle_interval: cycle,
+                maintain_interval: cycle / 4,
+                keepalive_interval: cycle / 2,
+                peer_timeout: cycle * 2,
+                request_timeout: cycle,
+                lost_max: 4 + rng.index(16),
+                reconnect_backoff_min: cycle,
+                reconnect_backoff_max: cycle * 8,
+                lost_expiry: Duration::from_secs(3_600),
+            },
+            broadcast: BroadcastConfig {
+                graft_timeout: latency_max * 2 + Duration::from_millis(rng.below(400)),
+                graft_retry: latency_max * 2,
+                ihave_interval: Duration::from_millis(rng.below(50)),
+                retention: Duration::from_secs(3_600),
+                ae_interval: cycle * (1 + rng.below(4) as u32),
+                ae_settle: latency_max * 4,
+                prune_threshold: 1 + rng.below(3) as u8,
+                ..BroadcastConfig::default()
+            },
+        };
+        Scenario {
+            seed,
+            nodes,
+            config,
+            network: NetworkConfig {
+                latency_min,
+                latency_max,
+                jitter: Duration::from_millis(rng.below(10)),
+                loss,
+                check_wire: true,
+            },
+            safety: Duration::from_secs(safety_s / 2 + rng.below(safety_s / 2)),
+            settle: cycle * 60,
+            fault_interval: Duration::from_millis(300 + rng.below(3_000)),
+            down_max: 0.1 + rng.unit() * 0.4,
+        }
+    }
+}
+
+/// What a run found.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    /// Invariant violations, empty when the run passed.
+    pub violations: Vec<String>,
+    /// Faults injected.
+    pub faults: u32,
+    /// Broadcasts checked.
+    pub broadcasts: usize,
+    /// Simulated events.
+    pub events: u64,
+}
+
+/// Runs one scenario to the end and reports every violated invariant.
+pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
+    let mut outcome = Outcome::default();
+    let mut sim = Sim::new(
+        scenario.seed,
+        scenario.config.clone(),
+        scenario.network.clone(),
+    );
+    let mut tracker = BroadcastTracker::new(true);
+    let mut rng = Rng::from_seed(scenario.seed ^ 0xFA17);
+    let log = |msg: String| {
+        if verbose {
+            println!("{msg}");
+        }
+    };
+
+    // Bootstrap: each node joins through one or two nodes already there.
+    sim.add_node();
+    for i in 1..scenario.nodes {
+        sim.run_for(Duration::from_millis(rng.below(200)), &mut tracker);
+        let node = sim.add_node();
+        let contacts = [
+            rng.below(u64::from(i)) as NodeIndex,
+            rng.below(u64::from(i)) as NodeIndex,
+        ];
+        sim.join(node, &contacts, &mut tracker);
+    }
+    sim.run_for(
+        scenario.config.membership.shuffle_interval * 10,
+        &mut tracker,
+    );
+
+    // Safety phase: faults and broadcasts, invariants checked all along.
+    let end = sim.now() + scenario.safety;
+    while sim.now() < end {
+        let gap = Duration::from_micros(rng.below(scenario.fault_interval.as_micros() as u64 * 2));
+        let step_end = (sim.now() + gap).min(end);
+        while sim.now() < step_end {
+            let next = (sim.now() + Duration::from_millis(250)).min(step_end);
+            sim.run_until(next, &mut tracker);
+            check_safety(&sim, &tracker, &mut outcome);
+            if !outcome.violations.is_empty() {
+                return finish(outcome, &sim);
+            }
+        }
+        if let Some(fault) = inject_fault(&mut sim, &mut rng, &mut tracker, scenario) {
+            outcome.faults += 1;
+            log(format!("{} {fault}", sim.now()));
+        }
+        if rng.chance(0.7) {
+            broadcast_from_random(&mut sim, &mut rng, &mut tracker);
+        }
+    }
+
+    // Liveness phase: heal everything, wait, then everything must have converged.
+    sim.heal();
+    sim.set_loss(0.0);
+    log(format!("{} heal", sim.now()));
+    sim.run_for(scenario.settle, &mut tracker);
+    check_safety(&sim, &tracker, &mut outcome);
+    let health = overlay_health(&sim);
+    if health.components > 1 || health.isolated > 0 {
+        outcome.violations.push(format!(
+            "overlay not connected after healing: {} components, {} isolated of {} nodes",
+            health.components, health.isolated, health.alive
+        ));
+    }
+    if health.dead_links > 0 {
+        outcome.violations.push(format!(
+            "{} active-view links to dead nodes after healing",
+            health.dead_links
+        ));
+    }
+    if health.asymmetric_links > 0 {
+        outcome.violations.push(format!(
+            "{} asymmetric active-view links after healing",
+            health.asymmetric_links
+        ));
+    }
+    // Broadcasts sent after healing reach every live node.
+    let first_after_heal = tracker.records.len();
+    for _ in 0..5 {
+        broadcast_from_random(&mut sim, &mut rng, &mut tracker);
+        sim.run_for(Duration::from_millis(100), &mut tracker);
+    }
+    sim.run_for(
+        scenario.config.broadcast.graft_timeout * 4 + Duration::from_secs(2),
+        &mut tracker,
+    );
+    let alive = sim.alive();
+    for record in &tracker.records[first_after_heal..] {
+        let missing: Vec<NodeIndex> = alive
+            .iter()
+            .copied()
+            .filter(|i| !record.delivered_by.contains(i))
+            .collect();
+        if !missing.is_empty() {
+            outcome.violations.push(format!(
+                "broadcast {:?} sent after healing missed by {} of {} live nodes (e.g. {:?})",
+                record.id,
+                missing.len(),
+                alive.len(),
+                &missing[..missing.len().min(5)]
+            ));
+        }
+    }
+    // Anti-entropy: whatever one live node delivered, every live node delivers.
+    sim.run_for(scenario.config.broadcast.ae_interval * 20, &mut tracker);
+    for record in &tracker.records[..first_after_heal] {
+        if record.delivered_by.iter().any(|i| sim.is_alive(*i)) {
+            let missing = alive
+                .iter()
+                .filter(|i| !record.delivered_by.contains(i))
+                .count();
+            if missing > 0 {
+                outcome.violations.push(format!(
+                    "broadcast {:?} delivered by some live nodes but not by {missing} others",
+                    record.id
+                ));
+            }
+        }
+    }
+    outcome.broadcasts = tracker.records.len();
+    finish(outcome, &sim)
+}
+
+fn finish(mut outcome: Outcome, sim: &Sim) -> Outcome {
+    outcome.events = sim.stats().events;
+    outcome
+}
+
+/// Invariants that hold at every instant, faults or not.
+fn check_safety(sim: &Sim, tracker: &BroadcastTracker, outcome: &mut Outcome) {
+    for i in sim.alive() {
+        let Some(node) = sim.node(i) else { continue };
+        let membership = node.membership();
+        let config = membership.config();
+        if membership.active().len() > config.active_max {
+            outcome.violations.push(format!(
+                "node {i} has {} active peers, more than {}",
+                membership.active().len(),
+                config.active_max
+            ));
+        }
+        if membership.passive().len() > config.passive_max {
+            outcome.violations.push(format!(
+                "node {i} has {} passive peers, more than {}",
+                membership.passive().len(),
+                config.passive_max
+            ));
+        }
+        if membership.active().contains(node.id()) || membership.passive().contains(node.id()) {
+            outcome
+                .violations
+                .push(format!("node {i} lists itself in its views"));
+        }
+        if membership
+            .active()
+            .ids()
+            .any(|id| membership.passive().contains(id))
+        {
+            outcome
+                .violations
+                .push(format!("node {i} has a peer in both views"));
+        }
+    }
+    if tracker.duplicates > 0 {
+        outcome
+            .violations
+            .push(format!("{} duplicate deliveries", tracker.duplicates));
+    }
+}
+
+fn broadcast_from_random(sim: &mut Sim, rng: &mut Rng, tracker: &mut BroadcastTracker) {
+    let alive = sim.alive();
+    let Some(&origin) = rng.choose(&alive) else {
+        return;
+    };
+    let payload = Bytes::from(rng.next_u64().to_le_bytes().to_vec());
+    let now = sim.now();
+    if let Some(id) = sim.broadcast(origin, payload, tracker) {
+        tracker.track(id, now, origin);
+    }
+}
+
+/// Injects one random fault and says what it was.
+fn inject_fault(
+    sim: &mut Sim,
+    rng: &mut Rng,
+    tracker: &mut BroadcastTracker,
+    scenario: &Scenario,
+) -> Option<String> {
+    let alive = sim.alive();
+    let down = sim.len() - alive.len();
+    let may_stop = (down + 1) as f64 <= scenario.down_max * sim.len() as f64 && alive.len() > 2;
+    match rng.below(8) {
+        0 | 1 if may_stop => {
+            let victim = *rng.choose(&alive)?;
+            sim.crash(victim);
+            Some(format!("crash {victim}"))
+        }
+        2 => {
+            let dead: Vec<NodeIndex> = (0..sim.len() as NodeIndex)
+                .filter(|&i| !sim.is_alive(i))
+                .collect();
+            let node = *rng.choose(&dead)?;
+            sim.restart(node);
+            tracker.forget_node(node);
+            let contacts: Vec<NodeIndex> =
+                (0..2).filter_map(|_| rng.choose(&alive).copied()).collect();
+            sim.join(node, &contacts, tracker);
+            Some(format!("restart {node} via {contacts:?}"))
+        }
+        3 => {
+            let node = sim.add_node();
+            let contacts: Vec<NodeIndex> =
+                (0..2).filter_map(|_| rng.choose(&alive).copied()).collect();
+            sim.join(node, &contacts, tracker);
+            Some(format!("join {node} via {contacts:?}"))
+        }
+        4 if may_stop => {
+            let node = *rng.choose(&alive)?;
+            sim.leave(node, tracker);
+            Some(format!("leave {node}"))
+        }
+        5 => {
+            let groups = 2 + rng.below(2) as u16;
+            let mut text = format!("partition into {groups}");
+            for i in 0..sim.len() as NodeIndex {
+                sim.set_group(i, rng.below(u64::from(groups)) as u16);
+            }
+            if rng.chance(0.3) {
+                sim.block(0, 1);
+                text.push_str(" (one-way 0->1)");
+            } else {
+                for a in 0..groups {
+                    for b in 0..groups {
+                        if a != b {
+                            sim.block(a, b);
+                        }
+                    }
+                }
+            }
+            Some(text)
+        }
+        6 => {
+            sim.heal();
+            Some("heal partitions".to_owned())
+        }
+        _ => {
+            let loss = if rng.chance(0.5) {
+                0.0
+            } else {
+                rng.unit() * 0.2
+            };
+            sim.set_loss(loss);
+            Some(format!("loss {loss:.3}"))
+        }
+    }
+}
+
+/// Runs the requested seeds and reports them.
+pub fn run(args: &FuzzArgs) -> (Report, bool) {
+    let mut failing = Vec::new();
+    let mut events = 0u64;
+    let mut faults = 0u64;
+    for i in 0..args.runs {
+        let seed = args.seed.wrapping_add(i);
+        let scenario = Scenario::from_seed(seed, args.profile);
+        let outcome = run_scenario(&scenario, args.verbose);
+        events += outcome.events;
+        faults += u64::from(outcome.faults);
+        if outcome.violations.is_empty() {
+            if args.verbose {
+                println!(
+                    "seed {seed}: ok ({} nodes, {} faults)",
+                    scenario.nodes, outcome.faults
+                );
+            }
+        } else {
+            let mut text = format!(
+                "seed {seed} FAILED ({} nodes, {} faults); reproduce: nubo-sim fuzz --seed {seed} --runs 1 --profile {} --verbose",
+                scenario.nodes,
+                outcome.faults,
+                args.profile.name()
+            );
+            for violation in outcome.violations.iter().take(5) {
+                let _ = write!(text, "\n  - {violation}");
+            }
+            eprintln!("{text}");
+            failing.push(seed);
+        }
+    }
+    let mut report = Report::new(format!(
+        "fuzz: {} runs from seed {} ({} profile)",
+        args.runs,
+        args.seed,
+        args.profile.name()
+    ));
+    report
+        .add("runs", args.runs)
+        .add("passed", args.runs - failing.len() as u64)
+        .add("failing_seeds", failing.clone())
+        .add("faults", faults)
+        .add("events", events);
+    (report, failing.is_empty())
+}
