@@ -144,6 +144,10 @@ pub struct BroadcastConfig {
     /// Duplicates in a row over a link before it is pruned from the tree (1 is the paper's
     /// rule; more keeps the tree whole when messages from many origins are in flight).
     pub prune_threshold: u8,
+    /// When a neighbour announces a message we already have with at least this many hops
+    /// fewer than our copy took, its link replaces our parent's in the tree (the paper's
+    /// optimisation; it shortens a tree that repairs after failures left long). 0 turns it off.
+    pub optimization_threshold: u16,
     /// Announcements to the same neighbour within this interval share one `IHave`.
     pub ihave_interval: Duration,
     /// Payloads are kept this long after their birth, to answer grafts and anti-entropy.
@@ -169,6 +173,7 @@ impl Default for BroadcastConfig {
             graft_timeout: Duration::from_secs(1),
             graft_retry: Duration::from_millis(500),
             prune_threshold: 1,
+            optimization_threshold: 4,
             ihave_interval: Duration::from_millis(20),
             retention: Duration::from_secs(120),
             ae_interval: Duration::from_secs(2),
@@ -228,6 +233,8 @@ pub struct BroadcastCounters {
 struct Stored {
     born: Time,
     hops: u16,
+    /// The neighbour that brought the first copy (none for our own and repaired messages).
+    parent: Option<NodeId>,
     payload: Option<Bytes>,
 }
 
@@ -384,7 +391,7 @@ impl Broadcast {
             hops: 0,
             payload,
         };
-        self.deliver(&gossip);
+        self.deliver(&gossip, None);
         self.push(now, &gossip, None);
         Ok(id)
     }
@@ -457,7 +464,7 @@ impl Broadcast {
             self.counters.rejected += 1;
             return;
         }
-        self.deliver(&gossip);
+        self.deliver(&gossip, Some(from.id));
         if let Some(link) = self.link_mut(from.id) {
             link.duplicates = 0;
             self.latest_parent = Some(from.id);
@@ -467,7 +474,9 @@ impl Broadcast {
 
     fn on_ihave(&mut self, now: Time, from: Peer, announcements: Vec<Announcement>) {
         for Announcement { id, hops } in announcements {
-            if self.store.contains_key(&id) {
+            if let Some(stored) = self.store.get(&id) {
+                let (received, parent) = (stored.hops, stored.parent);
+                self.consider_shortcut(from, hops, received, parent);
                 continue;
             }
             if let Some(missing) = self.missing.get_mut(&id) {
@@ -494,6 +503,43 @@ impl Broadcast {
             );
             self.missing_deadlines.insert((deadline, id));
         }
+    }
+
+    /// The tree optimisation: `from` announced with `announced` hops a message that reached
+    /// us in `received` hops from `parent`. If it is much closer to the origin, its link joins
+    /// the tree and our parent's leaves it.
+    fn consider_shortcut(
+        &mut self,
+        from: Peer,
+        announced: u16,
+        received: u16,
+        parent: Option<NodeId>,
+    ) {
+        let threshold = self.config.optimization_threshold;
+        if threshold == 0 || announced.saturating_add(threshold) > received {
+            return;
+        }
+        let Some(parent) = parent.filter(|p| *p != from.id) else {
+            return;
+        };
+        let Some(parent_peer) = self.link_mut(parent).map(|l| l.peer) else {
+            return;
+        };
+        let Some(link) = self.link_mut(from.id) else {
+            return;
+        };
+        if link.eager {
+            return;
+        }
+        link.eager = true;
+        link.duplicates = 0;
+        self.send(from, BroadcastMessage::Graft(Vec::new()));
+        if let Some(link) = self.link_mut(parent) {
+            link.eager = false;
+        }
+        self.counters.prunes += 1;
+        self.send(parent_peer, BroadcastMessage::Prune);
+        self.latest_parent = Some(from.id);
     }
 
     fn on_graft(&mut self, from: Peer, ids: Vec<MessageId>) {
@@ -573,7 +619,7 @@ impl Broadcast {
                 continue;
             }
             self.counters.repaired += 1;
-            self.deliver(&gossip);
+            self.deliver(&gossip, None);
             // Announce rather than push: neighbours that have it would otherwise prune us.
             let announcement = Announcement {
                 id: gossip.id,
@@ -738,7 +784,7 @@ impl Broadcast {
         born >= oldest && born <= now + self.config.clock_skew_max
     }
 
-    fn deliver(&mut self, gossip: &Gossip) {
+    fn deliver(&mut self, gossip: &Gossip, parent: Option<NodeId>) {
         if let Some(missing) = self.missing.remove(&gossip.id) {
             self.missing_deadlines
                 .remove(&(missing.deadline, gossip.id));
@@ -748,6 +794,7 @@ impl Broadcast {
             Stored {
                 born: gossip.born,
                 hops: gossip.hops,
+                parent,
                 payload: Some(gossip.payload.clone()),
             },
         );

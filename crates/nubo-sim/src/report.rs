@@ -32,6 +32,14 @@ impl Report {
         self
     }
 
+    /// Adds a ratio close to 1 with 6 decimals, so that 0.99995 does not show as 1.
+    pub fn add_ratio(&mut self, name: &str, value: f64) -> &mut Report {
+        let rounded = (value * 1e6).round() / 1e6;
+        let value = serde_json::Number::from_f64(rounded).map_or(Value::Null, Value::Number);
+        self.rows.push((name.to_owned(), value));
+        self
+    }
+
     /// The value recorded under `name`.
     pub fn value(&self, name: &str) -> Option<&Value> {
         self.rows.iter().find(|(n, _)| n == name).map(|(_, v)| v)

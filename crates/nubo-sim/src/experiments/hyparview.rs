@@ -54,6 +54,9 @@ pub struct HyparviewArgs {
     /// Largest base latency of a link, in milliseconds.
     #[arg(long, default_value_t = 40)]
     pub latency_max_ms: u64,
+    /// Print one line per broadcast (deliveries, last hop, redundancy, latency) to stderr.
+    #[arg(long)]
+    pub trace: bool,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -164,6 +167,17 @@ pub fn run(args: &HyparviewArgs) -> Report {
     sim.run_for(cycle * 5, &mut tracker);
     let after = overlay_health(&sim);
 
+    if args.trace {
+        for (i, r) in tracker.records.iter().enumerate() {
+            eprintln!(
+                "broadcast {i}: delivered {} hops_max {} rmr {:.3} last_ms {}",
+                r.delivered,
+                r.hops_max,
+                r.rmr(),
+                r.last_delivery.saturating_since(r.sent_at).as_millis()
+            );
+        }
+    }
     let live = survivors.len().max(1) as f64;
     let records = &tracker.records;
     let reliabilities: Vec<f64> = records
@@ -207,8 +221,8 @@ pub fn run(args: &HyparviewArgs) -> Report {
         .add("survivors", survivors.len())
         .add("broadcasts", records.len());
     report
-        .add_f64("reliability_avg", reliability_avg)
-        .add_f64("reliability_min", reliability_min)
+        .add_ratio("reliability_avg", reliability_avg)
+        .add_ratio("reliability_min", reliability_min)
         .add("broadcasts_complete", complete)
         .add_f64("rmr_avg", rmr_avg)
         .add("ldh_max", ldh_max)

@@ -1,0 +1,46 @@
+//! The experiments run end to end at a small size, with generous correctness bounds. The
+//! numbers themselves are measured by the `nubo-sim` subcommands and recorded in
+//! docs/BENCHMARKS.md.
+
+use nubo_sim::experiments::hyparview::{HyparviewArgs, run};
+
+fn args(nodes: u32, fail: f64) -> HyparviewArgs {
+    HyparviewArgs {
+        nodes,
+        fail,
+        seed: 3,
+        broadcasts: 20,
+        rate: 1,
+        active: 5,
+        passive: 30,
+        warmup: 20,
+        cycle_ms: 1_000,
+        loss: 0.0,
+        latency_min_ms: 10,
+        latency_max_ms: 40,
+        trace: false,
+        json: true,
+    }
+}
+
+fn number(report: &serde_json::Value, key: &str) -> f64 {
+    report[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing in {report}"))
+}
+
+#[test]
+fn broadcast_reaches_everyone_in_a_stable_overlay_with_little_redundancy() {
+    let report = run(&args(500, 0.0)).to_json();
+    assert_eq!(number(&report, "reliability_min"), 1.0, "{report}");
+    // The first broadcast floods (RMR ≈ 3) and builds the tree; the rest follow it.
+    assert!(number(&report, "rmr_avg") < 0.25, "{report}");
+    assert_eq!(number(&report, "components_after"), 1.0);
+}
+
+#[test]
+fn broadcast_survives_the_loss_of_most_nodes() {
+    let report = run(&args(500, 0.8)).to_json();
+    assert!(number(&report, "reliability_avg") >= 0.99, "{report}");
+    assert_eq!(number(&report, "dead_links_after"), 0.0, "{report}");
+}
