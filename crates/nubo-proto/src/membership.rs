@@ -298,10 +298,17 @@ impl Membership {
 
     /// Joins the overlay through `contacts` (tried one at a time until one answers). The
     /// contacts are remembered to rejoin if the node ever finds itself alone.
+    ///
+    /// Every contact is also remembered like a lost neighbour: each is asked once to become a
+    /// neighbour, retried with backoff while it does not answer. Contacts come from an
+    /// invitation or from the peers a restarted agent remembers, and if the overlay ever split
+    /// while they were away, this request is what joins the pieces again.
     pub fn join(&mut self, now: Time, contacts: &[Peer]) {
-        for contact in contacts.iter().filter(|c| c.id != self.me.id) {
+        let me = self.me.id;
+        for contact in contacts.iter().filter(|c| c.id != me) {
             if self.contacts.len() < CONTACTS_MAX && !self.contacts.contains(contact) {
                 self.contacts.push(*contact);
+                self.remember_lost(now, *contact);
             }
         }
         self.try_join(now);
@@ -708,18 +715,24 @@ impl Membership {
         let Some(peer) = self.remove_active(id) else {
             return;
         };
-        if !self.lost.iter().any(|l| l.peer.id == id) {
-            if self.lost.len() >= self.config.lost_max {
-                self.lost.pop_front();
-            }
-            self.lost.push_back(Lost {
-                peer,
-                lost_at: now,
-                next_try: now + self.config.reconnect_backoff_min,
-                attempts: 0,
-            });
-        }
+        self.remember_lost(now, peer);
         self.refill(now);
+    }
+
+    /// Remembers `peer` to ask it again, after backoff, to become a neighbour.
+    fn remember_lost(&mut self, now: Time, peer: Peer) {
+        if self.lost.iter().any(|l| l.peer.id == peer.id) {
+            return;
+        }
+        if self.lost.len() >= self.config.lost_max {
+            self.lost.pop_front();
+        }
+        self.lost.push_back(Lost {
+            peer,
+            lost_at: now,
+            next_try: now + self.config.reconnect_backoff_min,
+            attempts: 0,
+        });
     }
 
     fn add_active(&mut self, now: Time, peer: Peer) {

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::broadcast::BroadcastMessage;
+use crate::broadcast::{BroadcastMessage, TreeMessage};
 use crate::membership::MembershipMessage;
 
 /// Version of the wire format; a peer speaking another version is refused.
@@ -50,7 +50,8 @@ impl Message {
                 BroadcastMessage::Gossip(_) => "gossip",
                 BroadcastMessage::IHave(_) => "ihave",
                 BroadcastMessage::Graft(_) => "graft",
-                BroadcastMessage::Prune => "prune",
+                BroadcastMessage::Tree(TreeMessage::Beacon { .. }) => "beacon",
+                BroadcastMessage::Tree(TreeMessage::Adopt { .. }) => "adopt",
                 BroadcastMessage::Digest { .. } => "digest",
                 BroadcastMessage::Ids(_) => "ids",
                 BroadcastMessage::Want(_) => "want",

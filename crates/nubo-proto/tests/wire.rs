@@ -3,7 +3,8 @@
 
 use bytes::Bytes;
 use nubo_proto::broadcast::{
-    Announcement, BroadcastMessage, BucketDigest, DIGEST_BUCKETS, Gossip, IDS_MAX, MessageId,
+    Announcement, BroadcastMessage, BucketDigest, DIGEST_BUCKETS, Epoch, Gossip, IDS_MAX,
+    MessageId, TreeMessage,
 };
 use nubo_proto::membership::{MembershipMessage, Priority, SHUFFLE_PEERS_MAX};
 use nubo_proto::wire::{self, DecodeError, MESSAGE_BYTES_MAX, Message, PROTOCOL_VERSION};
@@ -51,7 +52,21 @@ fn samples() -> Vec<Message> {
             hops: 2,
         }])),
         Message::Broadcast(BroadcastMessage::Graft(vec![id(1), id(2)])),
-        Message::Broadcast(BroadcastMessage::Prune),
+        Message::Broadcast(BroadcastMessage::Tree(TreeMessage::Beacon {
+            epoch: Epoch {
+                number: 7,
+                root: NodeId(5),
+            },
+            hops: 3,
+        })),
+        Message::Broadcast(BroadcastMessage::Tree(TreeMessage::Adopt {
+            epoch: Epoch {
+                number: 7,
+                root: NodeId(5),
+            },
+            adopt: true,
+            seq: 99,
+        })),
         Message::Broadcast(BroadcastMessage::Digest {
             from: Time::from_millis(1),
             to: Time::from_millis(2),

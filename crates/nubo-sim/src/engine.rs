@@ -141,7 +141,12 @@ pub struct Sim {
     network: NetworkConfig,
     blocked: BTreeSet<(u16, u16)>,
     stats: EngineStats,
+    last_wake: (NodeIndex, Time),
+    wakes_at_once: u32,
 }
+
+/// More wake-ups of one node at one instant than any protocol needs: a busy loop.
+const WAKES_AT_ONCE_MAX: u32 = 10_000;
 
 impl Sim {
     /// An empty simulation whose every random choice derives from `seed`.
@@ -159,6 +164,8 @@ impl Sim {
             network,
             blocked: BTreeSet::new(),
             stats: EngineStats::default(),
+            last_wake: (NodeIndex::MAX, Time::MAX),
+            wakes_at_once: 0,
         }
     }
 
@@ -287,6 +294,11 @@ impl Sim {
         self.slots[i as usize].group = group;
     }
 
+    /// The partition group of machine `i`.
+    pub fn group(&self, i: NodeIndex) -> u16 {
+        self.slots[i as usize].group
+    }
+
     /// Drops every message from group `from` to group `to` (a one-way cut).
     pub fn block(&mut self, from: u16, to: u16) {
         self.blocked.insert((from, to));
@@ -386,6 +398,17 @@ impl Sim {
                     return;
                 }
                 slot.wake = None;
+                // A node whose deadline never moves past `now` would spin here forever.
+                if self.last_wake == (i, now) {
+                    self.wakes_at_once += 1;
+                    assert!(
+                        self.wakes_at_once < WAKES_AT_ONCE_MAX,
+                        "node {i} asked to be woken at {now} {WAKES_AT_ONCE_MAX} times: its poll_timeout does not advance"
+                    );
+                } else {
+                    self.last_wake = (i, now);
+                    self.wakes_at_once = 0;
+                }
                 if let Some(node) = slot.node.as_mut() {
                     node.handle_timeout(now);
                     self.after_step(i, observer);

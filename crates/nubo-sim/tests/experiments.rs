@@ -16,6 +16,7 @@ fn args(nodes: u32, fail: f64) -> HyparviewArgs {
         warmup: 20,
         cycle_ms: 1_000,
         loss: 0.0,
+        flood_hops: 1,
         latency_min_ms: 10,
         latency_max_ms: 40,
         trace: false,

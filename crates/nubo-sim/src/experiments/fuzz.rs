@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
-use nubo_proto::broadcast::BroadcastConfig;
+use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
 use nubo_proto::membership::MembershipConfig;
 use nubo_proto::{Config, Rng};
 
@@ -123,7 +123,11 @@ impl Scenario {
                 retention: Duration::from_secs(3_600),
                 ae_interval: cycle * (1 + rng.below(4) as u32),
                 ae_settle: latency_max * 4,
-                prune_threshold: 1 + rng.below(3) as u8,
+                flood_hops: rng.below(4) as u16,
+                tree: TreeConfig {
+                    interval: cycle * (2 + rng.below(20) as u32),
+                    timeout: cycle * (4 + rng.below(40) as u32),
+                },
                 ..BroadcastConfig::default()
             },
         };
@@ -367,15 +371,26 @@ fn inject_fault(
             let node = *rng.choose(&dead)?;
             sim.restart(node);
             tracker.forget_node(node);
+            // A restarted agent rejoins through the peers it remembers on disk.
             let contacts: Vec<NodeIndex> =
-                (0..2).filter_map(|_| rng.choose(&alive).copied()).collect();
+                (0..8).filter_map(|_| rng.choose(&alive).copied()).collect();
             sim.join(node, &contacts, tracker);
             Some(format!("restart {node} via {contacts:?}"))
         }
         3 => {
+            // A newcomer (placed in group 0) has an invitation naming nodes it can reach.
+            let reachable: Vec<NodeIndex> = alive
+                .iter()
+                .copied()
+                .filter(|&i| sim.group(i) == 0)
+                .collect();
+            if reachable.is_empty() {
+                return None;
+            }
             let node = sim.add_node();
-            let contacts: Vec<NodeIndex> =
-                (0..2).filter_map(|_| rng.choose(&alive).copied()).collect();
+            let contacts: Vec<NodeIndex> = (0..2)
+                .filter_map(|_| rng.choose(&reachable).copied())
+                .collect();
             sim.join(node, &contacts, tracker);
             Some(format!("join {node} via {contacts:?}"))
         }
@@ -420,6 +435,16 @@ fn inject_fault(
     }
 }
 
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "unknown panic".to_owned()
+    }
+}
+
 /// Runs the requested seeds and reports them.
 pub fn run(args: &FuzzArgs) -> (Report, bool) {
     let mut failing = Vec::new();
@@ -428,7 +453,12 @@ pub fn run(args: &FuzzArgs) -> (Report, bool) {
     for i in 0..args.runs {
         let seed = args.seed.wrapping_add(i);
         let scenario = Scenario::from_seed(seed, args.profile);
-        let outcome = run_scenario(&scenario, args.verbose);
+        // A panic in the core or the engine is a failure of this seed, not of the whole run.
+        let outcome = std::panic::catch_unwind(|| run_scenario(&scenario, args.verbose))
+            .unwrap_or_else(|panic| Outcome {
+                violations: vec![format!("panicked: {}", panic_message(&panic))],
+                ..Outcome::default()
+            });
         events += outcome.events;
         faults += u64::from(outcome.faults);
         if outcome.violations.is_empty() {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::Args;
 use nubo_proto::Config;
-use nubo_proto::broadcast::BroadcastConfig;
+use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
 use nubo_proto::membership::MembershipConfig;
 
 use crate::engine::{NetworkConfig, NodeIndex, Sim};
@@ -48,6 +48,9 @@ pub struct HyparviewArgs {
     /// Probability that a message is lost.
     #[arg(long, default_value_t = 0.0)]
     pub loss: f64,
+    /// Hops over which a broadcast floods the overlay before following the tree.
+    #[arg(long, default_value_t = BroadcastConfig::default().flood_hops)]
+    pub flood_hops: u16,
     /// Smallest base latency of a link, in milliseconds.
     #[arg(long, default_value_t = 10)]
     pub latency_min_ms: u64,
@@ -63,11 +66,11 @@ pub struct HyparviewArgs {
 }
 
 /// The node configuration of the experiment: the paper's parameters, one cycle per shuffle.
-pub fn experiment_config(active: usize, passive: usize, cycle: Duration) -> Config {
+pub fn experiment_config(args: &HyparviewArgs, cycle: Duration) -> Config {
     Config {
         membership: MembershipConfig {
-            active_max: active,
-            passive_max: passive,
+            active_max: args.active,
+            passive_max: args.passive,
             active_walk_length: 6,
             passive_walk_length: 3,
             shuffle_active: 3,
@@ -85,6 +88,11 @@ pub fn experiment_config(active: usize, passive: usize, cycle: Duration) -> Conf
             ae_settle: cycle,
             retention: cycle * 120,
             graft_timeout: cycle,
+            flood_hops: args.flood_hops,
+            tree: TreeConfig {
+                interval: cycle * 10,
+                timeout: cycle * 30,
+            },
             graft_retry: cycle / 2,
             ..BroadcastConfig::default()
         },
@@ -95,7 +103,7 @@ pub fn experiment_config(active: usize, passive: usize, cycle: Duration) -> Conf
 pub fn run(args: &HyparviewArgs) -> Report {
     let started = Instant::now();
     let cycle = Duration::from_millis(args.cycle_ms);
-    let config = experiment_config(args.active, args.passive, cycle);
+    let config = experiment_config(args, cycle);
     let network = NetworkConfig {
         loss: args.loss,
         latency_min: Duration::from_millis(args.latency_min_ms),
@@ -140,6 +148,35 @@ pub fn run(args: &HyparviewArgs) -> Report {
             break;
         }
         let origin = survivors[sim.rng().index(survivors.len())];
+        if args.trace {
+            let mut orphans = 0;
+            let mut unacknowledged = 0;
+            let mut epochs = std::collections::BTreeMap::new();
+            for i in sim.alive() {
+                let tree = sim.node(i).unwrap().broadcast_layer().tree();
+                *epochs.entry(tree.epoch().map(|e| e.number)).or_insert(0) += 1;
+                match tree.parent() {
+                    None => orphans += 1,
+                    Some(p) => {
+                        let j = sim.index_of(p).unwrap();
+                        if let Some(parent) = sim.node(j) {
+                            if !parent
+                                .broadcast_layer()
+                                .tree()
+                                .children()
+                                .any(|c| c == sim.peer(i).id)
+                            {
+                                unacknowledged += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            eprintln!(
+                "{}: orphans {orphans} unacknowledged {unacknowledged} epochs {epochs:?}",
+                sim.now()
+            );
+        }
         let payload = Bytes::from_static(b"hyparview experiment");
         if let Some(id) = sim.broadcast(origin, payload, &mut tracker) {
             tracker.track(id, sim.now(), origin);
@@ -168,6 +205,17 @@ pub fn run(args: &HyparviewArgs) -> Report {
     let after = overlay_health(&sim);
 
     if args.trace {
+        let mut depth = std::collections::BTreeMap::new();
+        let mut epochs = std::collections::BTreeMap::new();
+        let mut eager_links = 0;
+        for i in sim.alive() {
+            let node = sim.node(i).unwrap();
+            let tree = node.broadcast_layer().tree();
+            *depth.entry(tree.hops()).or_insert(0) += 1;
+            *epochs.entry(tree.epoch().map(|e| e.number)).or_insert(0) += 1;
+            eager_links += node.broadcast_layer().eager().count();
+        }
+        eprintln!("tree depth histogram {depth:?} epochs {epochs:?} eager links {eager_links}");
         for (i, r) in tracker.records.iter().enumerate() {
             eprintln!(
                 "broadcast {i}: delivered {} hops_max {} rmr {:.3} last_ms {}",
