@@ -173,7 +173,7 @@ impl Node {
                     self.events.push_back(Event::NeighborUp(peer));
                 }
                 MembershipEvent::NeighborDown(peer) => {
-                    self.broadcast.neighbor_down(peer.id);
+                    self.broadcast.neighbor_down(now, peer.id);
                     self.events.push_back(Event::NeighborDown(peer));
                 }
             }

@@ -370,10 +370,10 @@ impl Broadcast {
     }
 
     /// `peer` is no longer a neighbour.
-    pub fn neighbor_down(&mut self, peer: NodeId) {
+    pub fn neighbor_down(&mut self, now: Time, peer: NodeId) {
         self.neighbors.retain(|p| p.id != peer);
         self.lazy_queue.remove(&peer);
-        self.tree.neighbor_down(peer);
+        self.tree.neighbor_down(now, peer);
     }
 
     /// Broadcasts `payload` to every node; it is also delivered locally, with 0 hops.

@@ -238,11 +238,17 @@ impl SpanningTree {
     }
 
     /// `peer` is no longer a neighbour; if it was our parent, re-attach through the best offer.
-    pub fn neighbor_down(&mut self, peer: NodeId) {
+    /// With no usable offer the tree is torn here: rebuild it soon rather than at the next
+    /// refresh (after a random wait, so that of many torn nodes only the first rebuilds).
+    pub fn neighbor_down(&mut self, now: Time, peer: NodeId) {
         self.links.retain(|l| l.peer.id != peer);
         if self.parent == Some(peer) {
             self.parent = None;
             self.reattach();
+            if self.parent.is_none() && !self.is_root() {
+                let soon = now + jitter(&mut self.rng, self.config.interval / 2);
+                self.takeover_at = self.takeover_at.min(soon);
+            }
         }
     }
 
@@ -564,7 +570,7 @@ mod tests {
         );
         t.handle_message(Time::ZERO, peer(4), beacon(1, 9, 4));
         sent(&mut t);
-        t.neighbor_down(NodeId(2));
+        t.neighbor_down(Time::ZERO, NodeId(2));
         assert_eq!(t.parent(), Some(NodeId(3)));
         assert_eq!(t.hops(), 3);
         assert!(matches!(

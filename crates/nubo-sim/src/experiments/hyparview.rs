@@ -78,7 +78,7 @@ pub fn experiment_config(args: &HyparviewArgs, cycle: Duration) -> Config {
             shuffle_walk_length: 6,
             shuffle_interval: cycle,
             maintain_interval: cycle / 2,
-            keepalive_interval: cycle * 2,
+            keepalive_interval: cycle,
             peer_timeout: cycle * 6,
             request_timeout: cycle,
             ..MembershipConfig::default()
