@@ -228,6 +228,7 @@ pub struct Membership {
     last_shuffle: Vec<Peer>,
     next_shuffle: Time,
     next_maintain: Time,
+    next_idle_refill: Time,
     counters: MembershipCounters,
     transmits: Vec<(Peer, MembershipMessage)>,
     events: Vec<MembershipEvent>,
@@ -253,6 +254,7 @@ impl Membership {
             last_shuffle: Vec::new(),
             next_shuffle: now + shuffle_offset,
             next_maintain: now + maintain_offset,
+            next_idle_refill: now,
             counters: MembershipCounters::default(),
             transmits: Vec::new(),
             events: Vec::new(),
@@ -582,7 +584,12 @@ impl Membership {
         self.lost
             .retain(|l| now.saturating_since(l.lost_at) < expiry);
         self.reconnect_one(now);
-        self.refill(now);
+        // Losses refill at once; a view that is merely short (the reserve answered "full") is
+        // retried once per shuffle period, not on every tick.
+        if self.active.is_empty() || now >= self.next_idle_refill {
+            self.next_idle_refill = now + self.config.shuffle_interval;
+            self.refill(now);
+        }
         if self.active.is_empty() && self.pending.is_empty() {
             self.try_join(now);
         }

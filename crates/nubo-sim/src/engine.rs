@@ -1,16 +1,17 @@
-//! The discrete-event engine: one thread, one binary heap of events, one seeded generator.
+//! The discrete-event engine: one thread, one event queue, one seeded generator.
 //!
 //! Nodes are the real [`nubo_proto::Node`] state machines. The engine delivers their transmits
 //! after a sampled latency, drops them on loss or partition, reports `peer down` to a sender
 //! whose message reached a crashed node, and wakes each node at its `poll_timeout`.
 
-use std::cmp::Ordering;
-use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use nubo_proto::rng::splitmix64;
 use nubo_proto::wire::{self, Message};
 use nubo_proto::{Config, Event, Node, NodeId, Peer, Rng, Time};
+
+use crate::queue::{CalendarQueue, Entry};
 
 /// Index of a node in the simulation (stable across crashes and restarts).
 pub type NodeIndex = u32;
@@ -76,6 +77,9 @@ pub struct EngineStats {
     pub to_dead: u64,
 }
 
+/// Messages handed to the network, by kind ([`Message::kind`]), in name order.
+pub type KindCounts = std::collections::BTreeMap<&'static str, u64>;
+
 enum Action {
     Deliver {
         from: NodeIndex,
@@ -92,32 +96,6 @@ enum Action {
     },
 }
 
-/// A heap entry: when, in which order, and where the action waits in the slab. Kept small so
-/// that heap operations move 24 bytes, not whole messages.
-struct Scheduled {
-    at: Time,
-    seq: u64,
-    slot: u32,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        self.at == other.at && self.seq == other.seq
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    /// Reversed, so that the max-heap pops the earliest event; ties go to the first scheduled.
-    fn cmp(&self, other: &Self) -> Ordering {
-        other.at.cmp(&self.at).then(other.seq.cmp(&self.seq))
-    }
-}
-
 /// One simulated machine: its identity and, while it runs, its node.
 struct Slot {
     peer: Peer,
@@ -132,7 +110,7 @@ pub struct Sim {
     now: Time,
     rng: Rng,
     seq: u64,
-    queue: BinaryHeap<Scheduled>,
+    queue: CalendarQueue,
     actions: Vec<Option<Action>>,
     free_actions: Vec<u32>,
     slots: Vec<Slot>,
@@ -143,6 +121,7 @@ pub struct Sim {
     stats: EngineStats,
     last_wake: (NodeIndex, Time),
     wakes_at_once: u32,
+    sent_by_kind: KindCounts,
 }
 
 /// More wake-ups of one node at one instant than any protocol needs: a busy loop.
@@ -155,7 +134,7 @@ impl Sim {
             now: Time::ZERO,
             rng: Rng::from_seed(seed),
             seq: 0,
-            queue: BinaryHeap::new(),
+            queue: CalendarQueue::default(),
             actions: Vec::new(),
             free_actions: Vec::new(),
             slots: Vec::new(),
@@ -166,6 +145,7 @@ impl Sim {
             stats: EngineStats::default(),
             last_wake: (NodeIndex::MAX, Time::MAX),
             wakes_at_once: 0,
+            sent_by_kind: KindCounts::new(),
         }
     }
 
@@ -177,6 +157,11 @@ impl Sim {
     /// The engine's counters.
     pub fn stats(&self) -> EngineStats {
         self.stats
+    }
+
+    /// Messages sent so far, by kind.
+    pub fn sent_by_kind(&self) -> &KindCounts {
+        &self.sent_by_kind
     }
 
     /// The simulation's generator, for experiments' own random choices.
@@ -323,7 +308,7 @@ impl Sim {
             if next.at > until {
                 break;
             }
-            let Some(Scheduled { at, slot, .. }) = self.queue.pop() else {
+            let Some(Entry { at, slot, .. }) = self.queue.pop() else {
                 break;
             };
             let Some(action) = self.actions[slot as usize].take() else {
@@ -452,6 +437,7 @@ impl Sim {
 
     fn send(&mut self, from: NodeIndex, to: NodeId, message: Message) {
         self.stats.sent += 1;
+        *self.sent_by_kind.entry(message.kind()).or_insert(0) += 1;
         let Some(&to) = self.index.get(&to) else {
             return;
         };
@@ -499,7 +485,7 @@ impl Sim {
                 (self.actions.len() - 1) as u32
             }
         };
-        self.queue.push(Scheduled {
+        self.queue.push(Entry {
             at,
             seq: self.seq,
             slot,

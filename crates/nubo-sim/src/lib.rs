@@ -7,5 +7,6 @@
 pub mod engine;
 pub mod experiments;
 pub mod overlay;
+pub mod queue;
 pub mod report;
 pub mod tracker;

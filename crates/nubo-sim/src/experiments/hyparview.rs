@@ -77,7 +77,7 @@ pub fn experiment_config(args: &HyparviewArgs, cycle: Duration) -> Config {
             shuffle_passive: 4,
             shuffle_walk_length: 6,
             shuffle_interval: cycle,
-            maintain_interval: cycle / 2,
+            maintain_interval: cycle,
             keepalive_interval: cycle,
             peer_timeout: cycle * 6,
             request_timeout: cycle,
@@ -290,6 +290,10 @@ pub fn run(args: &HyparviewArgs) -> Report {
         .add("simulated_seconds", sim.now().as_micros() / 1_000_000)
         .add("events", stats.events)
         .add("messages_delivered", stats.delivered)
+        .add(
+            "messages_sent_by_kind",
+            serde_json::to_value(sim.sent_by_kind()).unwrap_or_default(),
+        )
         .add_f64("events_per_second", stats.events as f64 / wall.max(1e-9))
         .add_f64("wall_seconds", wall)
         .add_f64("peak_rss_mib", peak_rss_mib());
