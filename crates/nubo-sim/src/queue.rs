@@ -99,7 +99,7 @@ impl CalendarQueue {
             std::mem::swap(&mut self.current, bucket);
             self.in_wheel -= self.current.len();
             self.current
-                .sort_unstable_by(|a, b| (b.at, b.seq).cmp(&(a.at, a.seq)));
+                .sort_unstable_by_key(|e| Reverse((e.at, e.seq)));
         }
     }
 
