@@ -7,10 +7,12 @@
 //!
 //! Layers, bottom up:
 //! - [`membership`]: HyParView partial views, the overlay every other layer uses;
-//! - [`broadcast`]: Plumtree epidemic broadcast trees plus anti-entropy;
+//! - [`broadcast`]: eager push along an epoch-built tree, lazy repair, anti-entropy;
+//! - [`aggregation`]: push-pull averaging: cloud size, totals, extremes;
 //! - [`node`]: the composition and its driving contract;
 //! - [`wire`]: the versioned, bounded encoding of every message.
 
+pub mod aggregation;
 pub mod broadcast;
 pub mod id;
 pub mod membership;

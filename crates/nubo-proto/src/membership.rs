@@ -273,6 +273,21 @@ impl Membership {
         &self.passive
     }
 
+    /// A node chosen uniformly from both views: a random sample of the cloud for protocols
+    /// that talk to random peers (the passive view is refreshed by shuffles).
+    pub fn random_peer(&mut self) -> Option<Peer> {
+        let total = self.active.len() + self.passive.len();
+        if total == 0 {
+            return None;
+        }
+        let pick = self.rng.index(total);
+        if pick < self.active.len() {
+            self.active.iter().nth(pick)
+        } else {
+            self.passive.iter().nth(pick - self.active.len())
+        }
+    }
+
     /// What the layer did so far.
     pub fn counters(&self) -> MembershipCounters {
         self.counters

@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
+use crate::aggregation::{Aggregation, AggregationConfig, CloudStats, Resources};
 use crate::broadcast::{Broadcast, BroadcastConfig, BroadcastError, Delivery, MessageId};
 use crate::id::{NodeId, Peer};
 use crate::membership::{Membership, MembershipConfig, MembershipEvent};
@@ -16,8 +17,10 @@ use crate::wire::Message;
 pub struct Config {
     /// Overlay membership (HyParView).
     pub membership: MembershipConfig,
-    /// Broadcast (Plumtree and anti-entropy).
+    /// Broadcast (tree push, lazy repair and anti-entropy).
     pub broadcast: BroadcastConfig,
+    /// Aggregation (push-pull averaging).
+    pub aggregation: AggregationConfig,
 }
 
 /// A message the driver must send.
@@ -60,6 +63,7 @@ pub struct Node {
     me: Peer,
     membership: Membership,
     broadcast: Broadcast,
+    aggregation: Aggregation,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
 }
@@ -72,6 +76,7 @@ impl Node {
             me,
             membership: Membership::new(me, config.membership, rng.fork(), now),
             broadcast: Broadcast::new(me, config.broadcast, rng.fork(), now),
+            aggregation: Aggregation::new(me, config.aggregation, rng.fork(), now),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -95,6 +100,22 @@ impl Node {
     /// The broadcast layer, for inspection.
     pub fn broadcast_layer(&self) -> &Broadcast {
         &self.broadcast
+    }
+
+    /// The aggregation layer, for inspection.
+    pub fn aggregation(&self) -> &Aggregation {
+        &self.aggregation
+    }
+
+    /// What this node knows of the whole cloud (size, totals, extremes), from the last epoch of
+    /// aggregation it took part in.
+    pub fn cloud_stats(&self) -> Option<&CloudStats> {
+        self.aggregation.stats()
+    }
+
+    /// Sets the resources this node lends; they count from the next aggregation epoch.
+    pub fn set_resources(&mut self, resources: Resources) {
+        self.aggregation.set_resources(resources);
     }
 
     /// Joins the overlay through one of `contacts`.
@@ -125,6 +146,7 @@ impl Node {
         match message {
             Message::Membership(m) => self.membership.handle_message(now, from, m),
             Message::Broadcast(m) => self.broadcast.handle_message(now, from, m),
+            Message::Aggregation(m) => self.aggregation.handle_message(now, from, m),
         }
         self.flush(now);
     }
@@ -132,6 +154,7 @@ impl Node {
     /// The transport could not reach `peer`.
     pub fn handle_peer_down(&mut self, now: Time, peer: NodeId) {
         self.membership.handle_peer_down(now, peer);
+        self.aggregation.peer_down(peer);
         self.flush(now);
     }
 
@@ -143,6 +166,10 @@ impl Node {
         if self.broadcast.poll_timeout() <= now {
             self.broadcast.handle_timeout(now);
         }
+        if self.aggregation.poll_timeout() <= now {
+            let peer = self.membership.random_peer();
+            self.aggregation.handle_timeout(now, peer);
+        }
         self.flush(now);
     }
 
@@ -151,6 +178,7 @@ impl Node {
         self.membership
             .poll_timeout()
             .min(self.broadcast.poll_timeout())
+            .min(self.aggregation.poll_timeout())
     }
 
     /// The next message to send.
@@ -188,6 +216,11 @@ impl Node {
             .extend(self.broadcast.drain_transmits().map(|(to, m)| Transmit {
                 to,
                 message: Message::Broadcast(m),
+            }));
+        self.transmits
+            .extend(self.aggregation.drain_transmits().map(|(to, m)| Transmit {
+                to,
+                message: Message::Aggregation(m),
             }));
         for transmit in self.transmits.range(before..) {
             self.membership.sent_to(now, transmit.to.id);

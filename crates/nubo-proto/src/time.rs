@@ -33,6 +33,11 @@ impl Time {
         Time(millis.saturating_mul(1_000))
     }
 
+    /// A time from seconds since the driver's origin.
+    pub const fn from_secs(secs: u64) -> Time {
+        Time(secs.saturating_mul(1_000_000))
+    }
+
     /// Microseconds since the driver's origin.
     pub const fn as_micros(self) -> u64 {
         self.0

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::aggregation::AggregationMessage;
 use crate::broadcast::{BroadcastMessage, TreeMessage};
 use crate::membership::MembershipMessage;
 
@@ -20,8 +21,10 @@ pub const MESSAGE_BYTES_MAX: usize = 1024 * 1024;
 pub enum Message {
     /// Overlay membership (HyParView).
     Membership(MembershipMessage),
-    /// Broadcast (Plumtree and anti-entropy).
+    /// Broadcast (tree push, lazy repair and anti-entropy).
     Broadcast(BroadcastMessage),
+    /// Aggregation (push-pull averaging).
+    Aggregation(AggregationMessage),
 }
 
 impl Message {
@@ -30,6 +33,7 @@ impl Message {
         match self {
             Message::Membership(m) => m.is_within_bounds(),
             Message::Broadcast(m) => m.is_within_bounds(),
+            Message::Aggregation(m) => m.is_within_bounds(),
         }
     }
 
@@ -56,6 +60,11 @@ impl Message {
                 BroadcastMessage::Ids(_) => "ids",
                 BroadcastMessage::Want(_) => "want",
                 BroadcastMessage::Repair(_) => "repair",
+            },
+            Message::Aggregation(m) => match m {
+                AggregationMessage::Push { .. } => "aggregate_push",
+                AggregationMessage::Pull { .. } => "aggregate_pull",
+                AggregationMessage::Busy { .. } => "aggregate_busy",
             },
         }
     }

@@ -7,6 +7,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
+use nubo_proto::aggregation::Resources;
 use nubo_proto::rng::splitmix64;
 use nubo_proto::wire::{self, Message};
 use nubo_proto::{Config, Event, Node, NodeId, Peer, Rng, Time};
@@ -99,6 +100,7 @@ enum Action {
 /// One simulated machine: its identity and, while it runs, its node.
 struct Slot {
     peer: Peer,
+    resources: Resources,
     node: Option<Node>,
     incarnation: u32,
     wake: Option<Time>,
@@ -215,6 +217,7 @@ impl Sim {
         let index = self.slots.len() as NodeIndex;
         self.slots.push(Slot {
             peer: Peer::new(id),
+            resources: Resources::default(),
             node: None,
             incarnation: 0,
             wake: None,
@@ -257,6 +260,20 @@ impl Sim {
             self.after_step(i, observer);
         }
         self.crash(i);
+    }
+
+    /// Sets the resources machine `i` lends (kept across restarts).
+    pub fn set_resources(&mut self, i: NodeIndex, resources: Resources) {
+        let slot = &mut self.slots[i as usize];
+        slot.resources = resources;
+        if let Some(node) = slot.node.as_mut() {
+            node.set_resources(resources);
+        }
+    }
+
+    /// The resources machine `i` lends.
+    pub fn resources(&self, i: NodeIndex) -> Resources {
+        self.slots[i as usize].resources
     }
 
     /// Machine `i` stops at once, losing all its state.
@@ -331,7 +348,9 @@ impl Sim {
     fn boot(&mut self, i: NodeIndex) {
         let seed = self.rng.next_u64();
         let slot = &mut self.slots[i as usize];
-        slot.node = Some(Node::new(slot.peer, self.config.clone(), seed, self.now));
+        let mut node = Node::new(slot.peer, self.config.clone(), seed, self.now);
+        node.set_resources(slot.resources);
+        slot.node = Some(node);
         slot.wake = None;
         self.schedule_wake(i);
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
+use nubo_proto::aggregation::{AggregationConfig, Resources};
 use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
 use nubo_proto::membership::MembershipConfig;
 use nubo_proto::{Config, Rng};
@@ -130,6 +131,12 @@ impl Scenario {
                 },
                 ..BroadcastConfig::default()
             },
+            aggregation: AggregationConfig {
+                enabled: true,
+                interval: cycle,
+                epoch_cycles: 20 + rng.below(30) as u16,
+                count_instances: 1 + rng.index(8),
+            },
         };
         Scenario {
             seed,
@@ -180,10 +187,10 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
     };
 
     // Bootstrap: each node joins through one or two nodes already there.
-    sim.add_node();
+    add_node(&mut sim, &mut rng);
     for i in 1..scenario.nodes {
         sim.run_for(Duration::from_millis(rng.below(200)), &mut tracker);
-        let node = sim.add_node();
+        let node = add_node(&mut sim, &mut rng);
         let contacts = [
             rng.below(u64::from(i)) as NodeIndex,
             rng.below(u64::from(i)) as NodeIndex,
@@ -271,6 +278,11 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
     }
     // Anti-entropy: whatever one live node delivered, every live node delivers.
     sim.run_for(scenario.config.broadcast.ae_interval * 20, &mut tracker);
+    // Aggregation: two more epochs, so that the last complete one began well after healing.
+    let epoch = scenario.config.aggregation.interval
+        * u32::from(2 * scenario.config.aggregation.epoch_cycles + 2);
+    sim.run_for(epoch, &mut tracker);
+    check_aggregation(&sim, &mut outcome);
     for record in &tracker.records[..first_after_heal] {
         if record.delivered_by.iter().any(|i| sim.is_alive(*i)) {
             let missing = alive
@@ -336,6 +348,75 @@ fn check_safety(sim: &Sim, tracker: &BroadcastTracker, outcome: &mut Outcome) {
     }
 }
 
+/// Adds a machine lending random resources.
+fn add_node(sim: &mut Sim, rng: &mut Rng) -> NodeIndex {
+    let node = sim.add_node();
+    let cores = (1 + rng.below(64)) as f64;
+    let memory_bytes = ((1 + rng.below(64)) << 30) as f64;
+    let resources = Resources {
+        cores,
+        memory_bytes,
+        disk_bytes: ((10 + rng.below(1000)) << 30) as f64,
+        cores_free: cores * rng.unit(),
+        memory_free_bytes: memory_bytes * rng.unit(),
+        disk_free_bytes: 0.0,
+    };
+    sim.set_resources(node, resources);
+    node
+}
+
+/// After healing and a full epoch: every node's size and core count estimates are close to
+/// the truth, and all nodes are in nearly the same epoch.
+fn check_aggregation(sim: &Sim, outcome: &mut Outcome) {
+    let alive = sim.alive();
+    let size = alive.len() as f64;
+    let cores: f64 = alive.iter().map(|&i| sim.resources(i).cores).sum();
+    let epochs: Vec<u64> = alive
+        .iter()
+        .filter_map(|&i| sim.node(i))
+        .map(|n| n.aggregation().epoch().0)
+        .collect();
+    let (low, high) = (
+        epochs.iter().min().copied().unwrap_or(0),
+        epochs.iter().max().copied().unwrap_or(0),
+    );
+    if high > low + 1 {
+        outcome.violations.push(format!(
+            "aggregation epochs diverge after healing: {low}..{high}"
+        ));
+    }
+    for &i in &alive {
+        let Some(stats) = sim.node(i).and_then(|n| n.cloud_stats()) else {
+            outcome
+                .violations
+                .push(format!("node {i} has no aggregation result after healing"));
+            continue;
+        };
+        if stats.epoch + 1 < low {
+            outcome.violations.push(format!(
+                "node {i} took no part in the last epoch: its result is from epoch {} (now {low})",
+                stats.epoch
+            ));
+            continue;
+        }
+        let size_error = (stats.size - size).abs() / size;
+        let cores_error = (stats.totals.cores - cores).abs() / cores;
+        if size_error > 0.1 || cores_error > 0.1 {
+            let taking_part = alive
+                .iter()
+                .filter_map(|&j| sim.node(j))
+                .filter(|n| n.aggregation().epoch().1)
+                .count();
+
+            outcome.violations.push(format!(
+                "node {i} estimates {:.1} nodes and {:.0} cores in epoch {}; there are {size} and {cores} ({taking_part} taking part in epochs {low}..{high})",
+                stats.size, stats.totals.cores, stats.epoch
+            ));
+            return;
+        }
+    }
+}
+
 fn broadcast_from_random(sim: &mut Sim, rng: &mut Rng, tracker: &mut BroadcastTracker) {
     let alive = sim.alive();
     let Some(&origin) = rng.choose(&alive) else {
@@ -387,7 +468,7 @@ fn inject_fault(
             if reachable.is_empty() {
                 return None;
             }
-            let node = sim.add_node();
+            let node = add_node(sim, rng);
             let contacts: Vec<NodeIndex> = (0..2)
                 .filter_map(|_| rng.choose(&reachable).copied())
                 .collect();

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::Args;
 use nubo_proto::Config;
+use nubo_proto::aggregation::AggregationConfig;
 use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
 use nubo_proto::membership::MembershipConfig;
 
@@ -95,6 +96,11 @@ pub fn experiment_config(args: &HyparviewArgs, cycle: Duration) -> Config {
             },
             graft_retry: cycle / 2,
             ..BroadcastConfig::default()
+        },
+        // Measured on its own by `nubo-sim aggregate`.
+        aggregation: AggregationConfig {
+            enabled: false,
+            ..AggregationConfig::default()
         },
     }
 }
