@@ -10,3 +10,4 @@ pub mod overlay;
 pub mod queue;
 pub mod report;
 pub mod tracker;
+pub mod workload;

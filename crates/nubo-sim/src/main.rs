@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-use nubo_sim::experiments::{fuzz, hyparview};
+use nubo_sim::experiments::{aggregate, fuzz, hyparview};
 
 /// Deterministic simulator of a nubo cloud. Every run is reproducible from its --seed.
 #[derive(Parser)]
@@ -19,6 +19,10 @@ enum Command {
     ///
     /// Example: nubo-sim hyparview --nodes 10000 --fail 0.8 --seed 1 --json
     Hyparview(hyparview::HyparviewArgs),
+    /// Push-pull aggregation: convergence per cycle and accuracy of the size estimate.
+    ///
+    /// Example: nubo-sim aggregate --nodes 100000 --seed 1 --json
+    Aggregate(aggregate::AggregateArgs),
     /// Randomized runs with faults and invariant checks; every option derives from the seed.
     ///
     /// Example: nubo-sim fuzz --seed 1 --runs 100
@@ -30,6 +34,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Hyparview(args) => hyparview::run(&args).print(args.json),
+        Command::Aggregate(args) => aggregate::run(&args).print(args.json),
         Command::Fuzz(args) => {
             let (report, passed) = fuzz::run(&args);
             report.print(args.json);

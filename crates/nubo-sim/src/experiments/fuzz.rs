@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
-use nubo_proto::aggregation::{AggregationConfig, Resources};
+use nubo_proto::aggregation::AggregationConfig;
 use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
 use nubo_proto::membership::MembershipConfig;
 use nubo_proto::{Config, Rng};
@@ -18,6 +18,7 @@ use crate::engine::{NetworkConfig, NodeIndex, Sim};
 use crate::overlay::overlay_health;
 use crate::report::Report;
 use crate::tracker::BroadcastTracker;
+use crate::workload::add_node;
 
 /// How big and long each run is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -346,23 +347,6 @@ fn check_safety(sim: &Sim, tracker: &BroadcastTracker, outcome: &mut Outcome) {
             .violations
             .push(format!("{} duplicate deliveries", tracker.duplicates));
     }
-}
-
-/// Adds a machine lending random resources.
-fn add_node(sim: &mut Sim, rng: &mut Rng) -> NodeIndex {
-    let node = sim.add_node();
-    let cores = (1 + rng.below(64)) as f64;
-    let memory_bytes = ((1 + rng.below(64)) << 30) as f64;
-    let resources = Resources {
-        cores,
-        memory_bytes,
-        disk_bytes: ((10 + rng.below(1000)) << 30) as f64,
-        cores_free: cores * rng.unit(),
-        memory_free_bytes: memory_bytes * rng.unit(),
-        disk_free_bytes: 0.0,
-    };
-    sim.set_resources(node, resources);
-    node
 }
 
 /// After healing and a full epoch: every node's size and core count estimates are close to

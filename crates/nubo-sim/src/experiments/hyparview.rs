@@ -14,6 +14,7 @@ use crate::engine::{NetworkConfig, NodeIndex, Sim};
 use crate::overlay::overlay_health;
 use crate::report::{Report, peak_rss_mib};
 use crate::tracker::BroadcastTracker;
+use crate::workload::grow_overlay;
 
 /// Options of `nubo-sim hyparview`.
 #[derive(Args, Clone, Debug)]
@@ -69,21 +70,7 @@ pub struct HyparviewArgs {
 /// The node configuration of the experiment: the paper's parameters, one cycle per shuffle.
 pub fn experiment_config(args: &HyparviewArgs, cycle: Duration) -> Config {
     Config {
-        membership: MembershipConfig {
-            active_max: args.active,
-            passive_max: args.passive,
-            active_walk_length: 6,
-            passive_walk_length: 3,
-            shuffle_active: 3,
-            shuffle_passive: 4,
-            shuffle_walk_length: 6,
-            shuffle_interval: cycle,
-            maintain_interval: cycle,
-            keepalive_interval: cycle,
-            peer_timeout: cycle * 6,
-            request_timeout: cycle,
-            ..MembershipConfig::default()
-        },
+        membership: membership_config(args.active, args.passive, cycle),
         broadcast: BroadcastConfig {
             ae_interval: cycle * 5,
             ae_settle: cycle,
@@ -105,6 +92,25 @@ pub fn experiment_config(args: &HyparviewArgs, cycle: Duration) -> Config {
     }
 }
 
+/// The paper's membership parameters with views of the given sizes, one cycle per shuffle.
+pub fn membership_config(active: usize, passive: usize, cycle: Duration) -> MembershipConfig {
+    MembershipConfig {
+        active_max: active,
+        passive_max: passive,
+        active_walk_length: 6,
+        passive_walk_length: 3,
+        shuffle_active: 3,
+        shuffle_passive: 4,
+        shuffle_walk_length: 6,
+        shuffle_interval: cycle,
+        maintain_interval: cycle,
+        keepalive_interval: cycle,
+        peer_timeout: cycle * 6,
+        request_timeout: cycle,
+        ..MembershipConfig::default()
+    }
+}
+
 /// Runs the experiment and reports it.
 pub fn run(args: &HyparviewArgs) -> Report {
     let started = Instant::now();
@@ -119,17 +125,9 @@ pub fn run(args: &HyparviewArgs) -> Report {
     let mut sim = Sim::new(args.seed, config, network);
     let mut tracker = BroadcastTracker::new(false);
 
-    // Joins, spread over 10 cycles, each through a random node that is already there.
-    let join_phase = cycle * 10;
-    let spacing = join_phase / args.nodes.max(1);
-    let first = sim.add_node();
-    debug_assert_eq!(first, 0);
-    for i in 1..args.nodes {
-        sim.run_for(spacing, &mut tracker);
-        let node = sim.add_node();
-        let contact = sim.rng().below(u64::from(i)) as NodeIndex;
-        sim.join(node, &[contact], &mut tracker);
-    }
+    grow_overlay(&mut sim, args.nodes, cycle * 10, &mut tracker, |sim| {
+        sim.add_node()
+    });
     sim.run_for(cycle * args.warmup, &mut tracker);
     let before = overlay_health(&sim);
 

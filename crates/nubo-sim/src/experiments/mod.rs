@@ -1,4 +1,5 @@
 //! Experiments, one per subcommand of `nubo-sim`.
 
+pub mod aggregate;
 pub mod fuzz;
 pub mod hyparview;
