@@ -9,6 +9,7 @@
 //! - [`membership`]: HyParView partial views, the overlay every other layer uses;
 //! - [`broadcast`]: eager push along an epoch-built tree, lazy repair, anti-entropy;
 //! - [`aggregation`]: push-pull averaging: cloud size, totals, extremes;
+//! - [`slicing`]: each node's rank by an attribute, its slice and top shares;
 //! - [`node`]: the composition and its driving contract;
 //! - [`wire`]: the versioned, bounded encoding of every message.
 
@@ -18,6 +19,7 @@ pub mod id;
 pub mod membership;
 pub mod node;
 pub mod rng;
+pub mod slicing;
 pub mod time;
 pub mod view;
 pub mod wire;

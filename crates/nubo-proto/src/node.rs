@@ -9,6 +9,7 @@ use crate::broadcast::{Broadcast, BroadcastConfig, BroadcastError, Delivery, Mes
 use crate::id::{NodeId, Peer};
 use crate::membership::{Membership, MembershipConfig, MembershipEvent};
 use crate::rng::Rng;
+use crate::slicing::{Slicing, SlicingConfig};
 use crate::time::Time;
 use crate::wire::Message;
 
@@ -21,6 +22,8 @@ pub struct Config {
     pub broadcast: BroadcastConfig,
     /// Aggregation (push-pull averaging).
     pub aggregation: AggregationConfig,
+    /// Ordered slicing.
+    pub slicing: SlicingConfig,
 }
 
 /// A message the driver must send.
@@ -64,6 +67,7 @@ pub struct Node {
     membership: Membership,
     broadcast: Broadcast,
     aggregation: Aggregation,
+    slicing: Slicing,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
 }
@@ -77,6 +81,7 @@ impl Node {
             membership: Membership::new(me, config.membership, rng.fork(), now),
             broadcast: Broadcast::new(me, config.broadcast, rng.fork(), now),
             aggregation: Aggregation::new(me, config.aggregation, rng.fork(), now),
+            slicing: Slicing::new(me.id, config.slicing, now),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -118,6 +123,16 @@ impl Node {
         self.aggregation.set_resources(resources);
     }
 
+    /// The slicing layer: this node's rank, slice and top shares.
+    pub fn slicing(&self) -> &Slicing {
+        &self.slicing
+    }
+
+    /// Sets the attribute this node is ranked by (e.g. an uptime-based reliability score).
+    pub fn set_rank_value(&mut self, now: Time, value: f64) {
+        self.slicing.set_value(now, value);
+    }
+
     /// Joins the overlay through one of `contacts`.
     pub fn join(&mut self, now: Time, contacts: &[Peer]) {
         self.membership.join(now, contacts);
@@ -147,6 +162,7 @@ impl Node {
             Message::Membership(m) => self.membership.handle_message(now, from, m),
             Message::Broadcast(m) => self.broadcast.handle_message(now, from, m),
             Message::Aggregation(m) => self.aggregation.handle_message(now, from, m),
+            Message::Slicing(m) => self.slicing.handle_message(now, from, m),
         }
         self.flush(now);
     }
@@ -170,6 +186,10 @@ impl Node {
             let peer = self.membership.random_peer();
             self.aggregation.handle_timeout(now, peer);
         }
+        if self.slicing.poll_timeout() <= now {
+            let peer = self.membership.random_peer();
+            self.slicing.handle_timeout(now, peer);
+        }
         self.flush(now);
     }
 
@@ -179,6 +199,7 @@ impl Node {
             .poll_timeout()
             .min(self.broadcast.poll_timeout())
             .min(self.aggregation.poll_timeout())
+            .min(self.slicing.poll_timeout())
     }
 
     /// The next message to send.
@@ -198,6 +219,7 @@ impl Node {
             match event {
                 MembershipEvent::NeighborUp(peer) => {
                     self.broadcast.neighbor_up(peer);
+                    self.slicing.neighbor_up(peer);
                     self.events.push_back(Event::NeighborUp(peer));
                 }
                 MembershipEvent::NeighborDown(peer) => {
@@ -221,6 +243,11 @@ impl Node {
             .extend(self.aggregation.drain_transmits().map(|(to, m)| Transmit {
                 to,
                 message: Message::Aggregation(m),
+            }));
+        self.transmits
+            .extend(self.slicing.drain_transmits().map(|(to, m)| Transmit {
+                to,
+                message: Message::Slicing(m),
             }));
         for transmit in self.transmits.range(before..) {
             self.membership.sent_to(now, transmit.to.id);

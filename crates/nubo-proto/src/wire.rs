@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::aggregation::AggregationMessage;
 use crate::broadcast::{BroadcastMessage, TreeMessage};
 use crate::membership::MembershipMessage;
+use crate::slicing::SlicingMessage;
 
 /// Version of the wire format; a peer speaking another version is refused.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -25,6 +26,8 @@ pub enum Message {
     Broadcast(BroadcastMessage),
     /// Aggregation (push-pull averaging).
     Aggregation(AggregationMessage),
+    /// Ordered slicing (attribute samples).
+    Slicing(SlicingMessage),
 }
 
 impl Message {
@@ -34,6 +37,7 @@ impl Message {
             Message::Membership(m) => m.is_within_bounds(),
             Message::Broadcast(m) => m.is_within_bounds(),
             Message::Aggregation(m) => m.is_within_bounds(),
+            Message::Slicing(m) => m.is_within_bounds(),
         }
     }
 
@@ -65,6 +69,11 @@ impl Message {
                 AggregationMessage::Push { .. } => "aggregate_push",
                 AggregationMessage::Pull { .. } => "aggregate_pull",
                 AggregationMessage::Busy { .. } => "aggregate_busy",
+            },
+            Message::Slicing(m) => match m {
+                SlicingMessage::Push(_) => "slice_push",
+                SlicingMessage::Answer(_) => "slice_answer",
+                SlicingMessage::Snapshot => "slice_snapshot",
             },
         }
     }

@@ -101,6 +101,7 @@ enum Action {
 struct Slot {
     peer: Peer,
     resources: Resources,
+    rank_value: f64,
     node: Option<Node>,
     incarnation: u32,
     wake: Option<Time>,
@@ -218,6 +219,7 @@ impl Sim {
         self.slots.push(Slot {
             peer: Peer::new(id),
             resources: Resources::default(),
+            rank_value: 0.0,
             node: None,
             incarnation: 0,
             wake: None,
@@ -268,6 +270,16 @@ impl Sim {
         slot.resources = resources;
         if let Some(node) = slot.node.as_mut() {
             node.set_resources(resources);
+        }
+    }
+
+    /// Sets the attribute machine `i` is ranked by (kept across restarts).
+    pub fn set_rank_value(&mut self, i: NodeIndex, value: f64) {
+        let now = self.now;
+        let slot = &mut self.slots[i as usize];
+        slot.rank_value = value;
+        if let Some(node) = slot.node.as_mut() {
+            node.set_rank_value(now, value);
         }
     }
 
@@ -350,6 +362,7 @@ impl Sim {
         let slot = &mut self.slots[i as usize];
         let mut node = Node::new(slot.peer, self.config.clone(), seed, self.now);
         node.set_resources(slot.resources);
+        node.set_rank_value(self.now, slot.rank_value);
         slot.node = Some(node);
         slot.wake = None;
         self.schedule_wake(i);

@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-use nubo_sim::experiments::{aggregate, fuzz, hyparview};
+use nubo_sim::experiments::{aggregate, fuzz, hyparview, slicing};
 
 /// Deterministic simulator of a nubo cloud. Every run is reproducible from its --seed.
 #[derive(Parser)]
@@ -23,6 +23,10 @@ enum Command {
     ///
     /// Example: nubo-sim aggregate --nodes 100000 --seed 1 --json
     Aggregate(aggregate::AggregateArgs),
+    /// Ordered slicing: how many nodes misreport their slice, with churn.
+    ///
+    /// Example: nubo-sim slicing --nodes 10000 --slices 20 --churn 0.001 --cycles 200 --json
+    Slicing(slicing::SlicingArgs),
     /// Randomized runs with faults and invariant checks; every option derives from the seed.
     ///
     /// Example: nubo-sim fuzz --seed 1 --runs 100
@@ -35,6 +39,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Hyparview(args) => hyparview::run(&args).print(args.json),
         Command::Aggregate(args) => aggregate::run(&args).print(args.json),
+        Command::Slicing(args) => slicing::run(&args).print(args.json),
         Command::Fuzz(args) => {
             let (report, passed) = fuzz::run(&args);
             report.print(args.json);

@@ -23,11 +23,12 @@ pub fn random_resources(rng: &mut Rng) -> Resources {
     }
 }
 
-/// Adds a machine lending random resources.
+/// Adds a machine lending random resources, ranked by its free disk.
 pub fn add_node(sim: &mut Sim, rng: &mut Rng) -> NodeIndex {
     let node = sim.add_node();
     let resources = random_resources(rng);
     sim.set_resources(node, resources);
+    sim.set_rank_value(node, resources.disk_free_bytes);
     node
 }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use nubo_proto::aggregation::AggregationConfig;
+use nubo_proto::slicing::SlicingConfig;
 use nubo_proto::{Config, Time};
 
 use crate::engine::{NetworkConfig, NoObserver, Sim};
@@ -63,6 +64,10 @@ pub fn run(args: &AggregateArgs) -> Report {
             interval: cycle,
             epoch_cycles: args.epoch_cycles,
             ..AggregationConfig::default()
+        },
+        slicing: SlicingConfig {
+            enabled: false,
+            ..SlicingConfig::default()
         },
         ..Config::default()
     };

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use nubo_proto::aggregation::AggregationConfig;
+use nubo_proto::slicing::SlicingConfig;
 use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
 use nubo_proto::membership::MembershipConfig;
 use nubo_proto::{Config, Rng};
@@ -19,6 +20,7 @@ use crate::overlay::overlay_health;
 use crate::report::Report;
 use crate::tracker::BroadcastTracker;
 use crate::workload::add_node;
+use nubo_proto::slicing::node_key;
 
 /// How big and long each run is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -137,6 +139,16 @@ impl Scenario {
                 interval: cycle,
                 epoch_cycles: 20 + rng.below(30) as u16,
                 count_instances: 1 + rng.index(8),
+            },
+            slicing: SlicingConfig {
+                enabled: true,
+                interval: cycle,
+                refresh: cycle * (5 + rng.below(20) as u32),
+                window: cycle * (60 + rng.below(40) as u32),
+                forwards: 2 + rng.below(2) as u8,
+                batch_max: 64 + rng.index(512),
+                samples_max: 10_000,
+                snapshot_below: 1 + rng.index(8),
             },
         };
         Scenario {
@@ -284,6 +296,7 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
         * u32::from(2 * scenario.config.aggregation.epoch_cycles + 2);
     sim.run_for(epoch, &mut tracker);
     check_aggregation(&sim, &mut outcome);
+    check_slicing(&sim, &mut outcome);
     for record in &tracker.records[..first_after_heal] {
         if record.delivered_by.iter().any(|i| sim.is_alive(*i)) {
             let missing = alive
@@ -395,6 +408,30 @@ fn check_aggregation(sim: &Sim, outcome: &mut Outcome) {
             outcome.violations.push(format!(
                 "node {i} estimates {:.1} nodes and {:.0} cores in epoch {}; there are {size} and {cores} ({taking_part} taking part in epochs {low}..{high})",
                 stats.size, stats.totals.cores, stats.epoch
+            ));
+            return;
+        }
+    }
+}
+
+/// After healing: every node's rank estimate is close to its true rank among live nodes (a
+/// window after healing, values of departed nodes have expired).
+fn check_slicing(sim: &Sim, outcome: &mut Outcome) {
+    let mut ranked: Vec<(f64, u64, NodeIndex)> = sim
+        .alive()
+        .into_iter()
+        .filter_map(|i| sim.node(i).map(|n| (n.slicing().value(), node_key(n.id()), i)))
+        .collect();
+    ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let n = ranked.len() as f64;
+    for (position, &(_, _, i)) in ranked.iter().enumerate() {
+        let Some(node) = sim.node(i) else { continue };
+        let truth = position as f64 / n;
+        let estimate = node.slicing().rank();
+        if (estimate - truth).abs() > 0.1 {
+            outcome.violations.push(format!(
+                "node {i} estimates its rank at {estimate:.3}, it is {truth:.3} (knows {} values of {n})",
+                node.slicing().known()
             ));
             return;
         }

@@ -8,6 +8,7 @@ use clap::Args;
 use nubo_proto::Config;
 use nubo_proto::aggregation::AggregationConfig;
 use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
+use nubo_proto::slicing::SlicingConfig;
 use nubo_proto::membership::MembershipConfig;
 
 use crate::engine::{NetworkConfig, NodeIndex, Sim};
@@ -84,10 +85,14 @@ pub fn experiment_config(args: &HyparviewArgs, cycle: Duration) -> Config {
             graft_retry: cycle / 2,
             ..BroadcastConfig::default()
         },
-        // Measured on its own by `nubo-sim aggregate`.
+        // Measured on their own by `nubo-sim aggregate` and `nubo-sim slicing`.
         aggregation: AggregationConfig {
             enabled: false,
             ..AggregationConfig::default()
+        },
+        slicing: SlicingConfig {
+            enabled: false,
+            ..SlicingConfig::default()
         },
     }
 }

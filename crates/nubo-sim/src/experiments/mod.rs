@@ -3,3 +3,4 @@
 pub mod aggregate;
 pub mod fuzz;
 pub mod hyparview;
+pub mod slicing;
