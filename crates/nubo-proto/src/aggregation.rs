@@ -615,9 +615,10 @@ fn initial_local(
     let mut seed =
         (me.0 as u64) ^ ((me.0 >> 64) as u64) ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let ticket = splitmix64(&mut seed);
-    // Expect about four times as many candidates as instances kept, so that the smallest
-    // tickets are almost surely among them; with no size known yet, everyone is a candidate.
-    let candidates = (config.count_instances * 4) as f64;
+    // Expect about four times as many candidates as instances kept, and never fewer than 64,
+    // so that an epoch with no candidate at all is vanishingly rare (e^-64); in a cloud of up
+    // to 64 nodes, or with no size known yet, everyone is a candidate.
+    let candidates = (config.count_instances * 4).max(64) as f64;
     let probability = size_hint.map_or(1.0, |n| (candidates / n.max(1.0)).min(1.0));
     let threshold = (probability * u64::MAX as f64) as u64;
     let counts = if ticket <= threshold {

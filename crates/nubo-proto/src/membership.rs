@@ -159,6 +159,9 @@ pub enum MembershipEvent {
     NeighborUp(Peer),
     /// A node stopped being our neighbour.
     NeighborDown(Peer),
+    /// A neighbour failed (unreachable or silent) or left the cloud: it is probably gone, not
+    /// merely rearranged out of our view. Follows its `NeighborDown`.
+    Departed(Peer),
 }
 
 /// A neighbour in the active view and what we last heard from and sent to it.
@@ -286,6 +289,12 @@ impl Membership {
         } else {
             self.passive.iter().nth(pick - self.active.len())
         }
+    }
+
+    /// A neighbour chosen uniformly: unlike the passive view, the active view is watched by
+    /// keepalives, so a message to it is rarely lost to a dead node.
+    pub fn random_neighbor(&mut self) -> Option<Peer> {
+        self.active.random_except(&mut self.rng, |_| false)
     }
 
     /// What the layer did so far.
@@ -511,6 +520,7 @@ impl Membership {
         if leaving {
             self.passive.remove(from.id);
             self.lost.retain(|l| l.peer.id != from.id);
+            self.events.push(MembershipEvent::Departed(from));
         }
     }
 
@@ -737,6 +747,7 @@ impl Membership {
         let Some(peer) = self.remove_active(id) else {
             return;
         };
+        self.events.push(MembershipEvent::Departed(peer));
         self.remember_lost(now, peer);
         self.refill(now);
     }
@@ -1063,7 +1074,13 @@ mod tests {
         );
         assert!(m.passive().contains(NodeId(7)));
         m.handle_peer_down(Time::ZERO, NodeId(2));
-        assert_eq!(events(&mut m), vec![MembershipEvent::NeighborDown(peer(2))]);
+        assert_eq!(
+            events(&mut m),
+            vec![
+                MembershipEvent::NeighborDown(peer(2)),
+                MembershipEvent::Departed(peer(2))
+            ]
+        );
         // Alone now, so the request is high priority.
         assert_eq!(
             transmits(&mut m),
@@ -1083,7 +1100,13 @@ mod tests {
         let later = Time::ZERO + timeout;
         m.heard_from(later, NodeId(3));
         m.handle_timeout(later + config().maintain_interval);
-        assert_eq!(events(&mut m), vec![MembershipEvent::NeighborDown(peer(2))]);
+        assert_eq!(
+            events(&mut m),
+            vec![
+                MembershipEvent::NeighborDown(peer(2)),
+                MembershipEvent::Departed(peer(2))
+            ]
+        );
         assert_eq!(
             transmits(&mut m),
             vec![(NodeId(3), MembershipMessage::Ping)]

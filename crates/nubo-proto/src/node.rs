@@ -187,7 +187,8 @@ impl Node {
             self.aggregation.handle_timeout(now, peer);
         }
         if self.slicing.poll_timeout() <= now {
-            let peer = self.membership.random_peer();
+            // Each value goes out only a few times: spend them on live neighbours.
+            let peer = self.membership.random_neighbor();
             self.slicing.handle_timeout(now, peer);
         }
         self.flush(now);
@@ -226,6 +227,7 @@ impl Node {
                     self.broadcast.neighbor_down(now, peer.id);
                     self.events.push_back(Event::NeighborDown(peer));
                 }
+                MembershipEvent::Departed(peer) => self.slicing.departed(now, peer.id),
             }
         }
         let before = self.transmits.len();

@@ -17,6 +17,7 @@
 //! Ties are broken by node, so every node has a distinct rank.
 
 use core::time::Duration;
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,14 @@ pub struct Sample {
     pub node: u64,
     /// Its attribute value.
     pub value: f64,
+    /// Which emission of the node this is: increases with each emission (it is the emitting
+    /// node's time, so it keeps increasing across restarts); only compared between samples
+    /// of the same node.
+    pub version: u64,
+    /// A departure notice: a neighbour saw the node fail or leave. It supersedes the
+    /// emission it follows (`version` is one more) and loses to any later one, so a node
+    /// wrongly thought gone reappears at its next refresh.
+    pub gone: bool,
     /// How long ago the node emitted it, in milliseconds.
     pub age_ms: u32,
 }
@@ -108,7 +117,16 @@ impl Default for SlicingConfig {
 #[derive(Clone, Copy, Debug)]
 struct Known {
     value: f64,
+    version: u64,
     born: Time,
+    gone: bool,
+}
+
+impl Known {
+    /// Whether this entry counts below a node with `mine` and `my_key`.
+    fn below(&self, key: u64, mine: f64, my_key: u64) -> bool {
+        !self.gone && ranks_below(self.value, key, mine, my_key)
+    }
 }
 
 /// Counters of what slicing did.
@@ -136,9 +154,15 @@ pub struct Slicing {
     known: BTreeMap<u64, Known>,
     /// How many known values rank below ours.
     below: usize,
-    fresh: VecDeque<(u64, u8)>,
+    /// How many entries are departure notices.
+    gone: usize,
+    /// News to pass on: the sample as learnt (its birth, to compute its age when sent) and
+    /// how many more times. A newer emission of the same node may follow it in the queue; the
+    /// receivers keep the newest, so a superseded entry costs a few bytes, not a lookup.
+    fresh: VecDeque<(Sample, Time, u8)>,
     next_cycle: Time,
     next_refresh: Time,
+    next_expire: Time,
     /// Batches our current emission still goes out in.
     own_left: u8,
     snapshot_asked: bool,
@@ -155,9 +179,11 @@ impl Slicing {
             value_born: now,
             known: BTreeMap::new(),
             below: 0,
+            gone: 0,
             fresh: VecDeque::new(),
             next_cycle: now,
             next_refresh: now,
+            next_expire: now,
             own_left: 0,
             snapshot_asked: false,
             counters: SlicingCounters::default(),
@@ -171,14 +197,24 @@ impl Slicing {
         self.value
     }
 
-    /// Number of other nodes' values known.
+    /// Number of other nodes' values known (departed nodes excluded).
     pub fn known(&self) -> usize {
-        self.known.len()
+        self.known.len() - self.gone
+    }
+
+    /// Whether the value of the node with key `node` is known.
+    pub fn knows(&self, node: u64) -> bool {
+        self.known.get(&node).is_some_and(|k| !k.gone)
+    }
+
+    /// When this node last emitted its value.
+    pub fn last_emission(&self) -> Time {
+        self.value_born
     }
 
     /// Estimated rank in `[0, 1)`: the fraction of known values below ours (0 = lowest).
     pub fn rank(&self) -> f64 {
-        self.below as f64 / (self.known.len() + 1) as f64
+        self.below as f64 / (self.known() + 1) as f64
     }
 
     /// Which of `slices` equal slices, counted from the lowest values, this node is in.
@@ -206,7 +242,7 @@ impl Slicing {
         self.below = self
             .known
             .iter()
-            .filter(|(key, k)| ranks_below(k.value, **key, value, self.me))
+            .filter(|(key, k)| k.below(**key, value, self.me))
             .count();
         self.value_born = now;
         self.next_refresh = now;
@@ -244,7 +280,11 @@ impl Slicing {
             return;
         }
         self.next_cycle = now + self.config.interval;
-        self.expire(now);
+        if now >= self.next_expire {
+            // A tenth of the window late at most, for a tenth of the cost of every cycle.
+            self.next_expire = now + self.config.window / 10;
+            self.expire(now);
+        }
         let Some(peer) = peer else {
             // Alone for now: keep what is due for the first peer.
             return;
@@ -264,27 +304,25 @@ impl Slicing {
         }
         if self.own_left > 0 {
             self.own_left -= 1;
-            batch.push(Sample {
-                node: self.me,
-                value: self.value,
-                age_ms: age_ms(now, self.value_born),
-            });
+            batch.push(self.own_sample(now));
         }
         // Samples with forwards left go back to the end of the queue, for a later batch (to
         // another random peer).
         let queued = self.fresh.len();
+        let room = self.config.batch_max.min(SAMPLES_MAX);
         for _ in 0..queued {
-            if batch.len() >= self.config.batch_max.min(SAMPLES_MAX) {
+            if batch.len() >= room {
                 break;
             }
-            let Some((key, left)) = self.fresh.pop_front() else {
+            let Some((news, born, left)) = self.fresh.pop_front() else {
                 break;
             };
-            if let Some(known) = self.known.get(&key) {
-                batch.push(sample(key, known, now));
-                if left > 1 {
-                    self.fresh.push_back((key, left - 1));
-                }
+            batch.push(Sample {
+                age_ms: age_ms(now, born),
+                ..news
+            });
+            if left > 1 {
+                self.fresh.push_back((news, born, left - 1));
             }
         }
         batch
@@ -297,12 +335,14 @@ impl Slicing {
         }
         match message {
             SlicingMessage::Push(samples) => {
-                for s in samples {
-                    self.learn(now, s);
-                }
+                // Answer before learning, so that the pusher's own news is not sent back to it
+                // (which would waste one of the few times each value is passed on).
                 let answer = self.news(now);
                 if !answer.is_empty() {
                     self.transmits.push((from, SlicingMessage::Answer(answer)));
+                }
+                for s in samples {
+                    self.learn(now, s);
                 }
             }
             SlicingMessage::Answer(samples) => {
@@ -320,64 +360,117 @@ impl Slicing {
             return;
         }
         let born = now.saturating_sub(age);
-        let previous = self.known.get(&s.node).copied();
-        if previous.is_some_and(|p| p.born >= born) {
-            return;
-        }
-        if previous.is_none() && self.known.len() >= self.config.samples_max {
-            return;
-        }
-        if let Some(p) = previous
-            && ranks_below(p.value, s.node, self.value, self.me)
-        {
-            self.below -= 1;
-        }
-        if ranks_below(s.value, s.node, self.value, self.me) {
-            self.below += 1;
-        }
-        self.known.insert(
-            s.node,
-            Known {
-                value: s.value,
-                born,
-            },
-        );
-        self.counters.learnt += 1;
-        // Pass on what is new: a first value, a changed one, or a new emission (a refresh). The
-        // same emission arriving again by a longer path only looks a little younger (ages do
-        // not count time in transit) and is not passed on again.
-        let new_emission = previous.is_none_or(|p| {
-            p.value != s.value || born > p.born + self.config.refresh / 2
-        });
-        if new_emission {
-            if self.fresh.len() >= self.config.samples_max {
-                self.fresh.pop_front();
-                self.counters.dropped += 1;
+        let room = self.known.len() < self.config.samples_max;
+        let fresh = Known {
+            value: s.value,
+            version: s.version,
+            born,
+            gone: s.gone,
+        };
+        let previous = match self.known.entry(s.node) {
+            Entry::Occupied(mut entry) => {
+                let known = entry.get_mut();
+                if s.version < known.version {
+                    return;
+                }
+                if s.version == known.version {
+                    // The same emission by another path: its age only grew in transit, so the
+                    // earliest birth is the truest.
+                    known.born = known.born.min(born);
+                    return;
+                }
+                Some(std::mem::replace(known, fresh))
             }
-            self.fresh.push_back((s.node, self.config.forwards));
+            Entry::Vacant(entry) => {
+                if !room || s.gone {
+                    // Nothing to forget.
+                    return;
+                }
+                entry.insert(fresh);
+                None
+            }
+        };
+        self.replace_counts(s.node, previous.as_ref(), Some(&fresh));
+        self.counters.learnt += 1;
+        self.queue_news(s, born);
+    }
+
+    /// A neighbour failed or left: spread a departure notice for it, if we know its value.
+    pub fn departed(&mut self, now: Time, node: NodeId) {
+        let key = node_key(node);
+        let Some(known) = self.known.get(&key).copied() else {
+            return;
+        };
+        if known.gone {
+            return;
+        }
+        let notice = Known {
+            version: known.version + 1,
+            born: now,
+            gone: true,
+            ..known
+        };
+        self.known.insert(key, notice);
+        self.replace_counts(key, Some(&known), Some(&notice));
+        let news = Sample {
+            node: key,
+            value: known.value,
+            version: notice.version,
+            gone: true,
+            age_ms: 0,
+        };
+        self.queue_news(news, now);
+    }
+
+    /// Keeps `below` and `gone` right when the entry of `key` changes from `old` to `new`.
+    fn replace_counts(&mut self, key: u64, old: Option<&Known>, new: Option<&Known>) {
+        let (value, me) = (self.value, self.me);
+        if let Some(old) = old {
+            self.below -= usize::from(old.below(key, value, me));
+            self.gone -= usize::from(old.gone);
+        }
+        if let Some(new) = new {
+            self.below += usize::from(new.below(key, value, me));
+            self.gone += usize::from(new.gone);
+        }
+    }
+
+    fn queue_news(&mut self, news: Sample, born: Time) {
+        if self.fresh.len() >= self.config.samples_max {
+            self.fresh.pop_front();
+            self.counters.dropped += 1;
+        }
+        self.fresh.push_back((news, born, self.config.forwards));
+    }
+
+    fn own_sample(&self, now: Time) -> Sample {
+        Sample {
+            node: self.me,
+            value: self.value,
+            version: self.value_born.as_micros(),
+            gone: false,
+            age_ms: age_ms(now, self.value_born),
         }
     }
 
     fn expire(&mut self, now: Time) {
         let oldest = now.saturating_sub(self.config.window);
         let (me, value) = (self.me, self.value);
-        let mut removed_below = 0;
+        let (mut below, mut gone) = (0, 0);
         self.known.retain(|key, k| {
             let keep = k.born >= oldest;
-            if !keep && ranks_below(k.value, *key, value, me) {
-                removed_below += 1;
+            if !keep {
+                below += usize::from(k.below(*key, value, me));
+                gone += usize::from(k.gone);
             }
             keep
         });
-        self.below -= removed_below;
+        self.below -= below;
+        self.gone -= gone;
     }
 
     fn send_snapshot(&mut self, now: Time, to: Peer) {
-        let mut batch = vec![Sample {
-            node: self.me,
-            value: self.value,
-            age_ms: age_ms(now, self.value_born),
-        }];
+        let mut batch = vec![self.own_sample(now)];
         for (key, known) in &self.known {
             if batch.len() == SAMPLES_MAX {
                 self.transmits
@@ -398,6 +491,8 @@ fn sample(key: u64, known: &Known, now: Time) -> Sample {
     Sample {
         node: key,
         value: known.value,
+        version: known.version,
+        gone: known.gone,
         age_ms: age_ms(now, known.born),
     }
 }
@@ -411,25 +506,46 @@ mod tests {
     use super::*;
 
     fn slicing(id: u128, value: f64) -> Slicing {
-        let mut s = Slicing::new(NodeId(id), SlicingConfig::default(), Time::ZERO);
+        let config = SlicingConfig {
+            forwards: 2,
+            ..SlicingConfig::default()
+        };
+        let mut s = Slicing::new(NodeId(id), config, Time::ZERO);
         s.set_value(Time::ZERO, value);
         s
     }
 
-    fn samples(values: &[(u64, f64)], age_ms: u32) -> SlicingMessage {
+    fn sample(node: u64, value: f64, version: u64, age_ms: u32) -> Sample {
+        Sample {
+            node,
+            value,
+            version,
+            gone: false,
+            age_ms,
+        }
+    }
+
+    /// An answer carrying `values`, all emitted as `version`, `age_ms` ago.
+    fn samples(values: &[(u64, f64)], version: u64, age_ms: u32) -> SlicingMessage {
         SlicingMessage::Answer(
             values
                 .iter()
-                .map(|&(node, value)| Sample { node, value, age_ms })
+                .map(|&(node, value)| sample(node, value, version, age_ms))
                 .collect(),
         )
     }
 
+    fn sent(s: &mut Slicing) -> Vec<SlicingMessage> {
+        s.drain_transmits().map(|(_, m)| m).collect()
+    }
+
+    const PEER: Peer = Peer::new(NodeId(9));
+
     #[test]
     fn rank_counts_the_values_below_and_breaks_ties_by_node() {
         let mut s = slicing(1, 5.0);
-        let peer = Peer::new(NodeId(9));
-        s.handle_message(Time::ZERO, peer, samples(&[(10, 1.0), (11, 9.0), (12, 5.0), (0, 5.0)], 0));
+        let values = [(10, 1.0), (11, 9.0), (12, 5.0), (0, 5.0)];
+        s.handle_message(Time::ZERO, PEER, samples(&values, 1, 0));
         // Below: 1.0, and 5.0 of key 0 (< our key 1); not 5.0 of key 12.
         assert_eq!(s.known(), 4);
         assert_eq!(s.rank(), 2.0 / 5.0);
@@ -441,16 +557,15 @@ mod tests {
     }
 
     #[test]
-    fn newer_values_replace_older_ones_and_old_ones_expire() {
+    fn newer_emissions_replace_older_ones_and_old_ones_expire() {
         let mut s = slicing(1, 5.0);
-        let peer = Peer::new(NodeId(9));
-        s.handle_message(Time::ZERO, peer, samples(&[(10, 1.0)], 0));
+        s.handle_message(Time::ZERO, PEER, samples(&[(10, 1.0)], 1, 0));
         assert_eq!(s.rank(), 0.5);
-        // An older report of node 10 changes nothing; a newer one moves it above us.
+        // An older emission of node 10 changes nothing; a newer one moves it above us.
         let later = Time::from_secs(10);
-        s.handle_message(later, peer, samples(&[(10, 9.0)], 20_000));
+        s.handle_message(later, PEER, samples(&[(10, 9.0)], 0, 0));
         assert_eq!(s.rank(), 0.5);
-        s.handle_message(later, peer, samples(&[(10, 9.0)], 1_000));
+        s.handle_message(later, PEER, samples(&[(10, 9.0)], 2, 1_000));
         assert_eq!(s.rank(), 0.0);
         // Nothing more from node 10: it expires a window after it emitted.
         let expired = later + SlicingConfig::default().window;
@@ -460,55 +575,55 @@ mod tests {
     }
 
     #[test]
-    fn pushes_carry_our_value_then_what_we_learnt_and_are_answered_with_news() {
+    fn news_travels_in_pushes_and_answers_a_few_times_each() {
         let mut s = slicing(1, 5.0);
-        let peer = Peer::new(NodeId(9));
-        s.handle_message(Time::ZERO, peer, samples(&[(10, 1.0), (11, 2.0)], 0));
-        s.handle_timeout(Time::from_millis(500), Some(peer));
-        let sent: Vec<SlicingMessage> = s.drain_transmits().map(|(_, m)| m).collect();
+        s.handle_message(Time::ZERO, PEER, samples(&[(10, 1.0), (11, 2.0)], 1, 0));
+        s.handle_timeout(Time::from_millis(500), Some(PEER));
+        let me = node_key(NodeId(1));
         let expected = SlicingMessage::Push(vec![
-            Sample { node: node_key(NodeId(1)), value: 5.0, age_ms: 0 },
-            Sample { node: 10, value: 1.0, age_ms: 500 },
-            Sample { node: 11, value: 2.0, age_ms: 500 },
+            sample(me, 5.0, 500_000, 0),
+            sample(10, 1.0, 1, 500),
+            sample(11, 2.0, 1, 500),
         ]);
-        assert_eq!(sent, vec![expected]);
-        // Each value, ours included, goes out in two batches (forwards = 2): the second
-        // time in the answer to a push from another node.
-        let push = SlicingMessage::Push(vec![Sample { node: 12, value: 3.0, age_ms: 0 }]);
-        s.handle_message(Time::from_millis(700), peer, push);
-        let answer: Vec<SlicingMessage> = s.drain_transmits().map(|(_, m)| m).collect();
-        assert!(matches!(&answer[..], [SlicingMessage::Answer(news)] if news.len() == 4));
-        // Only the value learnt from that push is still news.
-        s.handle_timeout(Time::from_millis(1_500), Some(peer));
-        let sent: Vec<SlicingMessage> = s.drain_transmits().map(|(_, m)| m).collect();
+        assert_eq!(sent(&mut s), vec![expected]);
+        // Each emission, ours included, goes out twice (forwards = 2): the second time in the
+        // answer to a push, which does not echo the push's own news back.
+        let push = SlicingMessage::Push(vec![sample(12, 3.0, 1, 0)]);
+        s.handle_message(Time::from_millis(700), PEER, push);
+        assert!(matches!(&sent(&mut s)[..], [SlicingMessage::Answer(news)] if news.len() == 3));
+        // Only the value learnt from that push is still to be passed on, twice.
+        s.handle_timeout(Time::from_millis(1_500), Some(PEER));
+        let push = SlicingMessage::Push(vec![sample(12, 3.0, 1, 800)]);
+        assert_eq!(sent(&mut s), vec![push.clone()]);
+        s.handle_timeout(Time::from_millis(2_500), Some(PEER));
         assert_eq!(
-            sent,
-            vec![SlicingMessage::Push(vec![Sample { node: 12, value: 3.0, age_ms: 800 }])]
+            sent(&mut s),
+            vec![SlicingMessage::Push(vec![sample(12, 3.0, 1, 1_800)])]
         );
-        // The same emission arriving again is not news; a refresh is.
-        s.handle_timeout(Time::from_millis(2_500), Some(peer));
-        s.drain_transmits().count();
-        s.handle_message(Time::from_secs(3), peer, samples(&[(10, 1.0)], 2_900));
-        s.handle_timeout(Time::from_secs(3), Some(peer));
-        assert_eq!(s.drain_transmits().next().map(|(_, m)| m), Some(SlicingMessage::Push(vec![])));
-        s.handle_message(Time::from_secs(30), peer, samples(&[(10, 1.0)], 0));
-        s.handle_timeout(Time::from_secs(30), Some(peer));
-        let refreshed: Vec<SlicingMessage> = s.drain_transmits().map(|(_, m)| m).collect();
-        assert!(matches!(&refreshed[..], [SlicingMessage::Push(news)] if news.len() == 1));
+        // The same emission arriving again is not news; a new one is.
+        s.handle_message(
+            Time::from_millis(2_600),
+            PEER,
+            samples(&[(10, 1.0)], 1, 2_500),
+        );
+        s.handle_timeout(Time::from_millis(3_500), Some(PEER));
+        assert_eq!(sent(&mut s), vec![SlicingMessage::Push(vec![])]);
+        s.handle_message(Time::from_millis(3_600), PEER, samples(&[(10, 1.0)], 2, 0));
+        s.handle_timeout(Time::from_millis(4_500), Some(PEER));
+        let push = SlicingMessage::Push(vec![sample(10, 1.0, 2, 900)]);
+        assert_eq!(sent(&mut s), vec![push]);
     }
 
     #[test]
     fn a_newcomer_asks_for_a_snapshot_once() {
         let mut old = slicing(1, 5.0);
-        let peer = Peer::new(NodeId(9));
-        old.handle_message(Time::ZERO, peer, samples(&[(10, 1.0), (11, 2.0)], 0));
+        old.handle_message(Time::ZERO, PEER, samples(&[(10, 1.0), (11, 2.0)], 1, 0));
         let mut new = slicing(2, 1.5);
         new.neighbor_up(Peer::new(NodeId(1)));
         new.neighbor_up(Peer::new(NodeId(3)));
-        let asks: Vec<_> = new.drain_transmits().collect();
-        assert_eq!(asks.len(), 1);
+        assert_eq!(sent(&mut new), vec![SlicingMessage::Snapshot]);
         old.handle_message(Time::ZERO, Peer::new(NodeId(2)), SlicingMessage::Snapshot);
-        for (_, answer) in old.drain_transmits().collect::<Vec<_>>() {
+        for answer in sent(&mut old) {
             new.handle_message(Time::ZERO, Peer::new(NodeId(1)), answer);
         }
         assert_eq!(new.known(), 3);
@@ -516,9 +631,53 @@ mod tests {
     }
 
     #[test]
+    fn a_departure_notice_removes_a_value_until_its_owner_speaks_again() {
+        let mut s = slicing(1, 5.0);
+        let gone_node = NodeId(77);
+        let key = node_key(gone_node);
+        s.handle_message(Time::ZERO, PEER, samples(&[(key, 1.0), (10, 9.0)], 3, 0));
+        assert_eq!((s.known(), s.rank()), (2, 1.0 / 3.0));
+        // A neighbour of ours failed: we forget it, and tell others.
+        s.departed(Time::from_secs(1), gone_node);
+        assert_eq!((s.known(), s.rank()), (1, 0.0));
+        s.handle_timeout(Time::from_secs(1), Some(PEER));
+        let notice = Sample {
+            node: key,
+            value: 1.0,
+            version: 4,
+            gone: true,
+            age_ms: 0,
+        };
+        assert!(
+            matches!(&sent(&mut s)[..], [SlicingMessage::Push(news)] if news.contains(&notice))
+        );
+        // Another node's notice for the same emission changes nothing; a new emission of the
+        // node brings it back.
+        s.handle_message(
+            Time::from_secs(2),
+            PEER,
+            SlicingMessage::Answer(vec![notice]),
+        );
+        assert_eq!(s.known(), 1);
+        s.handle_message(Time::from_secs(3), PEER, samples(&[(key, 1.0)], 9, 0));
+        assert_eq!((s.known(), s.rank()), (2, 1.0 / 3.0));
+        // A notice about a node we never knew is not kept.
+        let stranger = Sample {
+            node: 555,
+            ..notice
+        };
+        s.handle_message(
+            Time::from_secs(3),
+            PEER,
+            SlicingMessage::Answer(vec![stranger]),
+        );
+        assert_eq!(s.known(), 2);
+    }
+
+    #[test]
     fn garbage_is_ignored() {
         let mut s = slicing(1, 5.0);
-        s.handle_message(Time::ZERO, Peer::new(NodeId(9)), samples(&[(10, f64::NAN)], 0));
+        s.handle_message(Time::ZERO, PEER, samples(&[(10, f64::NAN)], 1, 0));
         assert_eq!(s.known(), 0);
         s.set_value(Time::ZERO, f64::INFINITY);
         assert_eq!(s.value(), 5.0);

@@ -10,9 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use nubo_proto::aggregation::AggregationConfig;
-use nubo_proto::slicing::SlicingConfig;
 use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
 use nubo_proto::membership::MembershipConfig;
+use nubo_proto::slicing::SlicingConfig;
 use nubo_proto::{Config, Rng};
 
 use crate::engine::{NetworkConfig, NodeIndex, Sim};
@@ -420,7 +420,10 @@ fn check_slicing(sim: &Sim, outcome: &mut Outcome) {
     let mut ranked: Vec<(f64, u64, NodeIndex)> = sim
         .alive()
         .into_iter()
-        .filter_map(|i| sim.node(i).map(|n| (n.slicing().value(), node_key(n.id()), i)))
+        .filter_map(|i| {
+            sim.node(i)
+                .map(|n| (n.slicing().value(), node_key(n.id()), i))
+        })
         .collect();
     ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     let n = ranked.len() as f64;
@@ -428,7 +431,8 @@ fn check_slicing(sim: &Sim, outcome: &mut Outcome) {
         let Some(node) = sim.node(i) else { continue };
         let truth = position as f64 / n;
         let estimate = node.slicing().rank();
-        if (estimate - truth).abs() > 0.1 {
+        // Rumours are probabilistic: allow 10%, or one node's worth in a tiny cloud.
+        if (estimate - truth).abs() > (0.1f64).max(1.0 / (n - 1.0).max(1.0) + 0.01) {
             outcome.violations.push(format!(
                 "node {i} estimates its rank at {estimate:.3}, it is {truth:.3} (knows {} values of {n})",
                 node.slicing().known()

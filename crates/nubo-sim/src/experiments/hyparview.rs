@@ -8,8 +8,8 @@ use clap::Args;
 use nubo_proto::Config;
 use nubo_proto::aggregation::AggregationConfig;
 use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
-use nubo_proto::slicing::SlicingConfig;
 use nubo_proto::membership::MembershipConfig;
+use nubo_proto::slicing::SlicingConfig;
 
 use crate::engine::{NetworkConfig, NodeIndex, Sim};
 use crate::overlay::overlay_health;

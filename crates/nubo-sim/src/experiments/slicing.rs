@@ -81,7 +81,9 @@ pub fn run(args: &SlicingArgs) -> Report {
     let mut history = Vec::with_capacity(args.cycles as usize);
     let churn_per_cycle = args.churn * f64::from(args.nodes);
     let mut churn_debt = 0.0;
-    let mut values: Vec<f64> = (0..sim.len() as NodeIndex).map(|i| value_of(&sim, i)).collect();
+    let mut values: Vec<f64> = (0..sim.len() as NodeIndex)
+        .map(|i| value_of(&sim, i))
+        .collect();
     for _ in 0..args.cycles {
         churn_debt += churn_per_cycle;
         while churn_debt >= 1.0 {
@@ -120,14 +122,19 @@ pub fn run(args: &SlicingArgs) -> Report {
     let last = history.last().copied().unwrap_or_default();
     let last50 = &history[history.len().saturating_sub(50)..];
     let max_last50 = last50.iter().map(|a| a.misreporting).fold(0.0, f64::max);
-    let mean_last50 = last50.iter().map(|a| a.misreporting).sum::<f64>() / last50.len().max(1) as f64;
+    let mean_last50 =
+        last50.iter().map(|a| a.misreporting).sum::<f64>() / last50.len().max(1) as f64;
     let wall = started.elapsed().as_secs_f64();
     let mut report = Report::new(format!(
         "Slicing: {} nodes, {} slices, churn {} per cycle{}, {} cycles (seed {})",
         args.nodes,
         args.slices,
         args.churn,
-        if args.correlated_churn { " (correlated)" } else { "" },
+        if args.correlated_churn {
+            " (correlated)"
+        } else {
+            ""
+        },
         args.cycles,
         args.seed
     ));
@@ -150,7 +157,8 @@ pub fn run(args: &SlicingArgs) -> Report {
         .add(
             "slicing_messages_per_node_per_cycle",
             serde_json::json!(
-                (samples_messages as f64 / sim.len() as f64 / f64::from(args.cycles) * 100.0).round()
+                (samples_messages as f64 / sim.len() as f64 / f64::from(args.cycles) * 100.0)
+                    .round()
                     / 100.0
             ),
         )
@@ -182,7 +190,10 @@ fn accuracy(sim: &Sim, values: &[f64], slices: u32) -> Accuracy {
     let mut ranked: Vec<(f64, u64, NodeIndex)> = sim
         .alive()
         .into_iter()
-        .filter_map(|i| sim.node(i).map(|n| (values[i as usize], node_key(n.id()), i)))
+        .filter_map(|i| {
+            sim.node(i)
+                .map(|n| (values[i as usize], node_key(n.id()), i))
+        })
         .collect();
     ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     let n = ranked.len();
