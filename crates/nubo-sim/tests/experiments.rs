@@ -45,3 +45,48 @@ fn broadcast_survives_the_loss_of_most_nodes() {
     assert!(number(&report, "reliability_avg") >= 0.99, "{report}");
     assert_eq!(number(&report, "dead_links_after"), 0.0, "{report}");
 }
+
+#[test]
+fn aggregation_estimates_the_size_and_survives_a_crash_of_half_the_cloud() {
+    use nubo_sim::experiments::aggregate::{AggregateArgs, run};
+    let args = AggregateArgs {
+        nodes: 300,
+        seed: 2,
+        cycles: 90,
+        epoch_cycles: 30,
+        crash: 0.5,
+        crash_at_cycle: 5,
+        loss: 0.0,
+        churn: 0.0,
+        json: true,
+    };
+    let report = run(&args).to_json();
+    let rho = number(&report, "rho_avg");
+    assert!(rho > 0.2 && rho < 0.4, "{report}");
+    assert!(
+        number(&report, "count_error_p95_after_crash") < 0.05,
+        "{report}"
+    );
+    assert!(number(&report, "count_error_p95") < 0.05, "{report}");
+}
+
+#[test]
+fn slicing_puts_most_nodes_in_their_slice_under_churn() {
+    use nubo_sim::experiments::slicing::{SlicingArgs, run};
+    let args = SlicingArgs {
+        nodes: 400,
+        slices: 10,
+        churn: 0.002,
+        correlated_churn: true,
+        drift: 0.001,
+        cycles: 120,
+        seed: 3,
+        json: true,
+    };
+    let report = run(&args).to_json();
+    assert!(
+        number(&report, "misreporting_mean_last50") < 0.15,
+        "{report}"
+    );
+    assert!(number(&report, "sdm") < 0.3, "{report}");
+}
