@@ -735,7 +735,12 @@ impl Membership {
     fn fail_request(&mut self, now: Time, request: Pending) {
         match request.kind {
             RequestKind::Neighbor => {
-                self.passive.remove(request.peer.id);
+                // Unreachable now, maybe only for now (a partition): keep it among the nodes
+                // to retry with backoff rather than forget it, or a node cut off from
+                // everyone it knows would forget them all and stay alone after healing.
+                if self.passive.remove(request.peer.id).is_some() {
+                    self.remember_lost(now, request.peer);
+                }
                 self.refill(now);
             }
             RequestKind::Reconnect => {}

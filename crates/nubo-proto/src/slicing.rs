@@ -27,6 +27,8 @@ use crate::time::Time;
 
 /// Most samples in one message.
 pub const SAMPLES_MAX: usize = 4096;
+/// Buckets in an anti-entropy digest.
+pub const DIGEST_BUCKETS: usize = 64;
 
 /// One node's attribute value as known somewhere.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -58,20 +60,27 @@ pub fn node_key(id: NodeId) -> u64 {
 pub enum SlicingMessage {
     /// The sender's news; the receiver answers with its own.
     Push(Vec<Sample>),
-    /// News sent in answer to a push or a snapshot request.
+    /// News sent in answer to a push.
     Answer(Vec<Sample>),
-    /// Asks for every value the receiver knows (sent by a node that just joined).
-    Snapshot,
+    /// Anti-entropy: a digest of what the sender knows, [`DIGEST_BUCKETS`] entries of
+    /// (count, XOR of entry hashes), buckets by node key. The receiver answers with what it
+    /// knows in the buckets that differ; an empty digest (a newcomer's) asks for everything.
+    Digest(Vec<(u32, u64)>),
+    /// What the sender knows in the buckets that differed: known, not news, so the receiver
+    /// does not pass it on.
+    Known(Vec<Sample>),
 }
 
 impl SlicingMessage {
     /// Whether the message is well-formed: bounded, finite values.
     pub fn is_within_bounds(&self) -> bool {
         match self {
-            SlicingMessage::Push(samples) | SlicingMessage::Answer(samples) => {
+            SlicingMessage::Push(samples)
+            | SlicingMessage::Answer(samples)
+            | SlicingMessage::Known(samples) => {
                 samples.len() <= SAMPLES_MAX && samples.iter().all(|s| s.value.is_finite())
             }
-            SlicingMessage::Snapshot => true,
+            SlicingMessage::Digest(buckets) => buckets.len() == DIGEST_BUCKETS,
         }
     }
 }
@@ -97,6 +106,9 @@ pub struct SlicingConfig {
     pub samples_max: usize,
     /// A node knowing fewer values than this asks a neighbour for a snapshot.
     pub snapshot_below: usize,
+    /// Period of anti-entropy: a digest to a neighbour, which sends back what differs. This
+    /// repairs what rumours missed (a rumour passed on only a few times can miss a node).
+    pub digest_interval: Duration,
 }
 
 impl Default for SlicingConfig {
@@ -110,6 +122,7 @@ impl Default for SlicingConfig {
             batch_max: 2048,
             samples_max: 100_000,
             snapshot_below: 8,
+            digest_interval: Duration::from_secs(30),
         }
     }
 }
@@ -163,6 +176,7 @@ pub struct Slicing {
     next_cycle: Time,
     next_refresh: Time,
     next_expire: Time,
+    next_digest: Time,
     /// Batches our current emission still goes out in.
     own_left: u8,
     snapshot_asked: bool,
@@ -184,6 +198,7 @@ impl Slicing {
             next_cycle: now,
             next_refresh: now,
             next_expire: now,
+            next_digest: now + config.digest_interval,
             own_left: 0,
             snapshot_asked: false,
             counters: SlicingCounters::default(),
@@ -200,6 +215,11 @@ impl Slicing {
     /// Number of other nodes' values known (departed nodes excluded).
     pub fn known(&self) -> usize {
         self.known.len() - self.gone
+    }
+
+    /// Number of departure notices held.
+    pub fn departed_known(&self) -> usize {
+        self.gone
     }
 
     /// Whether the value of the node with key `node` is known.
@@ -270,7 +290,8 @@ impl Slicing {
         {
             self.snapshot_asked = true;
             self.counters.snapshots += 1;
-            self.transmits.push((peer, SlicingMessage::Snapshot));
+            let empty = vec![(0, 0); DIGEST_BUCKETS];
+            self.transmits.push((peer, SlicingMessage::Digest(empty)));
         }
     }
 
@@ -291,6 +312,22 @@ impl Slicing {
         };
         let batch = self.news(now);
         self.transmits.push((peer, SlicingMessage::Push(batch)));
+        if now >= self.next_digest {
+            self.next_digest = now + self.config.digest_interval;
+            let digest = self.digest().to_vec();
+            self.transmits.push((peer, SlicingMessage::Digest(digest)));
+        }
+    }
+
+    /// Count and XOR of entry hashes per bucket of node keys.
+    fn digest(&self) -> [(u32, u64); DIGEST_BUCKETS] {
+        let mut buckets = [(0u32, 0u64); DIGEST_BUCKETS];
+        for (key, known) in &self.known {
+            let bucket = &mut buckets[bucket_of(*key)];
+            bucket.0 = bucket.0.wrapping_add(1);
+            bucket.1 ^= entry_hash(*key, known);
+        }
+        buckets
     }
 
     /// Takes the news for one batch: our own value while its emission is going out, then the
@@ -342,19 +379,25 @@ impl Slicing {
                     self.transmits.push((from, SlicingMessage::Answer(answer)));
                 }
                 for s in samples {
-                    self.learn(now, s);
+                    self.learn(now, s, true);
                 }
             }
             SlicingMessage::Answer(samples) => {
                 for s in samples {
-                    self.learn(now, s);
+                    self.learn(now, s, true);
                 }
             }
-            SlicingMessage::Snapshot => self.send_snapshot(now, from),
+            SlicingMessage::Known(samples) => {
+                for s in samples {
+                    self.learn(now, s, false);
+                }
+            }
+            SlicingMessage::Digest(theirs) => self.send_differences(now, from, &theirs),
         }
     }
 
-    fn learn(&mut self, now: Time, s: Sample) {
+    /// Files sample `s`; if it is a new emission and `news`, it will be passed on.
+    fn learn(&mut self, now: Time, s: Sample, news: bool) {
         let age = Duration::from_millis(u64::from(s.age_ms));
         if s.node == self.me || age >= self.config.window {
             return;
@@ -392,7 +435,9 @@ impl Slicing {
         };
         self.replace_counts(s.node, previous.as_ref(), Some(&fresh));
         self.counters.learnt += 1;
-        self.queue_news(s, born);
+        if news {
+            self.queue_news(s, born);
+        }
     }
 
     /// A neighbour failed or left: spread a departure notice for it, if we know its value.
@@ -469,17 +514,35 @@ impl Slicing {
         self.gone -= gone;
     }
 
-    fn send_snapshot(&mut self, now: Time, to: Peer) {
+    /// Sends our own value and every entry in the buckets where `theirs` differs from ours.
+    fn send_differences(&mut self, now: Time, to: Peer, theirs: &[(u32, u64)]) {
+        let ours = self.digest();
+        let mut differing = [false; DIGEST_BUCKETS];
+        for (flag, (a, b)) in differing.iter_mut().zip(ours.iter().zip(theirs)) {
+            *flag = a != b;
+        }
         let mut batch = vec![self.own_sample(now)];
         for (key, known) in &self.known {
+            if !differing[bucket_of(*key)] {
+                continue;
+            }
             if batch.len() == SAMPLES_MAX {
                 self.transmits
-                    .push((to, SlicingMessage::Answer(std::mem::take(&mut batch))));
+                    .push((to, SlicingMessage::Known(std::mem::take(&mut batch))));
             }
             batch.push(sample(*key, known, now));
         }
-        self.transmits.push((to, SlicingMessage::Answer(batch)));
+        self.transmits.push((to, SlicingMessage::Known(batch)));
     }
+}
+
+fn bucket_of(key: u64) -> usize {
+    (key % DIGEST_BUCKETS as u64) as usize
+}
+
+fn entry_hash(key: u64, known: &Known) -> u64 {
+    let mut x = key ^ known.version.rotate_left(21) ^ u64::from(known.gone);
+    crate::rng::splitmix64(&mut x)
 }
 
 /// Whether a node with `value` and `key` ranks below one with `mine` and `my_key`.
@@ -621,8 +684,9 @@ mod tests {
         let mut new = slicing(2, 1.5);
         new.neighbor_up(Peer::new(NodeId(1)));
         new.neighbor_up(Peer::new(NodeId(3)));
-        assert_eq!(sent(&mut new), vec![SlicingMessage::Snapshot]);
-        old.handle_message(Time::ZERO, Peer::new(NodeId(2)), SlicingMessage::Snapshot);
+        let ask = SlicingMessage::Digest(vec![(0, 0); DIGEST_BUCKETS]);
+        assert_eq!(sent(&mut new), vec![ask.clone()]);
+        old.handle_message(Time::ZERO, Peer::new(NodeId(2)), ask);
         for answer in sent(&mut old) {
             new.handle_message(Time::ZERO, Peer::new(NodeId(1)), answer);
         }
@@ -672,6 +736,33 @@ mod tests {
             SlicingMessage::Answer(vec![stranger]),
         );
         assert_eq!(s.known(), 2);
+    }
+
+    #[test]
+    fn anti_entropy_sends_only_what_differs() {
+        let mut a = slicing(1, 5.0);
+        let mut b = slicing(2, 6.0);
+        let shared = [(10, 1.0), (11, 2.0), (12, 3.0)];
+        a.handle_message(Time::ZERO, PEER, samples(&shared, 1, 0));
+        b.handle_message(Time::ZERO, PEER, samples(&shared, 1, 0));
+        b.handle_message(Time::ZERO, PEER, samples(&[(13, 4.0)], 1, 0));
+        let digest = SlicingMessage::Digest(a.digest().to_vec());
+        b.handle_message(Time::ZERO, Peer::new(NodeId(1)), digest);
+        let answer = sent(&mut b);
+        let [SlicingMessage::Known(known)] = &answer[..] else {
+            panic!("{answer:?}");
+        };
+        // b's own value and the bucket of node 13 (which holds nothing else here).
+        assert_eq!(known.len(), 2);
+        assert!(known.iter().any(|s| s.node == 13));
+        for message in answer {
+            a.handle_message(Time::ZERO, Peer::new(NodeId(2)), message);
+        }
+        assert_eq!(a.known(), 5);
+        // What anti-entropy brings is not news: nothing to pass on.
+        a.handle_timeout(Time::from_secs(1), Some(PEER));
+        let pushed = sent(&mut a);
+        assert!(matches!(&pushed[..], [SlicingMessage::Push(news), ..] if news.len() == 1 + 3));
     }
 
     #[test]

@@ -73,7 +73,8 @@ impl Message {
             Message::Slicing(m) => match m {
                 SlicingMessage::Push(_) => "slice_push",
                 SlicingMessage::Answer(_) => "slice_answer",
-                SlicingMessage::Snapshot => "slice_snapshot",
+                SlicingMessage::Digest(_) => "slice_digest",
+                SlicingMessage::Known(_) => "slice_known",
             },
         }
     }

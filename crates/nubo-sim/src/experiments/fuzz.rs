@@ -149,6 +149,7 @@ impl Scenario {
                 batch_max: 64 + rng.index(512),
                 samples_max: 10_000,
                 snapshot_below: 1 + rng.index(8),
+                digest_interval: cycle * (5 + rng.below(30) as u32),
             },
         };
         Scenario {
@@ -199,6 +200,7 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
         }
     };
 
+    log(format!("scenario: {scenario:#?}"));
     // Bootstrap: each node joins through one or two nodes already there.
     add_node(&mut sim, &mut rng);
     for i in 1..scenario.nodes {
