@@ -10,6 +10,7 @@
 //! - [`broadcast`]: eager push along an epoch-built tree, lazy repair, anti-entropy;
 //! - [`aggregation`]: push-pull averaging: cloud size, totals, extremes;
 //! - [`slicing`]: each node's rank by an attribute, its slice and top shares;
+//! - [`ring`]: the structured overlay: successors, fingers, lookups of key owners;
 //! - [`node`]: the composition and its driving contract;
 //! - [`wire`]: the versioned, bounded encoding of every message.
 
@@ -18,6 +19,7 @@ pub mod broadcast;
 pub mod id;
 pub mod membership;
 pub mod node;
+pub mod ring;
 pub mod rng;
 pub mod slicing;
 pub mod time;

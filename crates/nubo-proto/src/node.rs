@@ -8,6 +8,7 @@ use crate::aggregation::{Aggregation, AggregationConfig, CloudStats, Resources};
 use crate::broadcast::{Broadcast, BroadcastConfig, BroadcastError, Delivery, MessageId};
 use crate::id::{NodeId, Peer};
 use crate::membership::{Membership, MembershipConfig, MembershipEvent};
+use crate::ring::{LookupResult, Position, Ring, RingConfig};
 use crate::rng::Rng;
 use crate::slicing::{Slicing, SlicingConfig};
 use crate::time::Time;
@@ -24,6 +25,8 @@ pub struct Config {
     pub aggregation: AggregationConfig,
     /// Ordered slicing.
     pub slicing: SlicingConfig,
+    /// The structured overlay.
+    pub ring: RingConfig,
 }
 
 /// A message the driver must send.
@@ -44,6 +47,8 @@ pub enum Event {
     NeighborDown(Peer),
     /// A broadcast reached this node (exactly once per message id while it is remembered).
     Delivered(Delivery),
+    /// A lookup started with [`Node::lookup`] ended (with no replicas if it failed).
+    Lookup(LookupResult),
 }
 
 /// One node's protocol state: the deterministic core of nubo.
@@ -68,6 +73,7 @@ pub struct Node {
     broadcast: Broadcast,
     aggregation: Aggregation,
     slicing: Slicing,
+    ring: Ring,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
 }
@@ -82,6 +88,7 @@ impl Node {
             broadcast: Broadcast::new(me, config.broadcast, rng.fork(), now),
             aggregation: Aggregation::new(me, config.aggregation, rng.fork(), now),
             slicing: Slicing::new(me.id, config.slicing, now),
+            ring: Ring::new(me, config.ring, rng.fork(), now),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -133,6 +140,20 @@ impl Node {
         self.slicing.set_value(now, value);
     }
 
+    /// The structured overlay, for inspection.
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// Starts finding the owner (and replicas) of ring position `key`; the result comes as
+    /// an [`Event::Lookup`] carrying `tag`. Returns false when too many lookups are in
+    /// progress.
+    pub fn lookup(&mut self, now: Time, key: Position, tag: u64) -> bool {
+        let started = self.ring.lookup(now, key, tag);
+        self.flush(now);
+        started
+    }
+
     /// Joins the overlay through one of `contacts`.
     pub fn join(&mut self, now: Time, contacts: &[Peer]) {
         self.membership.join(now, contacts);
@@ -163,6 +184,7 @@ impl Node {
             Message::Broadcast(m) => self.broadcast.handle_message(now, from, m),
             Message::Aggregation(m) => self.aggregation.handle_message(now, from, m),
             Message::Slicing(m) => self.slicing.handle_message(now, from, m),
+            Message::Ring(m) => self.ring.handle_message(now, from, m),
         }
         self.flush(now);
     }
@@ -171,6 +193,7 @@ impl Node {
     pub fn handle_peer_down(&mut self, now: Time, peer: NodeId) {
         self.membership.handle_peer_down(now, peer);
         self.aggregation.peer_down(peer);
+        self.ring.peer_down(now, peer);
         self.flush(now);
     }
 
@@ -185,6 +208,10 @@ impl Node {
         if self.aggregation.poll_timeout() <= now {
             let peer = self.membership.random_peer();
             self.aggregation.handle_timeout(now, peer);
+        }
+        if self.ring.poll_timeout() <= now {
+            let random = self.membership.random_peer();
+            self.ring.handle_timeout(now, random);
         }
         if self.slicing.poll_timeout() <= now {
             // Each value goes out only a few times: spend them on live neighbours.
@@ -201,6 +228,7 @@ impl Node {
             .min(self.broadcast.poll_timeout())
             .min(self.aggregation.poll_timeout())
             .min(self.slicing.poll_timeout())
+            .min(self.ring.poll_timeout())
     }
 
     /// The next message to send.
@@ -221,6 +249,7 @@ impl Node {
                 MembershipEvent::NeighborUp(peer) => {
                     self.broadcast.neighbor_up(peer);
                     self.slicing.neighbor_up(peer);
+                    self.ring.hear(now, peer);
                     self.events.push_back(Event::NeighborUp(peer));
                 }
                 MembershipEvent::NeighborDown(peer) => {
@@ -251,6 +280,13 @@ impl Node {
                 to,
                 message: Message::Slicing(m),
             }));
+        self.transmits
+            .extend(self.ring.drain_transmits().map(|(to, m)| Transmit {
+                to,
+                message: Message::Ring(m),
+            }));
+        self.events
+            .extend(self.ring.drain_results().map(Event::Lookup));
         for transmit in self.transmits.range(before..) {
             self.membership.sent_to(now, transmit.to.id);
         }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::aggregation::AggregationMessage;
 use crate::broadcast::{BroadcastMessage, TreeMessage};
 use crate::membership::MembershipMessage;
+use crate::ring::RingMessage;
 use crate::slicing::SlicingMessage;
 
 /// Version of the wire format; a peer speaking another version is refused.
@@ -28,6 +29,8 @@ pub enum Message {
     Aggregation(AggregationMessage),
     /// Ordered slicing (attribute samples).
     Slicing(SlicingMessage),
+    /// The structured overlay (views and lookups).
+    Ring(RingMessage),
 }
 
 impl Message {
@@ -38,6 +41,7 @@ impl Message {
             Message::Broadcast(m) => m.is_within_bounds(),
             Message::Aggregation(m) => m.is_within_bounds(),
             Message::Slicing(m) => m.is_within_bounds(),
+            Message::Ring(m) => m.is_within_bounds(),
         }
     }
 
@@ -75,6 +79,11 @@ impl Message {
                 SlicingMessage::Answer(_) => "slice_answer",
                 SlicingMessage::Digest(_) => "slice_digest",
                 SlicingMessage::Known(_) => "slice_known",
+            },
+            Message::Ring(m) => match m {
+                RingMessage::View { .. } => "ring_view",
+                RingMessage::Lookup { .. } => "ring_lookup",
+                RingMessage::Found { .. } => "ring_found",
             },
         }
     }

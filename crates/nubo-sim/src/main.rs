@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-use nubo_sim::experiments::{aggregate, fuzz, hyparview, slicing};
+use nubo_sim::experiments::{aggregate, fuzz, hyparview, ring, slicing};
 
 /// Deterministic simulator of a nubo cloud. Every run is reproducible from its --seed.
 #[derive(Parser)]
@@ -27,6 +27,10 @@ enum Command {
     ///
     /// Example: nubo-sim slicing --nodes 10000 --slices 20 --churn 0.001 --cycles 200 --json
     Slicing(slicing::SlicingArgs),
+    /// Build the ring from a random overlay: cycles until every successor and finger is right.
+    ///
+    /// Example: nubo-sim ring --nodes 65536 --seed 1 --json
+    Ring(ring::RingArgs),
     /// Randomized runs with faults and invariant checks; every option derives from the seed.
     ///
     /// Example: nubo-sim fuzz --seed 1 --runs 100
@@ -40,6 +44,7 @@ fn main() -> ExitCode {
         Command::Hyparview(args) => hyparview::run(&args).print(args.json),
         Command::Aggregate(args) => aggregate::run(&args).print(args.json),
         Command::Slicing(args) => slicing::run(&args).print(args.json),
+        Command::Ring(args) => ring::run(&args).print(args.json),
         Command::Fuzz(args) => {
             let (report, passed) = fuzz::run(&args);
             report.print(args.json);

@@ -90,3 +90,17 @@ fn slicing_puts_most_nodes_in_their_slice_under_churn() {
     );
     assert!(number(&report, "sdm") < 0.3, "{report}");
 }
+
+#[test]
+fn ring_forms_from_a_random_overlay() {
+    use nubo_sim::experiments::ring::{RingArgs, run};
+    let args = RingArgs {
+        nodes: 256,
+        seed: 2,
+        successors: 4,
+        cycles_max: 60,
+        json: true,
+    };
+    let report = run(&args).to_json();
+    assert!(report["cycles_to_ring"].is_u64(), "{report}");
+}

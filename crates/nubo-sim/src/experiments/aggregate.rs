@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use nubo_proto::aggregation::AggregationConfig;
+use nubo_proto::ring::RingConfig;
 use nubo_proto::slicing::SlicingConfig;
 use nubo_proto::{Config, Time};
 
@@ -68,6 +69,10 @@ pub fn run(args: &AggregateArgs) -> Report {
         slicing: SlicingConfig {
             enabled: false,
             ..SlicingConfig::default()
+        },
+        ring: RingConfig {
+            enabled: false,
+            ..RingConfig::default()
         },
         ..Config::default()
     };

@@ -12,10 +12,12 @@ use clap::{Args, ValueEnum};
 use nubo_proto::aggregation::AggregationConfig;
 use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
 use nubo_proto::membership::MembershipConfig;
+use nubo_proto::ring::RingConfig;
 use nubo_proto::slicing::SlicingConfig;
 use nubo_proto::{Config, Rng};
 
 use crate::engine::{NetworkConfig, NodeIndex, Sim};
+use crate::experiments::ring::ring_quality;
 use crate::overlay::overlay_health;
 use crate::report::Report;
 use crate::tracker::BroadcastTracker;
@@ -150,6 +152,17 @@ impl Scenario {
                 samples_max: 10_000,
                 snapshot_below: 1 + rng.index(8),
                 digest_interval: cycle * (5 + rng.below(30) as u32),
+            },
+            ring: RingConfig {
+                enabled: true,
+                successors: 3 + rng.index(6),
+                interval: cycle,
+                stale_after: cycle * (10 + rng.below(20) as u32),
+                dead_for: cycle * (5 + rng.below(30) as u32),
+                lookup_timeout: latency_max * 40,
+                lookup_attempts: 4,
+                lookups_max: 1024,
+                hops_max: 64,
             },
         };
         Scenario {
@@ -299,6 +312,7 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
     sim.run_for(epoch, &mut tracker);
     check_aggregation(&sim, &mut outcome);
     check_slicing(&sim, &mut outcome);
+    check_ring(&sim, scenario.config.ring.successors, &mut outcome);
     for record in &tracker.records[..first_after_heal] {
         if record.delivered_by.iter().any(|i| sim.is_alive(*i)) {
             let missing = alive
@@ -442,6 +456,44 @@ fn check_slicing(sim: &Sim, outcome: &mut Outcome) {
             return;
         }
     }
+}
+
+/// After healing: every live node's first successor is the next live node on the ring, so
+/// successor pointers form one ring of all live nodes.
+fn check_ring(sim: &Sim, successors: usize, outcome: &mut Outcome) {
+    let quality = ring_quality(sim, successors);
+    if quality.successors_right == quality.alive {
+        return;
+    }
+    let mut alive: Vec<(u128, NodeIndex)> = sim
+        .alive()
+        .into_iter()
+        .map(|i| (sim.peer(i).id.0, i))
+        .collect();
+    alive.sort_unstable();
+    let index_of = |p: nubo_proto::Peer| sim.index_of(p.id);
+    let example = alive.iter().enumerate().find_map(|(at, &(_, i))| {
+        let expected = alive[(at + 1) % alive.len()].1;
+        let node = sim.node(i)?;
+        let known: Vec<_> = node.ring().successors().map(index_of).collect();
+        (known.first().copied().flatten() != Some(expected)).then(|| {
+            format!(
+                "node {i} has successors {known:?}, expected {expected}; view {:?}",
+                node.ring()
+                    .view(sim.now())
+                    .iter()
+                    .map(|e| (index_of(e.peer), e.age_ms))
+                    .collect::<Vec<_>>()
+            )
+        })
+    });
+    outcome.violations.push(format!(
+        "after healing only {} of {} live nodes have the right successor ({} the right list); {}",
+        quality.successors_right,
+        quality.alive,
+        quality.lists_right,
+        example.unwrap_or_default()
+    ));
 }
 
 fn broadcast_from_random(sim: &mut Sim, rng: &mut Rng, tracker: &mut BroadcastTracker) {

@@ -9,6 +9,7 @@ use nubo_proto::Config;
 use nubo_proto::aggregation::AggregationConfig;
 use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
 use nubo_proto::membership::MembershipConfig;
+use nubo_proto::ring::RingConfig;
 use nubo_proto::slicing::SlicingConfig;
 
 use crate::engine::{NetworkConfig, NodeIndex, Sim};
@@ -93,6 +94,10 @@ pub fn experiment_config(args: &HyparviewArgs, cycle: Duration) -> Config {
         slicing: SlicingConfig {
             enabled: false,
             ..SlicingConfig::default()
+        },
+        ring: RingConfig {
+            enabled: false,
+            ..RingConfig::default()
         },
     }
 }

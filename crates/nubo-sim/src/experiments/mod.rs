@@ -3,4 +3,5 @@
 pub mod aggregate;
 pub mod fuzz;
 pub mod hyparview;
+pub mod ring;
 pub mod slicing;

@@ -7,6 +7,7 @@ use clap::Args;
 use nubo_proto::Config;
 use nubo_proto::aggregation::AggregationConfig;
 use nubo_proto::broadcast::BroadcastConfig;
+use nubo_proto::ring::RingConfig;
 use nubo_proto::slicing::{SlicingConfig, node_key};
 
 use crate::engine::{NetworkConfig, NoObserver, NodeIndex, Sim};
@@ -67,6 +68,10 @@ pub fn run(args: &SlicingArgs) -> Report {
             ..AggregationConfig::default()
         },
         slicing: SlicingConfig::default(),
+        ring: RingConfig {
+            enabled: false,
+            ..RingConfig::default()
+        },
     };
     let mut sim = Sim::new(args.seed, config, NetworkConfig::default());
     let mut rng = sim.rng().fork();
