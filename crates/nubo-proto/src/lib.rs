@@ -11,12 +11,16 @@
 //! - [`aggregation`]: push-pull averaging: cloud size, totals, extremes;
 //! - [`slicing`]: each node's rank by an attribute, its slice and top shares;
 //! - [`ring`]: the structured overlay: successors, fingers, lookups of key owners;
+//! - [`kv`]: the replicated key-value store on the ring's replicas;
+//! - [`blob`]: content-addressed chunked blobs stored in the key-value store;
 //! - [`node`]: the composition and its driving contract;
 //! - [`wire`]: the versioned, bounded encoding of every message.
 
 pub mod aggregation;
+pub mod blob;
 pub mod broadcast;
 pub mod id;
+pub mod kv;
 pub mod membership;
 pub mod node;
 pub mod ring;

@@ -276,6 +276,11 @@ impl Membership {
         &self.passive
     }
 
+    /// Neighbours lost to failure and waiting to be retried.
+    pub fn lost(&self) -> impl Iterator<Item = Peer> + '_ {
+        self.lost.iter().map(|l| l.peer)
+    }
+
     /// A node chosen uniformly from both views: a random sample of the cloud for protocols
     /// that talk to random peers (the passive view is refreshed by shuffles).
     pub fn random_peer(&mut self) -> Option<Peer> {
@@ -666,7 +671,10 @@ impl Membership {
             else {
                 break;
             };
-            let priority = if self.active.is_empty() {
+            // A node with one neighbour or none asks with high priority: with low priority, two
+            // nodes linked only to each other stay a separate island for good once every other
+            // node's active view is full (as happens after a partition of a small cloud).
+            let priority = if self.active.len() <= 1 {
                 Priority::High
             } else {
                 Priority::Low

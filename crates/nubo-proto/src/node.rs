@@ -7,8 +7,9 @@ use bytes::Bytes;
 use crate::aggregation::{Aggregation, AggregationConfig, CloudStats, Resources};
 use crate::broadcast::{Broadcast, BroadcastConfig, BroadcastError, Delivery, MessageId};
 use crate::id::{NodeId, Peer};
+use crate::kv::{Kv, KvConfig, KvError, KvOutcome};
 use crate::membership::{Membership, MembershipConfig, MembershipEvent};
-use crate::ring::{LookupResult, Position, Ring, RingConfig};
+use crate::ring::{LookupPurpose, LookupResult, Position, Ring, RingConfig};
 use crate::rng::Rng;
 use crate::slicing::{Slicing, SlicingConfig};
 use crate::time::Time;
@@ -27,7 +28,12 @@ pub struct Config {
     pub slicing: SlicingConfig,
     /// The structured overlay.
     pub ring: RingConfig,
+    /// The replicated key-value store.
+    pub kv: KvConfig,
 }
+
+/// Lookup tags with this bit set belong to the key-value store.
+const KV_LOOKUP: u64 = 1 << 63;
 
 /// A message the driver must send.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,6 +55,8 @@ pub enum Event {
     Delivered(Delivery),
     /// A lookup started with [`Node::lookup`] ended (with no replicas if it failed).
     Lookup(LookupResult),
+    /// A key-value operation started with [`Node::kv_put`] or [`Node::kv_get`] ended.
+    Kv(KvOutcome),
 }
 
 /// One node's protocol state: the deterministic core of nubo.
@@ -74,6 +82,7 @@ pub struct Node {
     aggregation: Aggregation,
     slicing: Slicing,
     ring: Ring,
+    kv: Kv,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
 }
@@ -89,6 +98,7 @@ impl Node {
             aggregation: Aggregation::new(me, config.aggregation, rng.fork(), now),
             slicing: Slicing::new(me.id, config.slicing, now),
             ring: Ring::new(me, config.ring, rng.fork(), now),
+            kv: Kv::new(me, config.kv, now),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -147,9 +157,38 @@ impl Node {
 
     /// Starts finding the owner (and replicas) of ring position `key`; the result comes as
     /// an [`Event::Lookup`] carrying `tag`. Returns false when too many lookups are in
-    /// progress.
+    /// progress, or when `tag` has its top bit set (reserved).
     pub fn lookup(&mut self, now: Time, key: Position, tag: u64) -> bool {
+        if tag & KV_LOOKUP != 0 {
+            return false;
+        }
         let started = self.ring.lookup(now, key, tag);
+        self.flush(now);
+        started
+    }
+
+    /// The key-value store's part on this node, for inspection.
+    pub fn kv(&self) -> &Kv {
+        &self.kv
+    }
+
+    /// Starts writing `value` under `key` (`None` deletes it); the outcome comes as an
+    /// [`Event::Kv`] carrying `tag`.
+    pub fn kv_put(
+        &mut self,
+        now: Time,
+        key: Bytes,
+        value: Option<Bytes>,
+        tag: u64,
+    ) -> Result<(), KvError> {
+        let started = self.kv.put(now, key, value, tag);
+        self.flush(now);
+        started
+    }
+
+    /// Starts reading `key`; the outcome comes as an [`Event::Kv`] carrying `tag`.
+    pub fn kv_get(&mut self, now: Time, key: Bytes, tag: u64) -> Result<(), KvError> {
+        let started = self.kv.get(now, key, tag);
         self.flush(now);
         started
     }
@@ -185,6 +224,7 @@ impl Node {
             Message::Aggregation(m) => self.aggregation.handle_message(now, from, m),
             Message::Slicing(m) => self.slicing.handle_message(now, from, m),
             Message::Ring(m) => self.ring.handle_message(now, from, m),
+            Message::Kv(m) => self.kv.handle_message(now, from, m),
         }
         self.flush(now);
     }
@@ -194,6 +234,7 @@ impl Node {
         self.membership.handle_peer_down(now, peer);
         self.aggregation.peer_down(peer);
         self.ring.peer_down(now, peer);
+        self.kv.peer_down(now, peer);
         self.flush(now);
     }
 
@@ -213,6 +254,9 @@ impl Node {
             let random = self.membership.random_peer();
             self.ring.handle_timeout(now, random);
         }
+        if self.kv.poll_timeout() <= now {
+            self.kv.handle_timeout(now, &self.ring);
+        }
         if self.slicing.poll_timeout() <= now {
             // Each value goes out only a few times: spend them on live neighbours.
             let peer = self.membership.random_neighbor();
@@ -229,6 +273,7 @@ impl Node {
             .min(self.aggregation.poll_timeout())
             .min(self.slicing.poll_timeout())
             .min(self.ring.poll_timeout())
+            .min(self.kv.poll_timeout())
     }
 
     /// The next message to send.
@@ -280,13 +325,40 @@ impl Node {
                 to,
                 message: Message::Slicing(m),
             }));
+        // Lookups of the key-value store go to the ring; their results come back to it, and
+        // answering them locally may start more lookups.
+        loop {
+            let lookups: Vec<(u64, Position)> = self.kv.drain_lookups().collect();
+            for (op, position) in &lookups {
+                if !self.ring.lookup(now, *position, KV_LOOKUP | op) {
+                    self.kv.on_lookup(now, *op, &[], 0);
+                }
+            }
+            let results: Vec<LookupResult> = self.ring.drain_results().collect();
+            if lookups.is_empty() && results.is_empty() {
+                break;
+            }
+            for result in results {
+                match result.purpose {
+                    LookupPurpose::External(tag) if tag & KV_LOOKUP != 0 => {
+                        self.kv
+                            .on_lookup(now, tag & !KV_LOOKUP, &result.replicas, result.hops);
+                    }
+                    _ => self.events.push_back(Event::Lookup(result)),
+                }
+            }
+        }
         self.transmits
             .extend(self.ring.drain_transmits().map(|(to, m)| Transmit {
                 to,
                 message: Message::Ring(m),
             }));
-        self.events
-            .extend(self.ring.drain_results().map(Event::Lookup));
+        self.transmits
+            .extend(self.kv.drain_transmits().map(|(to, m)| Transmit {
+                to,
+                message: Message::Kv(m),
+            }));
+        self.events.extend(self.kv.drain_outcomes().map(Event::Kv));
         for transmit in self.transmits.range(before..) {
             self.membership.sent_to(now, transmit.to.id);
         }

@@ -224,6 +224,7 @@ pub struct Ring {
     counters: RingCounters,
     transmits: Vec<(Peer, RingMessage)>,
     results: Vec<LookupResult>,
+    rng: Rng,
 }
 
 impl Ring {
@@ -244,6 +245,7 @@ impl Ring {
             counters: RingCounters::default(),
             transmits: Vec::new(),
             results: Vec::new(),
+            rng,
             config,
         }
     }
@@ -285,6 +287,19 @@ impl Ring {
             .filter(|p| distance(key, p.peer.id.0) < mine)
             .count();
         before < replicas
+    }
+
+    /// The first `count` nodes at or after `key` that this node knows (itself included): the
+    /// key's replicas, exact for keys close behind this node once its lists are right.
+    pub fn replicas_of(&self, key: Position, count: usize) -> Vec<Peer> {
+        let mut known: Vec<Peer> = core::iter::once(self.me)
+            .chain(self.successors())
+            .chain(self.predecessors())
+            .collect();
+        known.sort_by_key(|p| distance(key, p.id.0));
+        known.dedup_by_key(|p| p.id);
+        known.truncate(count);
+        known
     }
 
     /// Messages to send.
@@ -359,6 +374,28 @@ impl Ring {
                     answer: false,
                 },
             ));
+        }
+        // T-Man: one of the nodes closest to us, whose lists overlap ours the most.
+        let close = self.successors.len() + self.predecessors.len();
+        if close > 1 {
+            let pick = self.rng.index(close);
+            let peer = self
+                .successors
+                .iter()
+                .chain(&self.predecessors)
+                .nth(pick)
+                .map(|k| k.peer);
+            if let Some(peer) =
+                peer.filter(|p| Some(p.id) != self.successors.first().map(|k| k.peer.id))
+            {
+                self.transmits.push((
+                    peer,
+                    RingMessage::View {
+                        entries: view.clone(),
+                        answer: false,
+                    },
+                ));
+            }
         }
         if let Some(random) = random.filter(|p| p.id != self.me.id) {
             self.transmits.push((

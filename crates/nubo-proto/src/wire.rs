@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregation::AggregationMessage;
 use crate::broadcast::{BroadcastMessage, TreeMessage};
+use crate::kv::KvMessage;
 use crate::membership::MembershipMessage;
 use crate::ring::RingMessage;
 use crate::slicing::SlicingMessage;
@@ -31,6 +32,8 @@ pub enum Message {
     Slicing(SlicingMessage),
     /// The structured overlay (views and lookups).
     Ring(RingMessage),
+    /// The replicated key-value store.
+    Kv(KvMessage),
 }
 
 impl Message {
@@ -42,6 +45,7 @@ impl Message {
             Message::Aggregation(m) => m.is_within_bounds(),
             Message::Slicing(m) => m.is_within_bounds(),
             Message::Ring(m) => m.is_within_bounds(),
+            Message::Kv(m) => m.is_within_bounds(),
         }
     }
 
@@ -84,6 +88,17 @@ impl Message {
                 RingMessage::View { .. } => "ring_view",
                 RingMessage::Lookup { .. } => "ring_lookup",
                 RingMessage::Found { .. } => "ring_found",
+            },
+            Message::Kv(m) => match m {
+                KvMessage::Put { .. } => "kv_put",
+                KvMessage::PutAck { .. } => "kv_put_ack",
+                KvMessage::Get { .. } => "kv_get",
+                KvMessage::GetReply { .. } => "kv_get_reply",
+                KvMessage::Digest { .. } => "kv_digest",
+                KvMessage::Keys { .. } => "kv_keys",
+                KvMessage::Want(_) => "kv_want",
+                KvMessage::Records { .. } => "kv_records",
+                KvMessage::Stored(_) => "kv_stored",
             },
         }
     }

@@ -57,6 +57,18 @@ pub trait Observer {
     fn on_receive(&mut self, _now: Time, _from: NodeIndex, _to: NodeIndex, _message: &Message) {}
 }
 
+/// Two observers, each seeing everything.
+impl<A: Observer, B: Observer> Observer for (A, B) {
+    fn on_event(&mut self, now: Time, node: NodeIndex, event: &Event) {
+        self.0.on_event(now, node, event);
+        self.1.on_event(now, node, event);
+    }
+    fn on_receive(&mut self, now: Time, from: NodeIndex, to: NodeIndex, message: &Message) {
+        self.0.on_receive(now, from, to, message);
+        self.1.on_receive(now, from, to, message);
+    }
+}
+
 /// An observer that looks at nothing.
 pub struct NoObserver;
 impl Observer for NoObserver {}
@@ -252,6 +264,58 @@ impl Sim {
         let id = node.broadcast(now, payload).ok()?;
         self.after_step(i, observer);
         Some(id)
+    }
+
+    /// Starts a key-value write (`None` deletes) on machine `i`; false if it is down or refused.
+    pub fn kv_put(
+        &mut self,
+        i: NodeIndex,
+        key: bytes::Bytes,
+        value: Option<bytes::Bytes>,
+        tag: u64,
+        observer: &mut impl Observer,
+    ) -> bool {
+        let now = self.now;
+        let Some(node) = self.slots[i as usize].node.as_mut() else {
+            return false;
+        };
+        let started = node.kv_put(now, key, value, tag).is_ok();
+        self.after_step(i, observer);
+        started
+    }
+
+    /// Starts a key-value read on machine `i`; false if it is down or refused.
+    pub fn kv_get(
+        &mut self,
+        i: NodeIndex,
+        key: bytes::Bytes,
+        tag: u64,
+        observer: &mut impl Observer,
+    ) -> bool {
+        let now = self.now;
+        let Some(node) = self.slots[i as usize].node.as_mut() else {
+            return false;
+        };
+        let started = node.kv_get(now, key, tag).is_ok();
+        self.after_step(i, observer);
+        started
+    }
+
+    /// Starts a ring lookup of `key` on machine `i`; false if it is down or refused.
+    pub fn lookup(
+        &mut self,
+        i: NodeIndex,
+        key: nubo_proto::ring::Position,
+        tag: u64,
+        observer: &mut impl Observer,
+    ) -> bool {
+        let now = self.now;
+        let Some(node) = self.slots[i as usize].node.as_mut() else {
+            return false;
+        };
+        let started = node.lookup(now, key, tag);
+        self.after_step(i, observer);
+        started
     }
 
     /// Machine `i` leaves gracefully and stops.

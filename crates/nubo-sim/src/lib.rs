@@ -6,6 +6,7 @@
 
 pub mod engine;
 pub mod experiments;
+pub mod kv_tracker;
 pub mod overlay;
 pub mod queue;
 pub mod report;

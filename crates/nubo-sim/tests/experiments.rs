@@ -99,6 +99,7 @@ fn ring_forms_from_a_random_overlay() {
         seed: 2,
         successors: 4,
         cycles_max: 60,
+        verbose: false,
         json: true,
     };
     let report = run(&args).to_json();

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use nubo_proto::aggregation::AggregationConfig;
+use nubo_proto::kv::KvConfig;
 use nubo_proto::ring::RingConfig;
 use nubo_proto::slicing::SlicingConfig;
 use nubo_proto::{Config, Time};
@@ -73,6 +74,10 @@ pub fn run(args: &AggregateArgs) -> Report {
         ring: RingConfig {
             enabled: false,
             ..RingConfig::default()
+        },
+        kv: KvConfig {
+            enabled: false,
+            ..KvConfig::default()
         },
         ..Config::default()
     };

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use nubo_proto::aggregation::AggregationConfig;
 use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
+use nubo_proto::kv::{KvConfig, KvValue};
 use nubo_proto::membership::MembershipConfig;
 use nubo_proto::ring::RingConfig;
 use nubo_proto::slicing::SlicingConfig;
@@ -18,6 +19,7 @@ use nubo_proto::{Config, Rng};
 
 use crate::engine::{NetworkConfig, NodeIndex, Sim};
 use crate::experiments::ring::ring_quality;
+use crate::kv_tracker::KvTracker;
 use crate::overlay::overlay_health;
 use crate::report::Report;
 use crate::tracker::BroadcastTracker;
@@ -103,6 +105,9 @@ impl Scenario {
         } else {
             rng.unit() * 0.05
         };
+        let successors = 3 + rng.index(6);
+        let replicas = 1 + rng.index(4.min(successors + 1));
+        let write_quorum = 1 + rng.index(replicas);
         let config = Config {
             membership: MembershipConfig {
                 active_max,
@@ -155,7 +160,7 @@ impl Scenario {
             },
             ring: RingConfig {
                 enabled: true,
-                successors: 3 + rng.index(6),
+                successors,
                 interval: cycle,
                 stale_after: cycle * (10 + rng.below(20) as u32),
                 dead_for: cycle * (5 + rng.below(30) as u32),
@@ -163,6 +168,23 @@ impl Scenario {
                 lookup_attempts: 4,
                 lookups_max: 1024,
                 hops_max: 64,
+            },
+            kv: KvConfig {
+                enabled: true,
+                replicas,
+                write_quorum,
+                // Reads see acknowledged writes: W + R > r.
+                read_quorum: replicas + 1 - write_quorum,
+                op_timeout: latency_max * 60 + cycle,
+                op_attempts: 3,
+                ops_max: 256,
+                sync_interval: cycle * (2 + rng.below(8) as u32),
+                sync_buckets: 1 + rng.index(64),
+                handoff_scan: 1 + rng.index(64),
+                tombstone_ttl: Duration::from_secs(3600),
+                budget_bytes: if rng.chance(0.2) { 600 } else { 1 << 24 },
+                key_max: 64,
+                value_max: 256,
             },
         };
         Scenario {
@@ -195,6 +217,8 @@ pub struct Outcome {
     pub broadcasts: usize,
     /// Simulated events.
     pub events: u64,
+    /// Key-value operations that ended.
+    pub kv_ops: usize,
 }
 
 /// Runs one scenario to the end and reports every violated invariant.
@@ -205,7 +229,7 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
         scenario.config.clone(),
         scenario.network.clone(),
     );
-    let mut tracker = BroadcastTracker::new(true);
+    let mut obs = (BroadcastTracker::new(true), KvTracker::default());
     let mut rng = Rng::from_seed(scenario.seed ^ 0xFA17);
     let log = |msg: String| {
         if verbose {
@@ -217,18 +241,15 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
     // Bootstrap: each node joins through one or two nodes already there.
     add_node(&mut sim, &mut rng);
     for i in 1..scenario.nodes {
-        sim.run_for(Duration::from_millis(rng.below(200)), &mut tracker);
+        sim.run_for(Duration::from_millis(rng.below(200)), &mut obs);
         let node = add_node(&mut sim, &mut rng);
         let contacts = [
             rng.below(u64::from(i)) as NodeIndex,
             rng.below(u64::from(i)) as NodeIndex,
         ];
-        sim.join(node, &contacts, &mut tracker);
+        sim.join(node, &contacts, &mut obs.0);
     }
-    sim.run_for(
-        scenario.config.membership.shuffle_interval * 10,
-        &mut tracker,
-    );
+    sim.run_for(scenario.config.membership.shuffle_interval * 10, &mut obs);
 
     // Safety phase: faults and broadcasts, invariants checked all along.
     let end = sim.now() + scenario.safety;
@@ -237,28 +258,59 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
         let step_end = (sim.now() + gap).min(end);
         while sim.now() < step_end {
             let next = (sim.now() + Duration::from_millis(250)).min(step_end);
-            sim.run_until(next, &mut tracker);
-            check_safety(&sim, &tracker, &mut outcome);
+            sim.run_until(next, &mut obs);
+            check_safety(&sim, &obs.0, &mut outcome);
             if !outcome.violations.is_empty() {
                 return finish(outcome, &sim);
             }
         }
-        if let Some(fault) = inject_fault(&mut sim, &mut rng, &mut tracker, scenario) {
+        if let Some(fault) = inject_fault(&mut sim, &mut rng, &mut obs.0, scenario) {
             outcome.faults += 1;
             log(format!("{} {fault}", sim.now()));
         }
         if rng.chance(0.7) {
-            broadcast_from_random(&mut sim, &mut rng, &mut tracker);
+            broadcast_from_random(&mut sim, &mut rng, &mut obs.0);
+        }
+        for _ in 0..rng.below(4) {
+            kv_op_from_random(&mut sim, &mut rng, &mut obs);
         }
     }
+    // Writes acknowledged so far whose version some live node still holds must survive.
+    let durable: Vec<(Bytes, nubo_proto::kv::Version)> = obs
+        .1
+        .acked
+        .iter()
+        .filter(|(key, version)| {
+            sim.alive().into_iter().any(|i| {
+                sim.node(i)
+                    .and_then(|n| n.kv().store().version(key))
+                    .is_some_and(|v| v >= **version)
+            })
+        })
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
 
     // Liveness phase: heal everything, wait, then everything must have converged.
     sim.heal();
     sim.set_loss(0.0);
     log(format!("{} heal", sim.now()));
-    sim.run_for(scenario.settle, &mut tracker);
-    check_safety(&sim, &tracker, &mut outcome);
+    sim.run_for(scenario.settle, &mut obs);
+    check_safety(&sim, &obs.0, &mut outcome);
     let health = overlay_health(&sim);
+    if verbose {
+        for i in sim.alive() {
+            let Some(m) = sim.node(i).map(|n| n.membership()) else {
+                continue;
+            };
+            let idx = |id| sim.index_of(id);
+            log(format!(
+                "node {i}: active {:?} passive {:?} lost {:?}",
+                m.active().ids().map(idx).collect::<Vec<_>>(),
+                m.passive().ids().map(idx).collect::<Vec<_>>(),
+                m.lost().map(|p| idx(p.id)).collect::<Vec<_>>()
+            ));
+        }
+    }
     if health.components > 1 || health.isolated > 0 {
         outcome.violations.push(format!(
             "overlay not connected after healing: {} components, {} isolated of {} nodes",
@@ -278,17 +330,17 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
         ));
     }
     // Broadcasts sent after healing reach every live node.
-    let first_after_heal = tracker.records.len();
+    let first_after_heal = obs.0.records.len();
     for _ in 0..5 {
-        broadcast_from_random(&mut sim, &mut rng, &mut tracker);
-        sim.run_for(Duration::from_millis(100), &mut tracker);
+        broadcast_from_random(&mut sim, &mut rng, &mut obs.0);
+        sim.run_for(Duration::from_millis(100), &mut obs);
     }
     sim.run_for(
         scenario.config.broadcast.graft_timeout * 4 + Duration::from_secs(2),
-        &mut tracker,
+        &mut obs,
     );
     let alive = sim.alive();
-    for record in &tracker.records[first_after_heal..] {
+    for record in &obs.0.records[first_after_heal..] {
         let missing: Vec<NodeIndex> = alive
             .iter()
             .copied()
@@ -305,15 +357,30 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
         }
     }
     // Anti-entropy: whatever one live node delivered, every live node delivers.
-    sim.run_for(scenario.config.broadcast.ae_interval * 20, &mut tracker);
+    sim.run_for(scenario.config.broadcast.ae_interval * 20, &mut obs);
     // Aggregation: two more epochs, so that the last complete one began well after healing.
     let epoch = scenario.config.aggregation.interval
         * u32::from(2 * scenario.config.aggregation.epoch_cycles + 2);
-    sim.run_for(epoch, &mut tracker);
+    sim.run_for(epoch, &mut obs);
     check_aggregation(&sim, &mut outcome);
     check_slicing(&sim, &mut outcome);
     check_ring(&sim, scenario.config.ring.successors, &mut outcome);
-    for record in &tracker.records[..first_after_heal] {
+    check_kv(
+        &mut sim,
+        &mut rng,
+        &mut obs,
+        scenario,
+        &durable,
+        &mut outcome,
+    );
+    let succeeded = obs.1.finished.iter().filter(|f| f.result.is_ok()).count();
+    log(format!(
+        "kv: {} operations ended ({succeeded} succeeded), {} acknowledged writes checked",
+        obs.1.finished.len(),
+        durable.len()
+    ));
+    outcome.kv_ops = obs.1.finished.len();
+    for record in &obs.0.records[..first_after_heal] {
         if record.delivered_by.iter().any(|i| sim.is_alive(*i)) {
             let missing = alive
                 .iter()
@@ -327,7 +394,7 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
             }
         }
     }
-    outcome.broadcasts = tracker.records.len();
+    outcome.broadcasts = obs.0.records.len();
     finish(outcome, &sim)
 }
 
@@ -496,6 +563,124 @@ fn check_ring(sim: &Sim, successors: usize, outcome: &mut Outcome) {
     ));
 }
 
+/// Keys the fuzzer writes: few, so that writes collide.
+fn fuzz_key(rng: &mut Rng) -> Bytes {
+    Bytes::from(format!("k{}", rng.below(12)))
+}
+
+/// One random put, delete or get from a random live node.
+fn kv_op_from_random(sim: &mut Sim, rng: &mut Rng, obs: &mut (BroadcastTracker, KvTracker)) {
+    let alive = sim.alive();
+    let Some(&node) = rng.choose(&alive) else {
+        return;
+    };
+    let key = fuzz_key(rng);
+    let tag = obs.1.begin(sim.now(), &key);
+    let started = match rng.below(10) {
+        0..=5 => {
+            let value = Bytes::from(rng.next_u64().to_le_bytes().to_vec());
+            sim.kv_put(node, key, Some(value), tag, obs)
+        }
+        6 => sim.kv_put(node, key, None, tag, obs),
+        _ => sim.kv_get(node, key, tag, obs),
+    };
+    if !started {
+        obs.1.abandon(tag);
+    }
+}
+
+/// Runs until operation `tag` ended (or a generous bound passed); returns how it ended.
+fn wait_for(
+    sim: &mut Sim,
+    obs: &mut (BroadcastTracker, KvTracker),
+    scenario: &Scenario,
+    tag: u64,
+) -> Option<Result<KvValue, nubo_proto::kv::KvError>> {
+    let config = &scenario.config.kv;
+    let bound = sim.now() + config.op_timeout * (u32::from(config.op_attempts) + 2);
+    while obs.1.pending.contains_key(&tag) && sim.now() < bound {
+        sim.run_for(Duration::from_millis(50), obs);
+    }
+    if obs.1.pending.contains_key(&tag) {
+        return None;
+    }
+    obs.1.finished.last().map(|f| f.result.clone())
+}
+
+/// After healing: every write acknowledged during the faults whose version survived on some
+/// live node is still readable (nothing acknowledged is lost while a copy lives), and a read
+/// that starts after a write was acknowledged sees it (W + R > r).
+fn check_kv(
+    sim: &mut Sim,
+    rng: &mut Rng,
+    obs: &mut (BroadcastTracker, KvTracker),
+    scenario: &Scenario,
+    durable: &[(Bytes, nubo_proto::kv::Version)],
+    outcome: &mut Outcome,
+) {
+    obs.1.clear_pending();
+    // With tiny budgets replicas may be unable to take a copy: only the read check holds.
+    let durable = if scenario.config.kv.budget_bytes < 4096 {
+        &[]
+    } else {
+        durable
+    };
+    for (key, version) in durable {
+        let alive = sim.alive();
+        let Some(&node) = rng.choose(&alive) else {
+            return;
+        };
+        let tag = obs.1.begin(sim.now(), key);
+        if !sim.kv_get(node, key.clone(), tag, obs) {
+            outcome
+                .violations
+                .push(format!("node {node} refused a read after healing"));
+            return;
+        }
+        match wait_for(sim, obs, scenario, tag) {
+            Some(Ok(KvValue::Read(Some(record)))) if record.version >= *version => {}
+            other => {
+                outcome.violations.push(format!(
+                    "write of {key:?} at {version:?}, acknowledged and held by a live node, read after healing from node {node} as {other:?}"
+                ));
+                return;
+            }
+        }
+    }
+    for round in 0..4u64 {
+        let alive = sim.alive();
+        let (Some(&writer), Some(&reader)) = (rng.choose(&alive), rng.choose(&alive)) else {
+            return;
+        };
+        let key = fuzz_key(rng);
+        let value = Bytes::from(round.to_le_bytes().to_vec());
+        let tag = obs.1.begin(sim.now(), &key);
+        sim.kv_put(writer, key.clone(), Some(value), tag, obs);
+        let written = match wait_for(sim, obs, scenario, tag) {
+            Some(Ok(KvValue::Written(version))) => version,
+            // A replica over its budget refuses, and says so: not a violation.
+            Some(Err(nubo_proto::kv::KvError::Refused(_))) => continue,
+            other => {
+                outcome.violations.push(format!(
+                    "write of {key:?} from node {writer} after healing ended as {other:?}"
+                ));
+                return;
+            }
+        };
+        let tag = obs.1.begin(sim.now(), &key);
+        sim.kv_get(reader, key.clone(), tag, obs);
+        match wait_for(sim, obs, scenario, tag) {
+            Some(Ok(KvValue::Read(Some(record)))) if record.version >= written => {}
+            other => {
+                outcome.violations.push(format!(
+                    "read of {key:?} from node {reader} after a write at {written:?} from node {writer} acknowledged: {other:?}"
+                ));
+                return;
+            }
+        }
+    }
+}
+
 fn broadcast_from_random(sim: &mut Sim, rng: &mut Rng, tracker: &mut BroadcastTracker) {
     let alive = sim.alive();
     let Some(&origin) = rng.choose(&alive) else {
@@ -610,6 +795,7 @@ pub fn run(args: &FuzzArgs) -> (Report, bool) {
     let mut failing = Vec::new();
     let mut events = 0u64;
     let mut faults = 0u64;
+    let mut kv_ops = 0u64;
     for i in 0..args.runs {
         let seed = args.seed.wrapping_add(i);
         let scenario = Scenario::from_seed(seed, args.profile);
@@ -620,6 +806,7 @@ pub fn run(args: &FuzzArgs) -> (Report, bool) {
                 ..Outcome::default()
             });
         events += outcome.events;
+        kv_ops += outcome.kv_ops as u64;
         faults += u64::from(outcome.faults);
         if outcome.violations.is_empty() {
             if args.verbose {
@@ -653,6 +840,7 @@ pub fn run(args: &FuzzArgs) -> (Report, bool) {
         .add("passed", args.runs - failing.len() as u64)
         .add("failing_seeds", failing.clone())
         .add("faults", faults)
+        .add("kv_operations", kv_ops)
         .add("events", events);
     (report, failing.is_empty())
 }

@@ -8,6 +8,7 @@ use clap::Args;
 use nubo_proto::Config;
 use nubo_proto::aggregation::AggregationConfig;
 use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
+use nubo_proto::kv::KvConfig;
 use nubo_proto::membership::MembershipConfig;
 use nubo_proto::ring::RingConfig;
 use nubo_proto::slicing::SlicingConfig;
@@ -98,6 +99,10 @@ pub fn experiment_config(args: &HyparviewArgs, cycle: Duration) -> Config {
         ring: RingConfig {
             enabled: false,
             ..RingConfig::default()
+        },
+        kv: KvConfig {
+            enabled: false,
+            ..KvConfig::default()
         },
     }
 }

@@ -29,6 +29,9 @@ pub struct RingArgs {
     /// Give up after this many cycles.
     #[arg(long, default_value_t = 200)]
     pub cycles_max: u32,
+    /// Print the ring's quality after every cycle.
+    #[arg(long)]
+    pub verbose: bool,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -139,6 +142,12 @@ pub fn run(args: &RingArgs) -> Report {
     for c in 1..=args.cycles_max {
         sim.run_for(cycle, &mut observer);
         last = ring_quality(&sim, args.successors);
+        if args.verbose {
+            println!(
+                "cycle {c}: successor right {} lists right {} fingers right {} of {}",
+                last.successors_right, last.lists_right, last.fingers_right, last.alive
+            );
+        }
         if last.is_perfect() {
             cycles = Some(c);
             break;

@@ -7,6 +7,7 @@ use clap::Args;
 use nubo_proto::Config;
 use nubo_proto::aggregation::AggregationConfig;
 use nubo_proto::broadcast::BroadcastConfig;
+use nubo_proto::kv::KvConfig;
 use nubo_proto::ring::RingConfig;
 use nubo_proto::slicing::{SlicingConfig, node_key};
 
@@ -71,6 +72,10 @@ pub fn run(args: &SlicingArgs) -> Report {
         ring: RingConfig {
             enabled: false,
             ..RingConfig::default()
+        },
+        kv: KvConfig {
+            enabled: false,
+            ..KvConfig::default()
         },
     };
     let mut sim = Sim::new(args.seed, config, NetworkConfig::default());
