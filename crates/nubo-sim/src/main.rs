@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-use nubo_sim::experiments::{aggregate, fuzz, hyparview, ring, slicing};
+use nubo_sim::experiments::{aggregate, dht, fuzz, hyparview, ring, slicing};
 
 /// Deterministic simulator of a nubo cloud. Every run is reproducible from its --seed.
 #[derive(Parser)]
@@ -31,6 +31,11 @@ enum Command {
     ///
     /// Example: nubo-sim ring --nodes 65536 --seed 1 --json
     Ring(ring::RingArgs),
+    /// The replicated key-value store: lookup hops, keys lost to a mass crash, reads after
+    /// repair and during churn.
+    ///
+    /// Example: nubo-sim dht --nodes 16384 --keys-per-node 100 --fail 0.2 --replicas 3 --json
+    Dht(dht::DhtArgs),
     /// Randomized runs with faults and invariant checks; every option derives from the seed.
     ///
     /// Example: nubo-sim fuzz --seed 1 --runs 100
@@ -45,6 +50,7 @@ fn main() -> ExitCode {
         Command::Aggregate(args) => aggregate::run(&args).print(args.json),
         Command::Slicing(args) => slicing::run(&args).print(args.json),
         Command::Ring(args) => ring::run(&args).print(args.json),
+        Command::Dht(args) => dht::run(&args).print(args.json),
         Command::Fuzz(args) => {
             let (report, passed) = fuzz::run(&args);
             report.print(args.json);

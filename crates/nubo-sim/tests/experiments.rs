@@ -105,3 +105,34 @@ fn ring_forms_from_a_random_overlay() {
     let report = run(&args).to_json();
     assert!(report["cycles_to_ring"].is_u64(), "{report}");
 }
+
+#[test]
+fn dht_keeps_every_key_with_a_surviving_copy() {
+    use nubo_sim::experiments::dht::{DhtArgs, run};
+    let args = DhtArgs {
+        nodes: 256,
+        keys_per_node: 10,
+        replicas: 3,
+        fail: 0.2,
+        repair_rounds: 12,
+        churn: 0.02,
+        churn_minutes: 1,
+        lookups: 500,
+        gets: 500,
+        seed: 3,
+        json: true,
+    };
+    let report = run(&args).to_json();
+    assert_eq!(number(&report, "lookup_success"), 1.0, "{report}");
+    assert_eq!(number(&report, "gets_of_surviving_failed"), 0.0, "{report}");
+    assert_eq!(
+        number(&report, "fully_replicated_after_repair"),
+        1.0,
+        "{report}"
+    );
+    assert!(
+        number(&report, "get_success_during_churn") > 0.95,
+        "{report}"
+    );
+    assert!(report["rounds_to_full_after_churn"].is_u64(), "{report}");
+}

@@ -723,7 +723,9 @@ fn inject_fault(
             Some(format!("restart {node} via {contacts:?}"))
         }
         3 => {
-            // A newcomer (placed in group 0) has an invitation naming nodes it can reach.
+            // A newcomer (placed in group 0) has an invitation naming several nodes it can
+            // reach (with one or two, a newcomer whose contacts all crash before answering,
+            // and a newcomer that joins through it, make an island no protocol can find).
             let reachable: Vec<NodeIndex> = alive
                 .iter()
                 .copied()
@@ -733,7 +735,7 @@ fn inject_fault(
                 return None;
             }
             let node = add_node(sim, rng);
-            let contacts: Vec<NodeIndex> = (0..2)
+            let contacts: Vec<NodeIndex> = (0..4)
                 .filter_map(|_| rng.choose(&reachable).copied())
                 .collect();
             sim.join(node, &contacts, tracker);
