@@ -6,7 +6,9 @@ use nubo_proto::broadcast::{
     Announcement, BroadcastMessage, BucketDigest, DIGEST_BUCKETS, Epoch, Gossip, IDS_MAX,
     MessageId, TreeMessage,
 };
+use nubo_proto::kv::{Bucket, KvMessage, Record, StoreError, Version};
 use nubo_proto::membership::{MembershipMessage, Priority, SHUFFLE_PEERS_MAX};
+use nubo_proto::ring::{RingMessage, ViewEntry};
 use nubo_proto::wire::{self, DecodeError, MESSAGE_BYTES_MAX, Message, PROTOCOL_VERSION};
 use nubo_proto::{NodeId, Peer, Rng, Time};
 
@@ -75,7 +77,78 @@ fn samples() -> Vec<Message> {
         Message::Broadcast(BroadcastMessage::Ids(vec![id(4)])),
         Message::Broadcast(BroadcastMessage::Want(vec![id(5)])),
         Message::Broadcast(BroadcastMessage::Repair(vec![gossip(1), gossip(2)])),
+        Message::Ring(RingMessage::View {
+            entries: vec![
+                ViewEntry { peer: a, age_ms: 0 },
+                ViewEntry { peer: b, age_ms: 9 },
+            ],
+            answer: true,
+        }),
+        Message::Ring(RingMessage::Lookup {
+            id: 5,
+            origin: a,
+            key: u128::MAX - 3,
+            hops: 2,
+        }),
+        Message::Ring(RingMessage::Found {
+            id: 5,
+            key: 77,
+            replicas: vec![ViewEntry { peer: c, age_ms: 1 }],
+            hops: 4,
+        }),
+        Message::Kv(KvMessage::Put {
+            op: 1,
+            record: record(),
+        }),
+        Message::Kv(KvMessage::PutAck {
+            op: 1,
+            result: Err(StoreError::Full { budget: 1 << 30 }),
+        }),
+        Message::Kv(KvMessage::Get {
+            op: 2,
+            key: Bytes::from_static(b"key"),
+        }),
+        Message::Kv(KvMessage::GetReply {
+            op: 2,
+            record: Some(Record {
+                value: None,
+                ..record()
+            }),
+        }),
+        Message::Kv(KvMessage::Digest {
+            lo: 1,
+            hi: 0,
+            buckets: vec![Bucket { count: 3, sum: 99 }; 4],
+        }),
+        Message::Kv(KvMessage::Keys {
+            lo: 1,
+            hi: 0,
+            count: 4,
+            covered: vec![0, 3],
+            entries: vec![(Bytes::from_static(b"key"), record().version)],
+        }),
+        Message::Kv(KvMessage::Want(vec![Bytes::from_static(b"key")])),
+        Message::Kv(KvMessage::Records {
+            records: vec![record(), record()],
+            handoff: true,
+        }),
+        Message::Kv(KvMessage::Stored(vec![(
+            Bytes::from_static(b"key"),
+            record().version,
+        )])),
     ]
+}
+
+fn record() -> Record {
+    Record {
+        key: Bytes::from_static(b"key"),
+        version: Version {
+            millis: 1_800_000_000_000,
+            counter: 2,
+            writer: NodeId(7),
+        },
+        value: Some(Bytes::from_static(b"value")),
+    }
 }
 
 #[test]

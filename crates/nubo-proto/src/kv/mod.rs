@@ -340,8 +340,11 @@ pub struct Kv {
 }
 
 impl Kv {
-    /// The store of node `me`, empty.
-    pub fn new(me: Peer, config: KvConfig, now: Time) -> Kv {
+    /// The store of node `me`, empty. Replica and quorum counts below one count as one.
+    pub fn new(me: Peer, mut config: KvConfig, now: Time) -> Kv {
+        config.replicas = config.replicas.max(1);
+        config.write_quorum = config.write_quorum.max(1);
+        config.read_quorum = config.read_quorum.max(1);
         // Spread sync rounds: nodes start at different points of the period.
         let period = u64::try_from(config.sync_interval.as_micros())
             .unwrap_or(u64::MAX)
