@@ -275,13 +275,9 @@ impl Sim {
         tag: u64,
         observer: &mut impl Observer,
     ) -> bool {
-        let now = self.now;
-        let Some(node) = self.slots[i as usize].node.as_mut() else {
-            return false;
-        };
-        let started = node.kv_put(now, key, value, tag).is_ok();
-        self.after_step(i, observer);
-        started
+        self.start(i, observer, |node, now| {
+            node.kv_put(now, key, value, tag).is_ok()
+        })
     }
 
     /// Starts a key-value read on machine `i`; false if it is down or refused.
@@ -292,13 +288,7 @@ impl Sim {
         tag: u64,
         observer: &mut impl Observer,
     ) -> bool {
-        let now = self.now;
-        let Some(node) = self.slots[i as usize].node.as_mut() else {
-            return false;
-        };
-        let started = node.kv_get(now, key, tag).is_ok();
-        self.after_step(i, observer);
-        started
+        self.start(i, observer, |node, now| node.kv_get(now, key, tag).is_ok())
     }
 
     /// Starts a ring lookup of `key` on machine `i`; false if it is down or refused.
@@ -309,11 +299,22 @@ impl Sim {
         tag: u64,
         observer: &mut impl Observer,
     ) -> bool {
+        self.start(i, observer, |node, now| node.lookup(now, key, tag))
+    }
+
+    /// Runs `operation` on machine `i` if it is up and drains what it produced; false if it
+    /// is down or the operation was refused.
+    fn start(
+        &mut self,
+        i: NodeIndex,
+        observer: &mut impl Observer,
+        operation: impl FnOnce(&mut Node, Time) -> bool,
+    ) -> bool {
         let now = self.now;
         let Some(node) = self.slots[i as usize].node.as_mut() else {
             return false;
         };
-        let started = node.lookup(now, key, tag);
+        let started = operation(node, now);
         self.after_step(i, observer);
         started
     }

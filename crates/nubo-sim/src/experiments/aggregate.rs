@@ -7,13 +7,10 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use nubo_proto::aggregation::AggregationConfig;
-use nubo_proto::kv::KvConfig;
-use nubo_proto::ring::RingConfig;
-use nubo_proto::slicing::SlicingConfig;
 use nubo_proto::{Config, Time};
 
 use crate::engine::{NetworkConfig, NoObserver, Sim};
-use crate::experiments::hyparview::membership_config;
+use crate::experiments::hyparview::overlay_only;
 use crate::report::{Report, peak_rss_mib};
 use crate::workload::{add_node, grow_overlay};
 
@@ -61,25 +58,12 @@ pub fn run(args: &AggregateArgs) -> Report {
     let started = Instant::now();
     let cycle = Duration::from_secs(1);
     let config = Config {
-        membership: membership_config(5, 30, cycle),
         aggregation: AggregationConfig {
             interval: cycle,
             epoch_cycles: args.epoch_cycles,
             ..AggregationConfig::default()
         },
-        slicing: SlicingConfig {
-            enabled: false,
-            ..SlicingConfig::default()
-        },
-        ring: RingConfig {
-            enabled: false,
-            ..RingConfig::default()
-        },
-        kv: KvConfig {
-            enabled: false,
-            ..KvConfig::default()
-        },
-        ..Config::default()
+        ..overlay_only(cycle)
     };
     let mut sim = Sim::new(args.seed, config, NetworkConfig::default());
     let mut rng = sim.rng().fork();

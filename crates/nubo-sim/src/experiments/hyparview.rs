@@ -87,7 +87,15 @@ pub fn experiment_config(args: &HyparviewArgs, cycle: Duration) -> Config {
             graft_retry: cycle / 2,
             ..BroadcastConfig::default()
         },
-        // Measured on their own by `nubo-sim aggregate` and `nubo-sim slicing`.
+        ..overlay_only(cycle)
+    }
+}
+
+/// Membership (the paper's parameters) and broadcast only: every other layer is measured on
+/// its own by its experiment, which switches it back on.
+pub fn overlay_only(cycle: Duration) -> Config {
+    Config {
+        membership: membership_config(5, 30, cycle),
         aggregation: AggregationConfig {
             enabled: false,
             ..AggregationConfig::default()
@@ -104,6 +112,7 @@ pub fn experiment_config(args: &HyparviewArgs, cycle: Duration) -> Config {
             enabled: false,
             ..KvConfig::default()
         },
+        ..Config::default()
     }
 }
 

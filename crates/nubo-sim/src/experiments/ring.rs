@@ -5,12 +5,10 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use nubo_proto::Config;
-use nubo_proto::aggregation::AggregationConfig;
 use nubo_proto::ring::{Position, RingConfig, distance};
-use nubo_proto::slicing::SlicingConfig;
 
 use crate::engine::{NetworkConfig, NoObserver, NodeIndex, Sim};
-use crate::experiments::hyparview::membership_config;
+use crate::experiments::hyparview::overlay_only;
 use crate::report::{Report, peak_rss_mib};
 use crate::workload::grow_overlay;
 
@@ -37,25 +35,16 @@ pub struct RingArgs {
     pub json: bool,
 }
 
-/// The node configuration of ring experiments: membership as in the HyParView experiment,
-/// the ring on, aggregation and slicing off.
+/// The node configuration of ring experiments: the HyParView experiment's overlay with the
+/// ring on (the key-value store stays off unless an experiment turns it on).
 pub fn ring_config(successors: usize, cycle: Duration) -> Config {
     Config {
-        membership: membership_config(5, 30, cycle),
-        aggregation: AggregationConfig {
-            enabled: false,
-            ..AggregationConfig::default()
-        },
-        slicing: SlicingConfig {
-            enabled: false,
-            ..SlicingConfig::default()
-        },
         ring: RingConfig {
             successors,
             interval: cycle,
             ..RingConfig::default()
         },
-        ..Config::default()
+        ..overlay_only(cycle)
     }
 }
 

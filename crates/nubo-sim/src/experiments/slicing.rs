@@ -5,14 +5,10 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use nubo_proto::Config;
-use nubo_proto::aggregation::AggregationConfig;
-use nubo_proto::broadcast::BroadcastConfig;
-use nubo_proto::kv::KvConfig;
-use nubo_proto::ring::RingConfig;
 use nubo_proto::slicing::{SlicingConfig, node_key};
 
 use crate::engine::{NetworkConfig, NoObserver, NodeIndex, Sim};
-use crate::experiments::hyparview::membership_config;
+use crate::experiments::hyparview::overlay_only;
 use crate::report::{Report, peak_rss_mib};
 use crate::workload::grow_overlay;
 
@@ -62,21 +58,8 @@ pub fn run(args: &SlicingArgs) -> Report {
     let started = Instant::now();
     let cycle = Duration::from_secs(1);
     let config = Config {
-        membership: membership_config(5, 30, cycle),
-        broadcast: BroadcastConfig::default(),
-        aggregation: AggregationConfig {
-            enabled: false,
-            ..AggregationConfig::default()
-        },
         slicing: SlicingConfig::default(),
-        ring: RingConfig {
-            enabled: false,
-            ..RingConfig::default()
-        },
-        kv: KvConfig {
-            enabled: false,
-            ..KvConfig::default()
-        },
+        ..overlay_only(cycle)
     };
     let mut sim = Sim::new(args.seed, config, NetworkConfig::default());
     let mut rng = sim.rng().fork();
