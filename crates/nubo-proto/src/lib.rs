@@ -25,6 +25,7 @@ pub mod membership;
 pub mod node;
 pub mod ring;
 pub mod rng;
+pub mod roster;
 pub mod slicing;
 pub mod time;
 pub mod view;

@@ -11,6 +11,7 @@ use crate::kv::{Kv, KvConfig, KvError, KvOutcome};
 use crate::membership::{Membership, MembershipConfig, MembershipEvent};
 use crate::ring::{LookupPurpose, LookupResult, Position, Ring, RingConfig};
 use crate::rng::Rng;
+use crate::roster::{Roster, RosterConfig, RosterNews};
 use crate::slicing::{Slicing, SlicingConfig};
 use crate::time::Time;
 use crate::wire::Message;
@@ -30,10 +31,17 @@ pub struct Config {
     pub ring: RingConfig,
     /// The replicated key-value store.
     pub kv: KvConfig,
+    /// The list of members.
+    pub roster: RosterConfig,
 }
 
 /// Lookup tags with this bit set belong to the key-value store.
 const KV_LOOKUP: u64 = 1 << 63;
+
+/// First byte of a broadcast payload: whose it is. The application's payloads and the
+/// roster's news share one broadcast layer.
+const PAYLOAD_APPLICATION: u8 = 0;
+const PAYLOAD_ROSTER: u8 = 1;
 
 /// A message the driver must send.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,6 +91,7 @@ pub struct Node {
     slicing: Slicing,
     ring: Ring,
     kv: Kv,
+    roster: Roster,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
 }
@@ -99,6 +108,7 @@ impl Node {
             slicing: Slicing::new(me.id, config.slicing, now),
             ring: Ring::new(me, config.ring, rng.fork(), now),
             kv: Kv::new(me, config.kv, now),
+            roster: Roster::new(me, config.roster, now),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -172,6 +182,12 @@ impl Node {
         &self.kv
     }
 
+    /// The key-value store's part on this node, for a driver that persists it: see
+    /// [`Kv::track_changes`], [`Kv::drain_changes`] and [`Kv::restore`].
+    pub fn kv_mut(&mut self) -> &mut Kv {
+        &mut self.kv
+    }
+
     /// Starts writing `value` under `key` (`None` deletes it); the outcome comes as an
     /// [`Event::Kv`] carrying `tag`.
     pub fn kv_put(
@@ -193,6 +209,17 @@ impl Node {
         started
     }
 
+    /// The members of the cloud as this node knows them.
+    pub fn roster(&self) -> &Roster {
+        &self.roster
+    }
+
+    /// Sets the attributes this node announces to the cloud.
+    pub fn set_attributes(&mut self, now: Time, attributes: Vec<(String, String)>) {
+        self.roster.set_attributes(now, attributes);
+        self.flush(now);
+    }
+
     /// Joins the overlay through one of `contacts`.
     pub fn join(&mut self, now: Time, contacts: &[Peer]) {
         self.membership.join(now, contacts);
@@ -201,13 +228,18 @@ impl Node {
 
     /// Leaves the overlay gracefully.
     pub fn leave(&mut self, now: Time) {
+        self.roster.leave();
+        self.publish_roster_news(now);
         self.membership.leave();
         self.flush(now);
     }
 
     /// Broadcasts `payload` to every node of the cloud.
     pub fn broadcast(&mut self, now: Time, payload: Bytes) -> Result<MessageId, BroadcastError> {
-        let id = self.broadcast.broadcast(now, payload)?;
+        let mut tagged = Vec::with_capacity(payload.len() + 1);
+        tagged.push(PAYLOAD_APPLICATION);
+        tagged.extend_from_slice(&payload);
+        let id = self.broadcast.broadcast(now, Bytes::from(tagged))?;
         self.flush(now);
         Ok(id)
     }
@@ -262,6 +294,9 @@ impl Node {
             let peer = self.membership.random_neighbor();
             self.slicing.handle_timeout(now, peer);
         }
+        if self.roster.poll_timeout() <= now {
+            self.roster.handle_timeout(now);
+        }
         self.flush(now);
     }
 
@@ -274,6 +309,7 @@ impl Node {
             .min(self.slicing.poll_timeout())
             .min(self.ring.poll_timeout())
             .min(self.kv.poll_timeout())
+            .min(self.roster.poll_timeout())
     }
 
     /// The next message to send.
@@ -295,15 +331,40 @@ impl Node {
                     self.broadcast.neighbor_up(peer);
                     self.slicing.neighbor_up(peer);
                     self.ring.hear(now, peer);
+                    self.roster.neighbor_up(now);
                     self.events.push_back(Event::NeighborUp(peer));
                 }
                 MembershipEvent::NeighborDown(peer) => {
                     self.broadcast.neighbor_down(now, peer.id);
                     self.events.push_back(Event::NeighborDown(peer));
                 }
-                MembershipEvent::Departed(peer) => self.slicing.departed(now, peer.id),
+                MembershipEvent::Departed(peer) => {
+                    self.slicing.departed(now, peer.id);
+                    self.roster.neighbor_failed(now, peer.id);
+                }
             }
         }
+        // Roster news may answer a delivery (a refutation) and is itself broadcast, so
+        // deliveries are sorted out before the broadcast layer's transmits are taken.
+        let deliveries: Vec<Delivery> = self.broadcast.drain_deliveries().collect();
+        for mut delivery in deliveries {
+            let Some((&kind, rest)) = delivery.payload.split_first() else {
+                continue;
+            };
+            match kind {
+                PAYLOAD_APPLICATION => {
+                    delivery.payload = delivery.payload.slice(1..);
+                    self.events.push_back(Event::Delivered(delivery));
+                }
+                PAYLOAD_ROSTER => {
+                    if let Ok(news) = postcard::from_bytes::<RosterNews>(rest) {
+                        self.roster.handle_news(now, news);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.publish_roster_news(now);
         let before = self.transmits.len();
         self.transmits
             .extend(self.membership.drain_transmits().map(|(to, m)| Transmit {
@@ -362,7 +423,16 @@ impl Node {
         for transmit in self.transmits.range(before..) {
             self.membership.sent_to(now, transmit.to.id);
         }
-        self.events
-            .extend(self.broadcast.drain_deliveries().map(Event::Delivered));
+    }
+
+    /// Broadcasts what the roster has to say.
+    fn publish_roster_news(&mut self, now: Time) {
+        let news: Vec<RosterNews> = self.roster.drain_news().collect();
+        for item in news {
+            if let Ok(payload) = postcard::to_extend(&item, vec![PAYLOAD_ROSTER]) {
+                // A full broadcast store only delays the news to the next announcement.
+                let _ = self.broadcast.broadcast(now, Bytes::from(payload));
+            }
+        }
     }
 }

@@ -368,6 +368,28 @@ impl Kv {
         }
     }
 
+    /// Starts tracking which records change, for a driver that keeps them on disk.
+    pub fn track_changes(&mut self) {
+        self.store.track_changes();
+    }
+
+    /// Records changed since the last call, each with what is stored now (`None`: removed).
+    pub fn drain_changes(&mut self) -> Vec<(Bytes, Option<Record>)> {
+        let keys = self.store.drain_changed();
+        keys.into_iter()
+            .map(|key| {
+                let record = self.store.get(&key);
+                (key, record)
+            })
+            .collect()
+    }
+
+    /// Puts back a record this node held before a restart. Call it before
+    /// [`Kv::track_changes`], so that restored records are not reported as changes.
+    pub fn restore(&mut self, now: Time, record: &Record) -> Result<Applied, StoreError> {
+        self.store.apply(now, record)
+    }
+
     /// The records held here.
     pub fn store(&self) -> &Store {
         &self.store

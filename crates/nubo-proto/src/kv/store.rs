@@ -1,7 +1,7 @@
 //! The records one node holds, ordered by ring position, within a byte budget.
 
 use core::time::Duration;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -101,6 +101,8 @@ pub struct Store {
     entries: BTreeMap<(Position, Bytes), Entry>,
     bytes: usize,
     budget: usize,
+    /// Keys changed since the last [`Store::drain_changed`], when tracking is on.
+    changed: Option<BTreeSet<Bytes>>,
 }
 
 impl Store {
@@ -110,6 +112,27 @@ impl Store {
             entries: BTreeMap::new(),
             bytes: 0,
             budget,
+            changed: None,
+        }
+    }
+
+    /// Starts remembering which keys change, for a driver that keeps the store on disk.
+    pub fn track_changes(&mut self) {
+        self.changed.get_or_insert_with(BTreeSet::new);
+    }
+
+    /// Keys stored, replaced or removed since the last call (none unless tracking is on). The
+    /// set grows until drained: a driver that tracks changes drains after every input.
+    pub fn drain_changed(&mut self) -> Vec<Bytes> {
+        self.changed
+            .as_mut()
+            .map(|changed| std::mem::take(changed).into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    fn note_changed(&mut self, key: &Bytes) {
+        if let Some(changed) = &mut self.changed {
+            changed.insert(key.clone());
         }
     }
 
@@ -159,6 +182,7 @@ impl Store {
             fingerprint: record.version.fingerprint(&record.key),
             stored: now,
         };
+        self.note_changed(&record.key);
         Ok(match self.entries.insert(slot, entry) {
             Some(_) => Applied::Replaced,
             None => Applied::New,
@@ -190,6 +214,7 @@ impl Store {
                 let size = key.len() + entry.value.as_ref().map_or(0, Bytes::len) + RECORD_OVERHEAD;
                 self.entries.remove(&slot);
                 self.bytes -= size;
+                self.note_changed(key);
                 true
             }
             _ => false,
@@ -244,10 +269,14 @@ impl Store {
         let oldest = now.saturating_sub(ttl);
         let before = self.entries.len();
         let mut freed = 0;
+        let changed = &mut self.changed;
         self.entries.retain(|(_, key), entry| {
             let keep = entry.value.is_some() || entry.stored >= oldest;
             if !keep {
                 freed += key.len() + RECORD_OVERHEAD;
+                if let Some(changed) = changed.as_mut() {
+                    changed.insert(key.clone());
+                }
             }
             keep
         });
@@ -310,6 +339,29 @@ mod tests {
             version: version(millis),
             value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
         }
+    }
+
+    #[test]
+    fn tracked_changes_name_each_key_once_until_drained() {
+        let mut store = Store::new(1 << 20);
+        store.apply(Time::ZERO, &record("a", 1, Some("x"))).unwrap();
+        assert!(store.drain_changed().is_empty(), "untracked by default");
+        store.track_changes();
+        store.apply(Time::ZERO, &record("b", 1, Some("x"))).unwrap();
+        store.apply(Time::ZERO, &record("b", 2, Some("y"))).unwrap();
+        store.apply(Time::ZERO, &record("c", 1, None)).unwrap();
+        store.apply(Time::ZERO, &record("a", 1, Some("x"))).unwrap(); // stale: no change
+        assert_eq!(
+            store.drain_changed(),
+            vec![Bytes::from("b"), Bytes::from("c")]
+        );
+        assert!(store.remove_if_at(&Bytes::from("b"), version(2)));
+        store.collect_tombstones(Time::from_secs(10), Duration::from_secs(1));
+        assert_eq!(
+            store.drain_changed(),
+            vec![Bytes::from("b"), Bytes::from("c")]
+        );
+        assert!(store.drain_changed().is_empty());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
 use nubo_proto::kv::{KvConfig, KvValue};
 use nubo_proto::membership::MembershipConfig;
 use nubo_proto::ring::RingConfig;
+use nubo_proto::roster::RosterConfig;
 use nubo_proto::slicing::SlicingConfig;
 use nubo_proto::{Config, Rng};
 
@@ -185,6 +186,12 @@ impl Scenario {
                 budget_bytes: if rng.chance(0.2) { 600 } else { 1 << 24 },
                 key_max: 64,
                 value_max: 256,
+            },
+            // The roster is exercised by the agent's multi-process tests; its broadcasts
+            // would only add load to these scenarios.
+            roster: RosterConfig {
+                enabled: false,
+                ..RosterConfig::default()
             },
         };
         Scenario {

@@ -11,6 +11,7 @@ use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
 use nubo_proto::kv::KvConfig;
 use nubo_proto::membership::MembershipConfig;
 use nubo_proto::ring::RingConfig;
+use nubo_proto::roster::RosterConfig;
 use nubo_proto::slicing::SlicingConfig;
 
 use crate::engine::{NetworkConfig, NodeIndex, Sim};
@@ -111,6 +112,10 @@ pub fn overlay_only(cycle: Duration) -> Config {
         kv: KvConfig {
             enabled: false,
             ..KvConfig::default()
+        },
+        roster: RosterConfig {
+            enabled: false,
+            ..RosterConfig::default()
         },
         ..Config::default()
     }

@@ -1,0 +1,493 @@
+//! The roster: every node's list of the cloud's members, what they say about themselves and
+//! whether they are alive.
+//!
+//! The overlays know only a few peers each; operators and placement want the whole list. Every
+//! node broadcasts an [`Announce`] of itself every `announce_interval` (and at once when it
+//! first gets a neighbour), carrying an *incarnation* that only it ever raises. A member is
+//! alive while its announcements keep coming; it is declared gone when
+//! - a neighbour's failure detector reports it (HyParView's `Departed`): that neighbour
+//!   broadcasts [`RosterNews::Gone`] for the incarnation it knew, so every node learns of the
+//!   failure within one broadcast rather than after a silence;
+//! - or nothing was heard from it for `silence_max` (covers a member whose neighbours all
+//!   failed with it).
+//!
+//! A wrongly declared member hears the news about itself and refutes it by announcing a higher
+//! incarnation (SWIM's rule), which overrides the `Gone` everywhere. A member that leaves says
+//! so in its last announcement. Gone members are forgotten after `forget_after`.
+//!
+//! Cost: one broadcast per member per interval, so the traffic grows with the square of the
+//! cloud's size; the defaults suit clouds up to a few thousand nodes.
+
+use core::time::Duration;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::{NodeId, Peer};
+use crate::time::Time;
+
+/// Most attributes one member may announce.
+pub const ATTRIBUTES_MAX: usize = 32;
+/// Longest attribute name or value, in bytes.
+pub const ATTRIBUTE_BYTES_MAX: usize = 256;
+
+/// Tuning of the roster.
+#[derive(Clone, Debug)]
+pub struct RosterConfig {
+    /// Whether this node announces itself and keeps a roster.
+    pub enabled: bool,
+    /// How often a node announces itself.
+    pub announce_interval: Duration,
+    /// A member not heard from for this long is declared gone.
+    pub silence_max: Duration,
+    /// A gone member is forgotten after this long.
+    pub forget_after: Duration,
+    /// Most members remembered; announcements of new members beyond it are ignored.
+    pub members_max: usize,
+}
+
+impl Default for RosterConfig {
+    fn default() -> Self {
+        RosterConfig {
+            enabled: true,
+            announce_interval: Duration::from_secs(2),
+            silence_max: Duration::from_secs(10),
+            forget_after: Duration::from_secs(600),
+            members_max: 100_000,
+        }
+    }
+}
+
+/// What a member says about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announce {
+    /// The member and where it listens.
+    pub peer: Peer,
+    /// Raised by the member only; a higher incarnation overrides everything said before.
+    pub incarnation: u64,
+    /// Free-form attributes (architecture, region, capacity), sorted by name.
+    pub attributes: Vec<(String, String)>,
+    /// The member is leaving the cloud for good.
+    pub leaving: bool,
+}
+
+/// Roster news, carried by broadcast.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RosterNews {
+    /// A member is alive (or leaving).
+    Alive(Announce),
+    /// A member was found dead at this incarnation.
+    Gone {
+        /// The member.
+        id: NodeId,
+        /// The incarnation that was found dead.
+        incarnation: u64,
+    },
+}
+
+impl RosterNews {
+    /// Whether every field respects its bound.
+    pub fn is_within_bounds(&self) -> bool {
+        match self {
+            RosterNews::Alive(announce) => {
+                announce.attributes.len() <= ATTRIBUTES_MAX
+                    && announce.attributes.iter().all(|(name, value)| {
+                        name.len() <= ATTRIBUTE_BYTES_MAX && value.len() <= ATTRIBUTE_BYTES_MAX
+                    })
+            }
+            RosterNews::Gone { .. } => true,
+        }
+    }
+}
+
+/// Whether a member is thought to be part of the cloud.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberState {
+    /// Announcing itself.
+    Alive,
+    /// Found dead, or silent for too long.
+    Gone,
+    /// Left the cloud on purpose.
+    Left,
+}
+
+impl MemberState {
+    /// The state's name, as shown to operators.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemberState::Alive => "alive",
+            MemberState::Gone => "gone",
+            MemberState::Left => "left",
+        }
+    }
+}
+
+/// One member as this node knows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Member {
+    /// Its last announcement.
+    pub announce: Announce,
+    /// Whether it is alive.
+    pub state: MemberState,
+    /// When this node last heard an announcement of it.
+    pub last_heard: Time,
+    /// When its state last changed here.
+    pub since: Time,
+}
+
+/// Counters of the roster.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RosterCounters {
+    /// Announcements of ourselves sent.
+    pub announced: u64,
+    /// Members declared gone on a neighbour's report.
+    pub reported_gone: u64,
+    /// Members declared gone after a silence.
+    pub silent_gone: u64,
+    /// Times this node refuted news of its own death.
+    pub refuted: u64,
+}
+
+/// One node's roster.
+///
+/// Contract: feed it every roster broadcast delivered ([`Roster::handle_news`]) and every
+/// failed neighbour ([`Roster::neighbor_failed`]); call [`Roster::handle_timeout`] when
+/// [`Roster::poll_timeout`] comes; broadcast whatever [`Roster::drain_news`] yields. It holds
+/// at most `members_max` members and never lists itself as anything but alive.
+#[derive(Debug)]
+pub struct Roster {
+    config: RosterConfig,
+    me: Announce,
+    members: BTreeMap<NodeId, Member>,
+    news: Vec<RosterNews>,
+    next_announce: Time,
+    counters: RosterCounters,
+}
+
+impl Roster {
+    /// A roster of `me`, whose first incarnation is `now` in milliseconds: a restarted member
+    /// thus overrides whatever the cloud said about its previous life.
+    pub fn new(me: Peer, config: RosterConfig, now: Time) -> Roster {
+        Roster {
+            me: Announce {
+                peer: me,
+                incarnation: now.as_micros() / 1_000,
+                attributes: Vec::new(),
+                leaving: false,
+            },
+            next_announce: if config.enabled { now } else { Time::MAX },
+            config,
+            members: BTreeMap::new(),
+            news: Vec::new(),
+            counters: RosterCounters::default(),
+        }
+    }
+
+    /// Members other than this node, by id.
+    pub fn members(&self) -> impl Iterator<Item = &Member> + '_ {
+        self.members.values()
+    }
+
+    /// What this node announces of itself.
+    pub fn me(&self) -> &Announce {
+        &self.me
+    }
+
+    /// Members thought alive, this node included.
+    pub fn alive(&self) -> usize {
+        1 + self
+            .members
+            .values()
+            .filter(|m| m.state == MemberState::Alive)
+            .count()
+    }
+
+    /// Counters since start.
+    pub fn counters(&self) -> RosterCounters {
+        self.counters
+    }
+
+    /// Sets the attributes this node announces (bounded: extra ones and long ones are cut),
+    /// announcing them at once.
+    pub fn set_attributes(&mut self, now: Time, mut attributes: Vec<(String, String)>) {
+        attributes.retain(|(name, value)| {
+            name.len() <= ATTRIBUTE_BYTES_MAX && value.len() <= ATTRIBUTE_BYTES_MAX
+        });
+        attributes.sort();
+        attributes.dedup_by(|a, b| a.0 == b.0);
+        attributes.truncate(ATTRIBUTES_MAX);
+        self.me.attributes = attributes;
+        self.announce_now(now);
+    }
+
+    /// This node got a neighbour: announce at once if it never did, so a newcomer shows up
+    /// without waiting a whole interval.
+    pub fn neighbor_up(&mut self, now: Time) {
+        if self.config.enabled && self.counters.announced == 0 {
+            self.announce_now(now);
+        }
+    }
+
+    /// A neighbour's failure detector found `peer` dead.
+    pub fn neighbor_failed(&mut self, now: Time, peer: NodeId) {
+        let Some(member) = self.members.get_mut(&peer) else {
+            return;
+        };
+        if member.state != MemberState::Alive {
+            return;
+        }
+        member.state = MemberState::Gone;
+        member.since = now;
+        self.counters.reported_gone += 1;
+        self.news.push(RosterNews::Gone {
+            id: peer,
+            incarnation: member.announce.incarnation,
+        });
+    }
+
+    /// This node leaves: its last announcement says so.
+    pub fn leave(&mut self) {
+        if self.config.enabled {
+            self.me.leaving = true;
+            self.news.push(RosterNews::Alive(self.me.clone()));
+        }
+    }
+
+    /// News delivered by broadcast.
+    pub fn handle_news(&mut self, now: Time, news: RosterNews) {
+        if !self.config.enabled || !news.is_within_bounds() {
+            return;
+        }
+        match news {
+            RosterNews::Alive(announce) => self.on_alive(now, announce),
+            RosterNews::Gone { id, incarnation } => self.on_gone(now, id, incarnation),
+        }
+    }
+
+    fn on_alive(&mut self, now: Time, announce: Announce) {
+        let id = announce.peer.id;
+        if id == self.me.peer.id {
+            return;
+        }
+        let state = if announce.leaving {
+            MemberState::Left
+        } else {
+            MemberState::Alive
+        };
+        match self.members.get_mut(&id) {
+            Some(member) => {
+                let known = member.announce.incarnation;
+                let newer = announce.incarnation > known;
+                // The same incarnation refreshes a live member but does not revive one found
+                // dead: only the member itself, with a higher incarnation, can.
+                let refresh = announce.incarnation == known && member.state == MemberState::Alive;
+                if newer || refresh {
+                    if member.state != state {
+                        member.since = now;
+                    }
+                    member.state = state;
+                    member.announce = announce;
+                    member.last_heard = now;
+                }
+            }
+            None => {
+                if self.members.len() >= self.config.members_max {
+                    return;
+                }
+                self.members.insert(
+                    id,
+                    Member {
+                        announce,
+                        state,
+                        last_heard: now,
+                        since: now,
+                    },
+                );
+            }
+        }
+    }
+
+    fn on_gone(&mut self, now: Time, id: NodeId, incarnation: u64) {
+        if id == self.me.peer.id {
+            if incarnation >= self.me.incarnation && !self.me.leaving {
+                self.me.incarnation = incarnation + 1;
+                self.counters.refuted += 1;
+                self.announce_now(now);
+            }
+            return;
+        }
+        if let Some(member) = self.members.get_mut(&id)
+            && member.announce.incarnation <= incarnation
+            && member.state == MemberState::Alive
+        {
+            member.state = MemberState::Gone;
+            member.since = now;
+        }
+    }
+
+    fn announce_now(&mut self, now: Time) {
+        if !self.config.enabled {
+            return;
+        }
+        self.news.push(RosterNews::Alive(self.me.clone()));
+        self.counters.announced += 1;
+        self.next_announce = now + self.config.announce_interval;
+    }
+
+    /// When [`Roster::handle_timeout`] should run next.
+    pub fn poll_timeout(&self) -> Time {
+        self.next_announce
+    }
+
+    /// Announces this node and sweeps silent and long-gone members.
+    pub fn handle_timeout(&mut self, now: Time) {
+        if !self.config.enabled || now < self.next_announce {
+            return;
+        }
+        if !self.me.leaving {
+            self.announce_now(now);
+        } else {
+            self.next_announce = now + self.config.announce_interval;
+        }
+        let silent_since = now.saturating_sub(self.config.silence_max);
+        let forget_since = now.saturating_sub(self.config.forget_after);
+        for member in self.members.values_mut() {
+            if member.state == MemberState::Alive && member.last_heard < silent_since {
+                member.state = MemberState::Gone;
+                member.since = now;
+                self.counters.silent_gone += 1;
+            }
+        }
+        self.members
+            .retain(|_, m| m.state == MemberState::Alive || m.since >= forget_since);
+    }
+
+    /// News to broadcast.
+    pub fn drain_news(&mut self) -> std::vec::Drain<'_, RosterNews> {
+        self.news.drain(..)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roster(id: u128) -> Roster {
+        Roster::new(
+            Peer::new(NodeId(id)),
+            RosterConfig::default(),
+            Time::from_secs(100),
+        )
+    }
+
+    fn alive(id: u128, incarnation: u64) -> RosterNews {
+        RosterNews::Alive(Announce {
+            peer: Peer::new(NodeId(id)),
+            incarnation,
+            attributes: vec![("arch".into(), "x86_64".into())],
+            leaving: false,
+        })
+    }
+
+    fn state(r: &Roster, id: u128) -> Option<MemberState> {
+        r.members()
+            .find(|m| m.announce.peer.id == NodeId(id))
+            .map(|m| m.state)
+    }
+
+    #[test]
+    fn first_timeout_announces_with_the_start_time_as_incarnation() {
+        let mut r = roster(1);
+        assert_eq!(r.poll_timeout(), Time::from_secs(100));
+        r.handle_timeout(Time::from_secs(100));
+        let news: Vec<_> = r.drain_news().collect();
+        assert_eq!(
+            news,
+            vec![RosterNews::Alive(Announce {
+                peer: Peer::new(NodeId(1)),
+                incarnation: 100_000,
+                attributes: vec![],
+                leaving: false,
+            })]
+        );
+        assert_eq!(r.poll_timeout(), Time::from_secs(102));
+    }
+
+    #[test]
+    fn reported_failure_is_broadcast_once_and_refuted_by_a_higher_incarnation() {
+        let mut r = roster(1);
+        let now = Time::from_secs(101);
+        r.handle_news(now, alive(2, 7));
+        assert_eq!(state(&r, 2), Some(MemberState::Alive));
+        assert_eq!(r.alive(), 2);
+        r.neighbor_failed(now, NodeId(2));
+        r.neighbor_failed(now, NodeId(2));
+        assert_eq!(
+            r.drain_news().collect::<Vec<_>>(),
+            vec![RosterNews::Gone {
+                id: NodeId(2),
+                incarnation: 7
+            }]
+        );
+        assert_eq!(state(&r, 2), Some(MemberState::Gone));
+        // The same incarnation does not revive it; a higher one does.
+        r.handle_news(now, alive(2, 7));
+        assert_eq!(state(&r, 2), Some(MemberState::Gone));
+        r.handle_news(now, alive(2, 8));
+        assert_eq!(state(&r, 2), Some(MemberState::Alive));
+    }
+
+    #[test]
+    fn news_of_its_own_death_is_refuted_at_once() {
+        let mut r = roster(1);
+        let now = Time::from_secs(101);
+        r.handle_news(
+            now,
+            RosterNews::Gone {
+                id: NodeId(1),
+                incarnation: 100_000,
+            },
+        );
+        let news: Vec<_> = r.drain_news().collect();
+        assert!(matches!(&news[..], [RosterNews::Alive(a)] if a.incarnation == 100_001));
+        assert_eq!(r.counters().refuted, 1);
+        // Old news about an older incarnation changes nothing.
+        r.handle_news(
+            now,
+            RosterNews::Gone {
+                id: NodeId(1),
+                incarnation: 5,
+            },
+        );
+        assert_eq!(r.drain_news().count(), 0);
+    }
+
+    #[test]
+    fn silent_members_are_declared_gone_then_forgotten() {
+        let mut r = roster(1);
+        r.handle_news(Time::from_secs(100), alive(2, 1));
+        r.handle_timeout(Time::from_secs(109));
+        assert_eq!(state(&r, 2), Some(MemberState::Alive));
+        r.handle_timeout(Time::from_secs(111));
+        assert_eq!(state(&r, 2), Some(MemberState::Gone));
+        assert_eq!(r.counters().silent_gone, 1);
+        r.handle_timeout(Time::from_secs(111 + 601));
+        assert_eq!(state(&r, 2), None);
+    }
+
+    #[test]
+    fn leaving_members_are_marked_left_and_oversized_news_is_ignored() {
+        let mut r = roster(1);
+        let now = Time::from_secs(101);
+        let RosterNews::Alive(mut a) = alive(2, 3) else {
+            unreachable!()
+        };
+        a.leaving = true;
+        r.handle_news(now, RosterNews::Alive(a.clone()));
+        assert_eq!(state(&r, 2), Some(MemberState::Left));
+        a.peer = Peer::new(NodeId(3));
+        a.attributes = vec![("k".into(), "v".repeat(ATTRIBUTE_BYTES_MAX + 1))];
+        r.handle_news(now, RosterNews::Alive(a));
+        assert_eq!(state(&r, 3), None);
+    }
+}
