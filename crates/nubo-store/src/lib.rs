@@ -1,0 +1,392 @@
+//! A node's on-disk state: its data directory, secret files, and the redb database holding
+//! the cloud configuration, known peers and the key-value records this node replicates.
+//!
+//! Layout of a data directory (mode 0700):
+//! - `node.key`: the node's secret key (mode 0600), see [`DataDir::read_secret`];
+//! - `state.redb`: configuration, peers and records, see [`StateDb`];
+//! - `blobs/`: values of content-addressed records, one file per BLAKE3 hash, checked against
+//!   their name when read back.
+//!
+//! Every write of a secret goes to a temporary file first and is renamed into place, so a
+//! crash never leaves half a key.
+
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use nubo_proto::NodeId;
+use nubo_proto::blob;
+use nubo_proto::kv::Record;
+use nubo_proto::kv::version::Version;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const PEERS: TableDefinition<u128, &str> = TableDefinition::new("peers");
+const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
+/// Values at least this large of content-addressed keys are kept as files.
+const BLOB_FILE_BYTES_MIN: usize = 4096;
+/// Most peers remembered for rejoining.
+pub const PEERS_MAX: usize = 64;
+
+/// Why the on-disk state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The database failed (it may be held by another running agent).
+    #[error("state database: {0} (is another agent running with this data directory?)")]
+    Database(String),
+    /// Stored bytes did not decode.
+    #[error("state database holds a damaged entry: {0}")]
+    Corrupt(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn db_error(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Database(error.to_string())
+}
+
+/// A node's data directory.
+#[derive(Clone, Debug)]
+pub struct DataDir {
+    path: PathBuf,
+}
+
+impl DataDir {
+    /// The data directory at `path`, created (mode 0700) if missing.
+    pub fn create(path: &Path) -> Result<DataDir, StoreError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(io(path))?;
+        Ok(DataDir {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The data directory at `path`, which must exist.
+    pub fn open(path: &Path) -> Result<DataDir, StoreError> {
+        if !path.is_dir() {
+            return Err(StoreError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such data directory (create one with `nubo init` or `nubo agent --join`)",
+                ),
+            });
+        }
+        Ok(DataDir {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The path of a file in the directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Writes a secret file readable by its owner only (mode 0600), atomically.
+    pub fn write_secret(&self, name: &str, contents: &[u8]) -> Result<(), StoreError> {
+        let path = self.file(name);
+        let temporary = self.file(&format!(".{name}.tmp"));
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)
+            .map_err(io(&temporary))?;
+        file.write_all(contents).map_err(io(&temporary))?;
+        file.sync_all().map_err(io(&temporary))?;
+        fs::rename(&temporary, &path).map_err(io(&path))
+    }
+
+    /// Reads a file of the directory; `None` if it does not exist.
+    pub fn read_secret(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.file(name);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Opens (creating if needed) the state database.
+    pub fn open_state(&self) -> Result<StateDb, StoreError> {
+        StateDb::open(&self.path)
+    }
+}
+
+/// A record as kept on disk: inline, or with its value in a blob file.
+#[derive(Serialize, Deserialize)]
+enum StoredRecord {
+    Inline(Record),
+    InFile { key: Bytes, version: Version },
+}
+
+/// The redb database of a node, plus its blob files.
+///
+/// Contract: [`StateDb::save_records`] is durable when it returns (an Immediate commit; blob
+/// files are synced first), so whatever it saved survives `kill -9`. A blob file whose content
+/// no longer matches its hash is skipped on load, never served.
+pub struct StateDb {
+    db: Database,
+    blobs: PathBuf,
+}
+
+impl StateDb {
+    fn open(dir: &Path) -> Result<StateDb, StoreError> {
+        let path = dir.join("state.redb");
+        let db = Database::create(&path).map_err(db_error)?;
+        let blobs = dir.join("blobs");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&blobs)
+            .map_err(io(&blobs))?;
+        let state = StateDb { db, blobs };
+        // Create the tables, so that readers never meet a missing one.
+        let tx = state.db.begin_write().map_err(db_error)?;
+        tx.open_table(META).map_err(db_error)?;
+        tx.open_table(PEERS).map_err(db_error)?;
+        tx.open_table(RECORDS).map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+        Ok(state)
+    }
+
+    /// A configuration entry.
+    pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_error)?;
+        let table = tx.open_table(META).map_err(db_error)?;
+        Ok(table
+            .get(name)
+            .map_err(db_error)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Sets a configuration entry.
+    pub fn set_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_error)?;
+        tx.open_table(META)
+            .map_err(db_error)?
+            .insert(name, value)
+            .map_err(db_error)?;
+        tx.commit().map_err(db_error)
+    }
+
+    /// The peers remembered for rejoining after a restart.
+    pub fn peers(&self) -> Result<Vec<(NodeId, SocketAddr)>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_error)?;
+        let table = tx.open_table(PEERS).map_err(db_error)?;
+        let mut peers = Vec::new();
+        for entry in table.iter().map_err(db_error)? {
+            let (id, addr) = entry.map_err(db_error)?;
+            if let Ok(addr) = addr.value().parse() {
+                peers.push((NodeId(id.value()), addr));
+            }
+        }
+        Ok(peers)
+    }
+
+    /// Replaces the remembered peers (at most [`PEERS_MAX`] are kept).
+    pub fn set_peers(&self, peers: &[(NodeId, SocketAddr)]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut table = tx.open_table(PEERS).map_err(db_error)?;
+            table.retain(|_, _| false).map_err(db_error)?;
+            for (id, addr) in peers.iter().take(PEERS_MAX) {
+                table
+                    .insert(id.0, addr.to_string().as_str())
+                    .map_err(db_error)?;
+            }
+        }
+        tx.commit().map_err(db_error)
+    }
+
+    /// Every record saved, blob values read back from their files. Records whose file is
+    /// missing or damaged are left out (their replicas still hold them) and counted.
+    pub fn records(&self) -> Result<(Vec<Record>, usize), StoreError> {
+        let tx = self.db.begin_read().map_err(db_error)?;
+        let table = tx.open_table(RECORDS).map_err(db_error)?;
+        let mut records = Vec::new();
+        let mut damaged = 0;
+        for entry in table.iter().map_err(db_error)? {
+            let (_, stored) = entry.map_err(db_error)?;
+            match postcard::from_bytes::<StoredRecord>(stored.value()) {
+                Ok(StoredRecord::Inline(record)) => records.push(record),
+                Ok(StoredRecord::InFile { key, version }) => match fs::read(self.blob_path(&key)) {
+                    Ok(value) if blob::verify(&key, &value) => records.push(Record {
+                        key,
+                        version,
+                        value: Some(Bytes::from(value)),
+                    }),
+                    _ => damaged += 1,
+                },
+                Err(_) => damaged += 1,
+            }
+        }
+        Ok((records, damaged))
+    }
+
+    /// Saves changed records (`None`: removed), durably.
+    pub fn save_records(&self, changes: &[(Bytes, Option<Record>)]) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut table = tx.open_table(RECORDS).map_err(db_error)?;
+            for (key, record) in changes {
+                let previous = table
+                    .remove(key.as_ref())
+                    .map_err(db_error)?
+                    .map(|v| v.value().to_vec());
+                let had_file = previous.is_some_and(|bytes| {
+                    matches!(
+                        postcard::from_bytes::<StoredRecord>(&bytes),
+                        Ok(StoredRecord::InFile { .. })
+                    )
+                });
+                let Some(record) = record else {
+                    if had_file {
+                        let _ = fs::remove_file(self.blob_path(key));
+                    }
+                    continue;
+                };
+                let stored = match &record.value {
+                    Some(value)
+                        if blob::is_content_key(key) && value.len() >= BLOB_FILE_BYTES_MIN =>
+                    {
+                        self.write_blob(key, value)?;
+                        StoredRecord::InFile {
+                            key: key.clone(),
+                            version: record.version,
+                        }
+                    }
+                    _ => StoredRecord::Inline(record.clone()),
+                };
+                let bytes = postcard::to_allocvec(&stored)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                table
+                    .insert(key.as_ref(), bytes.as_slice())
+                    .map_err(db_error)?;
+            }
+        }
+        tx.commit().map_err(db_error)
+    }
+
+    fn blob_path(&self, key: &[u8]) -> PathBuf {
+        let hash = key.strip_prefix(blob::CONTENT_PREFIX).unwrap_or(key);
+        let name: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+        self.blobs.join(name)
+    }
+
+    fn write_blob(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let path = self.blob_path(key);
+        if fs::metadata(&path).is_ok_and(|m| m.len() == value.len() as u64) {
+            return Ok(());
+        }
+        let temporary = path.with_extension("tmp");
+        let mut file = fs::File::create(&temporary).map_err(io(&temporary))?;
+        file.write_all(value).map_err(io(&temporary))?;
+        file.sync_all().map_err(io(&temporary))?;
+        fs::rename(&temporary, &path).map_err(io(&path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(millis: u64) -> Version {
+        Version {
+            millis,
+            counter: 0,
+            writer: NodeId(1),
+        }
+    }
+
+    #[test]
+    fn secrets_are_private_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::create(&dir.path().join("node")).unwrap();
+        assert_eq!(data.read_secret("node.key").unwrap(), None);
+        data.write_secret("node.key", b"secret").unwrap();
+        assert_eq!(data.read_secret("node.key").unwrap().unwrap(), b"secret");
+        let mode = fs::metadata(data.file("node.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn records_peers_and_blobs_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::create(dir.path()).unwrap();
+        let content = vec![7u8; 10_000];
+        let (manifest, chunks) = blob::split(&content).unwrap();
+        let chunk_key = blob::content_key(&chunks[0].0);
+        let small = Record {
+            key: Bytes::from("a"),
+            version: version(1),
+            value: Some(Bytes::from("x")),
+        };
+        let big = Record {
+            key: chunk_key.clone(),
+            version: version(2),
+            value: Some(chunks[0].1.clone()),
+        };
+        {
+            let state = data.open_state().unwrap();
+            state.set_meta("cloud", b"c").unwrap();
+            state
+                .set_peers(&[(NodeId(9), "127.0.0.1:7700".parse().unwrap())])
+                .unwrap();
+            state
+                .save_records(&[
+                    (small.key.clone(), Some(small.clone())),
+                    (big.key.clone(), Some(big.clone())),
+                    (Bytes::from("gone"), None),
+                ])
+                .unwrap();
+        }
+        let state = data.open_state().unwrap();
+        assert_eq!(state.meta("cloud").unwrap().unwrap(), b"c");
+        assert_eq!(state.peers().unwrap().len(), 1);
+        let (mut records, damaged) = state.records().unwrap();
+        records.sort_by(|a, b| a.key.cmp(&b.key));
+        assert_eq!(damaged, 0);
+        assert_eq!(records.len(), 2);
+        assert!(records.contains(&small) && records.contains(&big));
+        // A damaged blob file is not served; removing the record removes its file.
+        fs::write(state.blob_path(&chunk_key), b"tampered").unwrap();
+        assert_eq!(state.records().unwrap(), (vec![small.clone()], 1));
+        state.save_records(&[(chunk_key.clone(), None)]).unwrap();
+        assert!(!state.blob_path(&chunk_key).exists());
+        assert_eq!(manifest.chunks.len(), 1);
+    }
+}
