@@ -98,7 +98,7 @@ pub enum NetEvent {
 }
 
 /// Counters of the transport since start.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetCounters {
     /// Frames received and decoded.
     pub frames_in: u64,

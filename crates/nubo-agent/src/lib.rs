@@ -1,0 +1,236 @@
+//! The nubo agent: one per machine. It drives the protocol core ([`nubo_proto::Node`]) over
+//! the QUIC transport, keeps its state in its data directory, and answers the local API.
+//!
+//! [`run`] wires the parts: load the node's standing (setup), open the state database, bind
+//! the transport, restore the records this node held, start the actor, serve the API, and
+//! on Ctrl-C or SIGTERM leave the cloud gracefully.
+
+pub mod actor;
+pub mod api;
+pub mod clock;
+pub mod host;
+pub mod model;
+pub mod setup;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use nubo_net::{JoinToken, NetError, Transport, TransportConfig};
+use nubo_proto::{Config, Node, Peer};
+use nubo_store::{DataDir, StoreError};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::actor::{Agent, AgentInfo};
+use crate::clock::Clock;
+use crate::setup::SetupError;
+
+/// Capacity of the transport's event channel: readers wait when the actor lags this far.
+const NET_EVENTS_MAX: usize = 4096;
+/// Capacity of the API's command channel.
+const COMMANDS_MAX: usize = 1024;
+
+/// How to run an agent.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Where to listen for other nodes (UDP).
+    pub listen: SocketAddr,
+    /// The address other nodes reach this one at (`host:port`); found from the route to a
+    /// contact, or the listening address, when not given.
+    pub advertise: Option<String>,
+    /// Where to serve the local API (TCP).
+    pub api: SocketAddr,
+    /// Join this cloud first.
+    pub join: Option<JoinToken>,
+    /// Attributes announced besides those detected (`region=eu`).
+    pub attributes: Vec<(String, String)>,
+    /// Stop when the parent process exits (for agents started by `nubo demo` or tests).
+    pub exit_with_parent: bool,
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The data directory is unusable.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The state database is unusable.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The transport could not start.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The API could not start.
+    #[error("cannot serve the API on {addr}: {source} (pick another with --api)")]
+    Api {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The advertised address is not usable.
+    #[error("cannot use --advertise {0}: give host:port that other nodes can reach")]
+    Advertise(String),
+}
+
+/// Runs an agent until Ctrl-C or SIGTERM.
+pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
+    if let Some(token) = &options.join {
+        setup::join(&options.data_dir, token)?;
+    }
+    let data = DataDir::open(&options.data_dir)?;
+    let state = data.open_state()?;
+    let standing = setup::load(&data, &state)?;
+    let id = standing.identity.node_id();
+    let clock = Clock::start();
+
+    let (net_tx, net_rx) = mpsc::channel(NET_EVENTS_MAX);
+    let transport = Transport::bind(
+        &standing.identity,
+        standing.admission.clone(),
+        TransportConfig {
+            listen: options.listen,
+            ..TransportConfig::default()
+        },
+        net_tx,
+    )?;
+    let listen = transport.local_addr();
+    let advertise =
+        advertised_address(options.advertise.as_deref(), listen, &standing.contacts).await?;
+
+    let mut seed = [0u8; 8];
+    getrandom::getrandom(&mut seed).map_err(|e| SetupError::Key(e.to_string()))?;
+    let now = clock.now();
+    let mut node = Node::new(
+        Peer::with_addr(id, advertise),
+        Config::default(),
+        u64::from_le_bytes(seed),
+        now,
+    );
+    let (records, damaged) = state.records()?;
+    let restored = records.len();
+    for record in &records {
+        let _ = node.kv_mut().restore(now, record);
+    }
+    node.kv_mut().track_changes();
+    let mut attributes = host::attributes();
+    attributes.extend(options.attributes.iter().cloned());
+    node.set_attributes(now, attributes);
+    node.set_resources(host::resources());
+    if !standing.contacts.is_empty() {
+        node.join(now, &standing.contacts);
+    }
+
+    let token = setup::api_token(&data)?;
+    let listener = tokio::net::TcpListener::bind(options.api)
+        .await
+        .map_err(|source| AgentError::Api {
+            addr: options.api,
+            source,
+        })?;
+    let api_addr = listener.local_addr().map_err(|source| AgentError::Api {
+        addr: options.api,
+        source,
+    })?;
+    data.write_secret(setup::API_ADDR_FILE, api_addr.to_string().as_bytes())?;
+    let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_MAX);
+    let app = api::router(commands_tx, &token);
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "the API stopped");
+        }
+    });
+
+    tracing::info!(
+        node = %id,
+        cloud = %standing.admission.cloud,
+        %listen,
+        %advertise,
+        api = %api_addr,
+        contacts = standing.contacts.len(),
+        records = restored,
+        records_damaged = damaged,
+        "agent started"
+    );
+    let info = AgentInfo {
+        listen,
+        advertise,
+        admission: standing.admission.clone(),
+        records_damaged_at_start: damaged,
+    };
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let exit_with_parent = options.exit_with_parent;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = parent_exit(), if exit_with_parent => {}
+        }
+        tracing::info!("shutting down: leaving the cloud");
+        let _ = stop_tx.send(());
+    });
+    Agent::new(node, transport.clone(), state, clock, info)
+        .run(net_rx, commands_rx, stop_rx)
+        .await;
+    // Give the goodbye messages a moment to leave, then close every connection.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    transport.close().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match terminate.as_mut() {
+                Some(signal) => { signal.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+}
+
+/// Returns once the process that started this one has exited (we are adopted by another).
+async fn parent_exit() {
+    let parent = std::os::unix::process::parent_id();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        if std::os::unix::process::parent_id() != parent {
+            return;
+        }
+    }
+}
+
+/// The address other nodes should use: the one given, else the listening address if it is
+/// specific, else this machine's address on the route to the first contact.
+async fn advertised_address(
+    given: Option<&str>,
+    listen: SocketAddr,
+    contacts: &[Peer],
+) -> Result<SocketAddr, AgentError> {
+    if let Some(given) = given {
+        return tokio::net::lookup_host(given)
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| AgentError::Advertise(given.to_string()));
+    }
+    if !listen.ip().is_unspecified() {
+        return Ok(listen);
+    }
+    let routed = contacts.iter().filter_map(|c| c.addr).find_map(|contact| {
+        // Connecting a UDP socket sends nothing; it only picks the route.
+        let socket = std::net::UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), 0)).ok()?;
+        socket.connect(contact).ok()?;
+        socket.local_addr().ok().map(|local| local.ip())
+    });
+    let ip = routed.unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    if routed.is_none() {
+        tracing::warn!(
+            "listening on all interfaces with no contact to find a route to: advertising {ip}; pass --advertise host:port so others can reach this node"
+        );
+    }
+    Ok(SocketAddr::new(ip, listen.port()))
+}

@@ -1,0 +1,248 @@
+//! `nubo demo`: a local cloud of several real agents on loopback, in a temporary directory.
+//!
+//! The first agent creates the cloud; the others join it with a token from its API. The demo
+//! waits until every agent sees every other alive, prints what to try, and on Ctrl-C stops
+//! the agents (SIGTERM, then SIGKILL after a grace period) and removes the directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use nubo_agent::model::{Invite, Status};
+use nubo_agent::setup;
+
+use crate::client::{Client, Target};
+
+/// Options of `nubo demo`.
+#[derive(Args)]
+pub struct DemoArgs {
+    /// How many agents to start.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=200))]
+    nodes: u16,
+    /// Keep the directory (with every agent's log) after stopping.
+    #[arg(long)]
+    keep: bool,
+    /// How long to wait for the cloud to converge, in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+}
+
+struct Agents {
+    children: Vec<Child>,
+    dir: Option<tempfile::TempDir>,
+    keep: bool,
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for child in &self.children {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for child in &mut self.children {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(dir) = self.dir.take()
+            && self.keep
+        {
+            let kept = dir.keep();
+            eprintln!("Kept {}", kept.display());
+        }
+    }
+}
+
+fn spawn_agent(dir: &Path, join: Option<&str>) -> Result<Child, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .recursive(true)
+        .create(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let log = std::fs::File::create(dir.join("agent.log"))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut command = std::process::Command::new(exe);
+    command
+        .arg("agent")
+        .arg("--data-dir")
+        .arg(dir)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+            "--exit-with-parent",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    if let Some(token) = join {
+        // By environment rather than argument: process lists show arguments to everyone.
+        command.env("NUBO_JOIN", token);
+    }
+    command
+        .spawn()
+        .map_err(|e| format!("cannot start an agent: {e}"))
+}
+
+fn client_of(dir: &Path) -> Result<Client, String> {
+    Client::connect(&Target {
+        data_dir: dir,
+        api: None,
+        token: None,
+    })
+}
+
+/// Waits until the agent in `dir` answers, returning its client.
+fn wait_for_api(dir: &Path, child: &mut Child, deadline: Instant) -> Result<Client, String> {
+    loop {
+        if let Ok(client) = client_of(dir)
+            && client.json::<Status>("GET", "/v1/status", None).is_ok()
+        {
+            return Ok(client);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "the agent in {} exited ({status}); see {}",
+                dir.display(),
+                dir.join("agent.log").display()
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the agent in {} did not start in time",
+                dir.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs the demo until Ctrl-C.
+pub fn run(args: DemoArgs) -> Result<(), String> {
+    let dir = tempfile::Builder::new()
+        .prefix("nubo-demo-")
+        .tempdir()
+        .map_err(|e| format!("cannot make a temporary directory: {e}"))?;
+    let root = dir.path().to_path_buf();
+    let mut agents = Agents {
+        children: Vec::new(),
+        dir: Some(dir),
+        keep: args.keep,
+    };
+    let n = usize::from(args.nodes);
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    let dirs: Vec<PathBuf> = (1..=n).map(|i| root.join(format!("node{i}"))).collect();
+
+    let report = setup::init(&dirs[0]).map_err(|e| e.to_string())?;
+    eprintln!("Created cloud {} in {}", report.cloud_id, root.display());
+    agents.children.push(spawn_agent(&dirs[0], None)?);
+    let first = wait_for_api(&dirs[0], &mut agents.children[0], deadline)?;
+    let invite: Invite = first.json("POST", "/v1/invite?ttl_secs=3600", None)?;
+    for dir in &dirs[1..] {
+        agents.children.push(spawn_agent(dir, Some(&invite.token))?);
+    }
+    let mut clients = vec![first];
+    for (i, dir) in dirs.iter().enumerate().skip(1) {
+        clients.push(wait_for_api(dir, &mut agents.children[i], deadline)?);
+    }
+    eprintln!("Started {n} agents; waiting until each sees all {n} alive…");
+    let mut shown = usize::MAX;
+    let statuses = loop {
+        let statuses: Vec<Option<Status>> = clients
+            .iter()
+            .map(|c| c.json::<Status>("GET", "/v1/status", None).ok())
+            .collect();
+        let converged = statuses
+            .iter()
+            .filter(|s| s.as_ref().is_some_and(|s| s.members_alive == n))
+            .count();
+        if converged != shown {
+            shown = converged;
+            eprint!("\r  {converged}/{n} agents see the whole cloud");
+        }
+        if converged == n {
+            eprintln!();
+            break statuses.into_iter().flatten().collect::<Vec<_>>();
+        }
+        if Instant::now() > deadline {
+            eprintln!();
+            return Err(format!(
+                "the cloud did not converge within {} s; agent logs are in {}/node*/agent.log (use --keep to look at them)",
+                args.timeout_secs,
+                root.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+
+    println!();
+    println!("nubo demo: a cloud of {n} agents on loopback");
+    println!();
+    crate::table::print(
+        &["NODE", "ID", "LISTEN", "DATA DIR"],
+        &statuses
+            .iter()
+            .zip(&dirs)
+            .enumerate()
+            .map(|(i, (s, d))| {
+                vec![
+                    format!("node{}", i + 1),
+                    s.node_id[..8].to_string(),
+                    s.listen.clone(),
+                    d.display().to_string(),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    );
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "nubo".into());
+    println!();
+    println!("Try, in another terminal:");
+    println!("  export NUBO_DATA_DIR={}", dirs[0].display());
+    println!("  {exe} nodes                      # every member, alive or not");
+    println!("  {exe} kv put greeting hello      # replicated on 3 nodes");
+    println!(
+        "  {exe} kv get greeting --data-dir {}",
+        dirs[n - 1].display()
+    );
+    println!("  {exe} stats                      # the cloud's size and resources");
+    println!("  kill -9 <pid of one agent>, then `{exe} nodes` again");
+    println!();
+    println!(
+        "Agent logs: {}/node*/agent.log. Press Ctrl-C to stop.",
+        root.display()
+    );
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut terminate), Ok(mut hangup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+            _ = hangup.recv() => {}
+        }
+    });
+    eprintln!("\nStopping the agents…");
+    drop(agents);
+    Ok(())
+}

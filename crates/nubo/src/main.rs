@@ -1,0 +1,593 @@
+//! `nubo`: run an agent, create and join clouds, and talk to the local agent.
+
+mod client;
+mod demo;
+mod table;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use nubo_agent::model::{BlobStored, Invite, LocalRecord, NodeInfo, Stats, Status, Written};
+use nubo_agent::{AgentOptions, setup};
+use nubo_net::JoinToken;
+
+use crate::client::{Client, Target, escape_key, read_body};
+
+#[derive(Parser)]
+#[command(
+    name = "nubo",
+    version,
+    about = "A decentralized, self-organizing service cloud",
+    long_about = "nubo: machines contributed by a community each run one agent; the agents form a \
+peer-to-peer cloud with no central server.\n\nStart here: `nubo demo` runs a local cloud of 5 agents.",
+    after_help = "Examples:\n  nubo demo                          # a local 5-node cloud to play with\n  nubo init --data-dir ./n1          # create a cloud\n  nubo agent --data-dir ./n1         # run its first node\n  nubo invite --data-dir ./n1        # a token for the next node\n  nubo agent --data-dir ./n2 --join nubo1_...\n  nubo nodes --data-dir ./n1"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How to reach the local agent.
+#[derive(Args, Clone)]
+struct AgentTarget {
+    /// The agent's data directory (its API address and token are read from it).
+    #[arg(long, env = "NUBO_DATA_DIR", default_value_os_t = default_data_dir())]
+    data_dir: PathBuf,
+    /// The API address, overriding the one in the data directory.
+    #[arg(long, env = "NUBO_API")]
+    api: Option<String>,
+    /// The API token, overriding the one in the data directory.
+    #[arg(long, env = "NUBO_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl AgentTarget {
+    fn client(&self) -> Result<Client, String> {
+        Client::connect(&Target {
+            data_dir: &self.data_dir,
+            api: self.api.as_deref(),
+            token: self.token.as_deref(),
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run this machine's agent.
+    #[command(
+        after_help = "Examples:\n  nubo agent --data-dir ./n1\n  nubo agent --data-dir ./n2 --join nubo1_... --attr region=eu"
+    )]
+    Agent(AgentArgs),
+    /// Create a new cloud, with this data directory as its first node.
+    #[command(after_help = "Example:\n  nubo init --data-dir ./n1 && nubo agent --data-dir ./n1")]
+    Init {
+        /// Where the node keeps its state.
+        #[arg(long, env = "NUBO_DATA_DIR", default_value_os_t = default_data_dir())]
+        data_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a join token for a new node (ask the running agent).
+    #[command(after_help = "Example:\n  nubo invite --ttl-secs 3600")]
+    Invite {
+        #[command(flatten)]
+        target: AgentTarget,
+        /// How long the token stays valid, in seconds.
+        #[arg(long, default_value_t = 24 * 3600)]
+        ttl_secs: u64,
+    },
+    /// This agent's status.
+    #[command(after_help = "Example:\n  nubo status --json")]
+    Status(AgentTarget),
+    /// Every member of the cloud: id, address, state, attributes, last heard.
+    #[command(after_help = "Example:\n  nubo nodes")]
+    Nodes(AgentTarget),
+    /// The cloud's size and resources, as aggregation estimates them.
+    #[command(after_help = "Example:\n  nubo stats")]
+    Stats(AgentTarget),
+    /// The replicated key-value store.
+    Kv {
+        #[command(subcommand)]
+        command: KvCommand,
+    },
+    /// Blobs: files chunked and stored by content in the key-value store.
+    Blob {
+        #[command(subcommand)]
+        command: BlobCommand,
+    },
+    /// Start a local cloud of several agents on loopback, to try nubo.
+    #[command(
+        after_help = "Example:\n  nubo demo --nodes 5    # then follow the printed hints; Ctrl-C stops it"
+    )]
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Where the node keeps its state.
+    #[arg(long, env = "NUBO_DATA_DIR", default_value_os_t = default_data_dir())]
+    data_dir: PathBuf,
+    /// Address to listen on for other nodes (UDP).
+    #[arg(long, default_value = "0.0.0.0:7700")]
+    listen: SocketAddr,
+    /// Address other nodes reach this one at (host:port), if not the listening one.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Address of the local API (TCP); keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1:7701")]
+    api: SocketAddr,
+    /// Join the cloud of this token (from `nubo invite`) on first start.
+    #[arg(long, env = "NUBO_JOIN")]
+    join: Option<String>,
+    /// An attribute to announce, NAME=VALUE (repeatable).
+    #[arg(long = "attr", value_parser = parse_attribute)]
+    attributes: Vec<(String, String)>,
+    /// Stop when the process that started this agent exits (used by `nubo demo`).
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
+    /// Log filter: error, warn, info, debug, trace, or per module (`nubo_net=debug`).
+    #[arg(long, env = "NUBO_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Subcommand)]
+enum KvCommand {
+    /// Write a value (`-` reads it from standard input).
+    #[command(
+        after_help = "Examples:\n  nubo kv put greeting hello\n  echo hello | nubo kv put greeting -"
+    )]
+    Put {
+        /// The key.
+        key: String,
+        /// The value, or `-` for standard input.
+        value: String,
+        #[command(flatten)]
+        target: AgentTarget,
+    },
+    /// Read a value (printed as is).
+    #[command(after_help = "Example:\n  nubo kv get greeting")]
+    Get {
+        /// The key.
+        key: String,
+        #[command(flatten)]
+        target: AgentTarget,
+    },
+    /// Delete a key.
+    #[command(after_help = "Example:\n  nubo kv rm greeting")]
+    Rm {
+        /// The key.
+        key: String,
+        #[command(flatten)]
+        target: AgentTarget,
+    },
+    /// Whether this node itself holds a replica of a key.
+    #[command(after_help = "Example:\n  nubo kv local greeting --json")]
+    Local {
+        /// The key.
+        key: String,
+        #[command(flatten)]
+        target: AgentTarget,
+    },
+}
+
+#[derive(Subcommand)]
+enum BlobCommand {
+    /// Store a file; prints its id.
+    #[command(after_help = "Example:\n  nubo blob put site.tar.gz")]
+    Put {
+        /// The file (`-` for standard input).
+        file: PathBuf,
+        #[command(flatten)]
+        target: AgentTarget,
+    },
+    /// Fetch a blob by id.
+    #[command(after_help = "Example:\n  nubo blob get 3f2a...e1 -o site.tar.gz")]
+    Get {
+        /// The blob's id.
+        id: String,
+        /// Write it here instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        target: AgentTarget,
+    },
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(dir).join("nubo");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/nubo"),
+        None => PathBuf::from("nubo-data"),
+    }
+}
+
+fn parse_attribute(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or("an attribute is NAME=VALUE, e.g. region=eu")?;
+    if name.is_empty() {
+        return Err("an attribute needs a name, e.g. region=eu".into());
+    }
+    Ok((name.to_string(), value.to_string()))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    println!("{text}");
+    Ok(())
+}
+
+fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Agent(args) => agent(args),
+        Command::Init { data_dir, json } => {
+            let report = setup::init(&data_dir).map_err(|e| e.to_string())?;
+            if json {
+                return print_json(&report);
+            }
+            println!("Created cloud {}", report.cloud_id);
+            println!("  first node   {}", report.node_id);
+            println!("  data dir     {}", report.data_dir);
+            println!(
+                "  admin key    {} (secret in admin.key)",
+                report.admin_public_key
+            );
+            println!();
+            println!("Next: nubo agent --data-dir {}", report.data_dir);
+            Ok(())
+        }
+        Command::Invite { target, ttl_secs } => {
+            let invite: Invite =
+                target
+                    .client()?
+                    .json("POST", &format!("/v1/invite?ttl_secs={ttl_secs}"), None)?;
+            if target.json {
+                return print_json(&invite);
+            }
+            println!("{}", invite.token);
+            eprintln!(
+                "Join with: nubo agent --data-dir DIR --join <token above>   (contacts: {}; valid {} s)",
+                invite.contacts.join(", "),
+                ttl_secs
+            );
+            Ok(())
+        }
+        Command::Status(target) => {
+            let status: Status = target.client()?.json("GET", "/v1/status", None)?;
+            if target.json {
+                return print_json(&status);
+            }
+            print_status(&status);
+            Ok(())
+        }
+        Command::Nodes(target) => {
+            let nodes: Vec<NodeInfo> = target.client()?.json("GET", "/v1/nodes", None)?;
+            if target.json {
+                return print_json(&nodes);
+            }
+            print_nodes(&nodes);
+            Ok(())
+        }
+        Command::Stats(target) => {
+            let stats: Stats = target.client()?.json("GET", "/v1/stats", None)?;
+            if target.json {
+                return print_json(&stats);
+            }
+            print_stats(&stats);
+            Ok(())
+        }
+        Command::Kv { command } => kv(command),
+        Command::Blob { command } => blob(command),
+        Command::Demo(args) => demo::run(args),
+    }
+}
+
+fn agent(args: AgentArgs) -> Result<(), String> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .map_err(|e| format!("--log {}: {e}", args.log))?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let join = match &args.join {
+        Some(text) => Some(
+            JoinToken::decode(text, nubo_agent::clock::unix_now().as_secs())
+                .map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
+    let options = AgentOptions {
+        data_dir: args.data_dir,
+        listen: args.listen,
+        advertise: args.advertise,
+        api: args.api,
+        join,
+        attributes: args.attributes,
+        exit_with_parent: args.exit_with_parent,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime
+        .block_on(nubo_agent::run(options))
+        .map_err(|e| e.to_string())
+}
+
+fn kv(command: KvCommand) -> Result<(), String> {
+    match command {
+        KvCommand::Put { key, value, target } => {
+            let bytes = if value == "-" {
+                let mut bytes = Vec::new();
+                std::io::stdin()
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| format!("reading standard input: {e}"))?;
+                bytes
+            } else {
+                value.into_bytes()
+            };
+            let written: Written = target.client()?.json(
+                "PUT",
+                &format!("/v1/kv/{}", escape_key(&key)),
+                Some(&bytes),
+            )?;
+            if target.json {
+                return print_json(&written);
+            }
+            println!("stored {} at version {}", written.key, written.version);
+            Ok(())
+        }
+        KvCommand::Get { key, target } => {
+            let response =
+                target
+                    .client()?
+                    .send("GET", &format!("/v1/kv/{}", escape_key(&key)), None)?;
+            let version = response
+                .header(nubo_agent::api::VERSION_HEADER)
+                .unwrap_or("")
+                .to_string();
+            let bytes = read_body(response)?;
+            if target.json {
+                return print_json(&serde_json::json!({
+                    "key": key,
+                    "value": String::from_utf8_lossy(&bytes),
+                    "version": version,
+                }));
+            }
+            std::io::stdout()
+                .write_all(&bytes)
+                .map_err(|e| e.to_string())?;
+            if !bytes.ends_with(b"\n") && !bytes.is_empty() {
+                println!();
+            }
+            Ok(())
+        }
+        KvCommand::Rm { key, target } => {
+            let written: Written =
+                target
+                    .client()?
+                    .json("DELETE", &format!("/v1/kv/{}", escape_key(&key)), None)?;
+            if target.json {
+                return print_json(&written);
+            }
+            println!("deleted {} at version {}", written.key, written.version);
+            Ok(())
+        }
+        KvCommand::Local { key, target } => {
+            let local: LocalRecord = target.client()?.json(
+                "GET",
+                &format!("/v1/kv-local/{}", escape_key(&key)),
+                None,
+            )?;
+            if target.json {
+                return print_json(&local);
+            }
+            match (local.held, local.deleted) {
+                (false, _) => println!("this node holds no replica of {}", local.key),
+                (true, true) => println!(
+                    "this node holds a deletion of {} at {}",
+                    local.key,
+                    local.version.unwrap_or_default()
+                ),
+                (true, false) => println!(
+                    "this node holds {} at {}",
+                    local.key,
+                    local.version.unwrap_or_default()
+                ),
+            }
+            Ok(())
+        }
+    }
+}
+
+fn blob(command: BlobCommand) -> Result<(), String> {
+    match command {
+        BlobCommand::Put { file, target } => {
+            let bytes = if file.as_os_str() == "-" {
+                let mut bytes = Vec::new();
+                std::io::stdin()
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| format!("reading standard input: {e}"))?;
+                bytes
+            } else {
+                std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?
+            };
+            eprintln!("uploading {} bytes…", bytes.len());
+            let stored: BlobStored = target.client()?.json("POST", "/v1/blobs", Some(&bytes))?;
+            if target.json {
+                return print_json(&stored);
+            }
+            println!("{}", stored.id);
+            eprintln!("stored {} bytes in {} chunks", stored.size, stored.chunks);
+            Ok(())
+        }
+        BlobCommand::Get { id, output, target } => {
+            let response = target
+                .client()?
+                .send("GET", &format!("/v1/blobs/{id}"), None)?;
+            let bytes = read_body(response)?;
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, &bytes)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    if target.json {
+                        return print_json(&serde_json::json!({
+                            "id": id, "size": bytes.len(), "output": path,
+                        }));
+                    }
+                    eprintln!("wrote {} bytes to {}", bytes.len(), path.display());
+                }
+                None => std::io::stdout()
+                    .write_all(&bytes)
+                    .map_err(|e| e.to_string())?,
+            }
+            Ok(())
+        }
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(8)]
+}
+
+fn print_status(status: &Status) {
+    let rows = [
+        ("node", status.node_id.clone()),
+        ("cloud", status.cloud_id.clone()),
+        ("version", status.version.clone()),
+        ("listen", status.listen.clone()),
+        ("advertise", status.advertise.clone()),
+        (
+            "uptime",
+            format_duration(Duration::from_secs(status.uptime_secs)),
+        ),
+        (
+            "members",
+            format!(
+                "{} alive of {} known",
+                status.members_alive, status.members_known
+            ),
+        ),
+        ("neighbours", status.neighbors.join(" ")),
+        ("passive view", status.passive.to_string()),
+        (
+            "ring",
+            format!(
+                "predecessor {} successor {}",
+                status.ring_predecessor.as_deref().unwrap_or("-"),
+                status.ring_successor.as_deref().unwrap_or("-")
+            ),
+        ),
+        (
+            "kv",
+            format!(
+                "{} records, {} bytes, {} operations in progress",
+                status.kv_records, status.kv_bytes, status.kv_ops
+            ),
+        ),
+        (
+            "network",
+            format!(
+                "{} connections, {} frames in, {} out, {} dropped, {} malformed, {} refused handshakes",
+                status.net.connections,
+                status.net.frames_in,
+                status.net.frames_out,
+                status.net.frames_dropped,
+                status.net.frames_malformed + status.net.frames_oversized,
+                status.net.handshakes_refused
+            ),
+        ),
+        ("disk", format!("{} failed saves", status.persist_failures)),
+    ];
+    for (name, value) in rows {
+        println!("{name:<13} {value}");
+    }
+}
+
+fn print_nodes(nodes: &[NodeInfo]) {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let attributes: Vec<String> = n
+                .attributes
+                .iter()
+                .filter(|(k, _)| !["os", "version", "memory_bytes"].contains(&k.as_str()))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            vec![
+                format!("{}{}", short(&n.id), if n.this_node { "*" } else { "" }),
+                n.addr.clone().unwrap_or_else(|| "-".into()),
+                n.state.clone(),
+                if n.this_node {
+                    "-".into()
+                } else {
+                    format!("{:.1}s ago", n.last_heard_secs)
+                },
+                attributes.join(" "),
+            ]
+        })
+        .collect();
+    table::print(
+        &["ID", "ADDRESS", "STATE", "LAST HEARD", "ATTRIBUTES"],
+        &rows,
+    );
+}
+
+fn print_stats(stats: &Stats) {
+    println!("members alive (roster)   {}", stats.members_alive);
+    match (stats.size_estimate, stats.totals, stats.epoch) {
+        (Some(size), Some(totals), Some(epoch)) => {
+            println!("size estimate            {size:.1} nodes (aggregation epoch {epoch})");
+            println!(
+                "cpu cores                {:.0} total, {:.0} free",
+                totals.cores, totals.cores_free
+            );
+            println!(
+                "memory                   {} total, {} free",
+                bytes_text(totals.memory_bytes),
+                bytes_text(totals.memory_free_bytes)
+            );
+        }
+        _ => println!(
+            "size estimate            not yet (the first aggregation epoch takes about 30 s)"
+        ),
+    }
+    println!("this node's rank         {:.2}", stats.rank);
+}
+
+fn bytes_text(bytes: f64) -> String {
+    const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+    format!("{:.1} GiB", bytes / GIB)
+}
+
+fn format_duration(span: Duration) -> String {
+    let secs = span.as_secs();
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{}s", secs / 60, secs % 60),
+        _ => format!("{}h{}m", secs / 3600, (secs % 3600) / 60),
+    }
+}

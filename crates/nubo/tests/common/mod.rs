@@ -1,0 +1,237 @@
+//! A harness for tests of real agent processes on loopback: start a cloud, call the CLI,
+//! wait for conditions, kill and restart agents.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// Agent tests share two cores: run one cloud at a time.
+pub static ONE_CLOUD_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+pub const NUBO: &str = env!("CARGO_BIN_EXE_nubo");
+
+/// One agent process and its data directory.
+pub struct Agent {
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts an agent on `dir`, joining with `token` if given.
+    pub fn start(dir: &Path, token: Option<&str>) -> Agent {
+        std::fs::create_dir_all(dir).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("agent.log"))
+            .unwrap();
+        let mut command = Command::new(NUBO);
+        command
+            .args(["agent", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+            .arg("--exit-with-parent")
+            .arg("--data-dir")
+            .arg(dir)
+            .env("NUBO_LOG", "info")
+            .env_remove("NUBO_JOIN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(token) = token {
+            command.env("NUBO_JOIN", token);
+        }
+        let mut agent = Agent {
+            dir: dir.to_path_buf(),
+            child: Some(command.spawn().expect("start an agent")),
+        };
+        // A previous run's address file must not be mistaken for this run's.
+        agent.wait_for_api();
+        agent
+    }
+
+    fn wait_for_api(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.try_json::<Value>(&["status"]).is_ok() {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!(
+                    "agent in {} exited: {status}\n{}",
+                    self.dir.display(),
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `nubo ARGS --data-dir DIR --json` and parses its output.
+    pub fn try_json<T: DeserializeOwned>(&self, args: &[&str]) -> Result<T, String> {
+        let output = Command::new(NUBO)
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .arg("--json")
+            .env_remove("NUBO_API")
+            .env_remove("NUBO_TOKEN")
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+        }
+        serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())
+    }
+
+    pub fn json<T: DeserializeOwned>(&self, args: &[&str]) -> T {
+        self.try_json(args)
+            .unwrap_or_else(|e| panic!("nubo {args:?} on {}: {e}", self.dir.display()))
+    }
+
+    pub fn status(&self) -> Value {
+        self.json(&["status"])
+    }
+
+    pub fn members_alive(&self) -> u64 {
+        self.try_json::<Value>(&["status"])
+            .ok()
+            .and_then(|s| s["members_alive"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// States of the members this agent knows, by id.
+    pub fn member_states(&self) -> Vec<(String, String)> {
+        let nodes: Vec<Value> = self.try_json(&["nodes"]).unwrap_or_default();
+        nodes
+            .iter()
+            .map(|n| {
+                (
+                    n["id"].as_str().unwrap_or("").to_string(),
+                    n["state"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn node_id(&self) -> String {
+        self.status()["node_id"].as_str().unwrap().to_string()
+    }
+
+    pub fn holds(&self, key: &str) -> bool {
+        self.try_json::<Value>(&["kv", "local", key])
+            .is_ok_and(|v| v["held"].as_bool() == Some(true))
+    }
+
+    pub fn put(&self, key: &str, value: &str) -> Result<Value, String> {
+        self.try_json(&["kv", "put", key, value])
+    }
+
+    pub fn get(&self, key: &str) -> Result<String, String> {
+        self.try_json::<Value>(&["kv", "get", key])
+            .map(|v| v["value"].as_str().unwrap_or("").to_string())
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Restarts on the same data directory, with no token.
+    pub fn restart(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(self.dir.join("api.addr"));
+        *self = Agent::start(&self.dir.clone(), None);
+    }
+
+    pub fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A cloud of agents in a temporary directory.
+pub struct Cloud {
+    pub root: tempfile::TempDir,
+    pub agents: Vec<Agent>,
+}
+
+impl Cloud {
+    /// Creates a cloud and starts `n` agents in it.
+    pub fn start(n: usize) -> Cloud {
+        let root = tempfile::Builder::new()
+            .prefix("nubo-test-")
+            .tempdir()
+            .unwrap();
+        let first_dir = root.path().join("node1");
+        let init = Command::new(NUBO)
+            .args(["init", "--json", "--data-dir"])
+            .arg(&first_dir)
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "{}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let mut agents = vec![Agent::start(&first_dir, None)];
+        let token = agents[0].invite();
+        for i in 2..=n {
+            agents.push(Agent::start(
+                &root.path().join(format!("node{i}")),
+                Some(&token),
+            ));
+        }
+        Cloud { root, agents }
+    }
+
+    /// Dumps every agent's log (for a failing test).
+    pub fn logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(|a| format!("--- {}\n{}", a.dir.display(), a.log()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Agent {
+    pub fn invite(&self) -> String {
+        let invite: Value = self.json(&["invite"]);
+        invite["token"].as_str().unwrap().to_string()
+    }
+}
+
+/// Polls `condition` every 200 ms until it holds; returns how long that took, or `None` at
+/// the deadline.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if condition() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
