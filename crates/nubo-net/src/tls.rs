@@ -16,6 +16,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
+use crate::NetError;
 use crate::admission::Admission;
 use crate::identity::{Identity, node_id_of};
 
@@ -134,6 +135,12 @@ impl PeerVerifier {
         }
     }
 
+    /// A verifier for `admission` with the ring provider's algorithms and its own counter.
+    pub fn for_cloud(admission: Admission) -> Arc<PeerVerifier> {
+        let provider = rustls::crypto::ring::default_provider();
+        Arc::new(PeerVerifier::new(admission, &provider, Arc::default()))
+    }
+
     fn check(&self, der: &[u8], expected: Option<NodeId>) -> Result<NodeId, rustls::Error> {
         let result = check_certificate(&self.admission, der).and_then(|found| match expected {
             Some(expected) if expected != found => Err(Refusal::WrongNode { expected, found }),
@@ -231,31 +238,44 @@ pub fn configs(
     identity: &Identity,
     admission: &Admission,
     refused: Arc<AtomicU64>,
-) -> Result<(rustls::ServerConfig, rustls::ClientConfig), crate::NetError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+) -> Result<(rustls::ServerConfig, rustls::ClientConfig), NetError> {
     let proof = admission.proof(&identity.public_key());
-    let (cert, key) =
-        certificate(identity, &proof).map_err(|e| crate::NetError::Tls(e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(PeerVerifier::new(admission.clone(), &provider, refused));
-    let tls = |e: rustls::Error| crate::NetError::Tls(e.to_string());
-
-    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+    let (cert, key) = certificate(identity, &proof).map_err(|e| NetError::Tls(e.to_string()))?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls)?
+        .map_err(tls_error)?
         .with_client_cert_verifier(verifier.clone())
-        .with_single_cert(vec![cert.clone()], key.clone_key())
-        .map_err(tls)?;
+        .with_single_cert(vec![cert], key)
+        .map_err(tls_error)?;
     server.alpn_protocols = vec![ALPN.to_vec()];
+    let client = client_config(identity, &proof, verifier)?;
+    Ok((server, client))
+}
 
+/// A client configuration presenting `proof` (any proof: tests use it to impersonate a
+/// node with a forged credential) and checking servers with `verifier`.
+pub fn client_config(
+    identity: &Identity,
+    proof: &[u8; 32],
+    verifier: Arc<PeerVerifier>,
+) -> Result<rustls::ClientConfig, NetError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let (cert, key) = certificate(identity, proof).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls)?
+        .map_err(tls_error)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(vec![cert], key)
-        .map_err(tls)?;
+        .map_err(tls_error)?;
     client.alpn_protocols = vec![ALPN.to_vec()];
-    Ok((server, client))
+    Ok(client)
+}
+
+fn tls_error(error: rustls::Error) -> NetError {
+    NetError::Tls(error.to_string())
 }
 
 /// The node id in a connection's peer certificate (already checked in the handshake).
