@@ -45,6 +45,9 @@ pub struct AgentOptions {
     pub join: Option<JoinToken>,
     /// Attributes announced besides those detected (`region=eu`).
     pub attributes: Vec<(String, String)>,
+    /// Create a new cloud if the data directory belongs to none (for the first node of a
+    /// cloud started by automation, where running `nubo init` first is awkward).
+    pub bootstrap: bool,
     /// Stop when the parent process exits (for agents started by `nubo demo` or tests).
     pub exit_with_parent: bool,
 }
@@ -78,6 +81,9 @@ pub enum AgentError {
 pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     if let Some(token) = &options.join {
         setup::join(&options.data_dir, token)?;
+    } else if options.bootstrap && !setup::has_cloud(&options.data_dir)? {
+        let report = setup::init(&options.data_dir)?;
+        tracing::info!(cloud = %report.cloud_id, "created a new cloud");
     }
     let data = DataDir::open(&options.data_dir)?;
     let state = data.open_state()?;

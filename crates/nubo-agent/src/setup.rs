@@ -91,6 +91,15 @@ fn cloud_of(state: &StateDb) -> Result<Option<Admission>, SetupError> {
     }
 }
 
+/// Whether the data directory at `path` belongs to a cloud.
+pub fn has_cloud(path: &Path) -> Result<bool, SetupError> {
+    if !path.join("state.redb").exists() {
+        return Ok(false);
+    }
+    let data = DataDir::open(path)?;
+    Ok(cloud_of(&data.open_state()?)?.is_some())
+}
+
 /// Creates a new cloud with this data directory's node as its first member.
 pub fn init(path: &Path) -> Result<InitReport, SetupError> {
     let data = DataDir::create(path)?;

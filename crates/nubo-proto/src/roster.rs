@@ -3,17 +3,22 @@
 //!
 //! The overlays know only a few peers each; operators and placement want the whole list. Every
 //! node broadcasts an [`Announce`] of itself every `announce_interval` (and at once when it
-//! first gets a neighbour), carrying an *incarnation* that only it ever raises. A member is
-//! alive while its announcements keep coming; it is declared gone when
+//! first gets a neighbour), numbered by its *incarnation* (its start time) and a sequence
+//! number that grows with every announcement, so that of two pieces of news about a member the
+//! newer is always known. A member is alive while its announcements keep coming; it is
+//! declared gone when
 //! - a neighbour's failure detector reports it (HyParView's `Departed`): that neighbour
-//!   broadcasts [`RosterNews::Gone`] for the incarnation it knew, so every node learns of the
-//!   failure within one broadcast rather than after a silence;
+//!   broadcasts [`RosterNews::Gone`] naming the last announcement it knew, so every node learns
+//!   of the failure within one broadcast rather than after a silence;
 //! - or nothing was heard from it for `silence_max` (covers a member whose neighbours all
 //!   failed with it).
 //!
-//! A wrongly declared member hears the news about itself and refutes it by announcing a higher
-//! incarnation (SWIM's rule), which overrides the `Gone` everywhere. A member that leaves says
-//! so in its last announcement. Gone members are forgotten after `forget_after`.
+//! Any announcement newer than the one a member was declared gone at brings it back, so a
+//! member cut off by a partition reappears with its first announcement after the healing. A
+//! member that hears of its own death announces itself at once, undoing a wrong declaration
+//! within one broadcast (SWIM's refutation, with the sequence number in the role of SWIM's
+//! incarnation). A member that leaves says so in its last announcement. Gone members are
+//! forgotten after `forget_after`.
 //!
 //! Cost: one broadcast per member per interval, so the traffic grows with the square of the
 //! cloud's size; the defaults suit clouds up to a few thousand nodes.
@@ -63,12 +68,22 @@ impl Default for RosterConfig {
 pub struct Announce {
     /// The member and where it listens.
     pub peer: Peer,
-    /// Raised by the member only; a higher incarnation overrides everything said before.
+    /// The member's start time in milliseconds: a restarted member's news is newer than
+    /// anything said of its previous life.
     pub incarnation: u64,
+    /// Counts the member's announcements within one incarnation.
+    pub seq: u64,
     /// Free-form attributes (architecture, region, capacity), sorted by name.
     pub attributes: Vec<(String, String)>,
     /// The member is leaving the cloud for good.
     pub leaving: bool,
+}
+
+impl Announce {
+    /// How new this announcement is: later announcements compare greater.
+    pub fn order(&self) -> (u64, u64) {
+        (self.incarnation, self.seq)
+    }
 }
 
 /// Roster news, carried by broadcast.
@@ -76,12 +91,14 @@ pub struct Announce {
 pub enum RosterNews {
     /// A member is alive (or leaving).
     Alive(Announce),
-    /// A member was found dead at this incarnation.
+    /// A member was found dead after this announcement.
     Gone {
         /// The member.
         id: NodeId,
-        /// The incarnation that was found dead.
+        /// The incarnation of the last announcement known.
         incarnation: u64,
+        /// Its sequence number.
+        seq: u64,
     },
 }
 
@@ -172,6 +189,7 @@ impl Roster {
             me: Announce {
                 peer: me,
                 incarnation: now.as_micros() / 1_000,
+                seq: 0,
                 attributes: Vec::new(),
                 leaving: false,
             },
@@ -242,6 +260,7 @@ impl Roster {
         self.news.push(RosterNews::Gone {
             id: peer,
             incarnation: member.announce.incarnation,
+            seq: member.announce.seq,
         });
     }
 
@@ -249,6 +268,7 @@ impl Roster {
     pub fn leave(&mut self) {
         if self.config.enabled {
             self.me.leaving = true;
+            self.me.seq += 1;
             self.news.push(RosterNews::Alive(self.me.clone()));
         }
     }
@@ -260,7 +280,11 @@ impl Roster {
         }
         match news {
             RosterNews::Alive(announce) => self.on_alive(now, announce),
-            RosterNews::Gone { id, incarnation } => self.on_gone(now, id, incarnation),
+            RosterNews::Gone {
+                id,
+                incarnation,
+                seq,
+            } => self.on_gone(now, id, (incarnation, seq)),
         }
     }
 
@@ -276,12 +300,9 @@ impl Roster {
         };
         match self.members.get_mut(&id) {
             Some(member) => {
-                let known = member.announce.incarnation;
-                let newer = announce.incarnation > known;
-                // The same incarnation refreshes a live member but does not revive one found
-                // dead: only the member itself, with a higher incarnation, can.
-                let refresh = announce.incarnation == known && member.state == MemberState::Alive;
-                if newer || refresh {
+                // Only newer news counts: a delayed announcement never revives a member found
+                // dead after it.
+                if announce.order() > member.announce.order() {
                     if member.state != state {
                         member.since = now;
                     }
@@ -307,17 +328,16 @@ impl Roster {
         }
     }
 
-    fn on_gone(&mut self, now: Time, id: NodeId, incarnation: u64) {
+    fn on_gone(&mut self, now: Time, id: NodeId, after: (u64, u64)) {
         if id == self.me.peer.id {
-            if incarnation >= self.me.incarnation && !self.me.leaving {
-                self.me.incarnation = incarnation + 1;
+            if !self.me.leaving {
                 self.counters.refuted += 1;
                 self.announce_now(now);
             }
             return;
         }
         if let Some(member) = self.members.get_mut(&id)
-            && member.announce.incarnation <= incarnation
+            && member.announce.order() <= after
             && member.state == MemberState::Alive
         {
             member.state = MemberState::Gone;
@@ -329,6 +349,7 @@ impl Roster {
         if !self.config.enabled {
             return;
         }
+        self.me.seq += 1;
         self.news.push(RosterNews::Alive(self.me.clone()));
         self.counters.announced += 1;
         self.next_announce = now + self.config.announce_interval;
@@ -380,10 +401,11 @@ mod tests {
         )
     }
 
-    fn alive(id: u128, incarnation: u64) -> RosterNews {
+    fn alive(id: u128, incarnation: u64, seq: u64) -> RosterNews {
         RosterNews::Alive(Announce {
             peer: Peer::new(NodeId(id)),
             incarnation,
+            seq,
             attributes: vec![("arch".into(), "x86_64".into())],
             leaving: false,
         })
@@ -406,6 +428,7 @@ mod tests {
             vec![RosterNews::Alive(Announce {
                 peer: Peer::new(NodeId(1)),
                 incarnation: 100_000,
+                seq: 1,
                 attributes: vec![],
                 leaving: false,
             })]
@@ -414,10 +437,10 @@ mod tests {
     }
 
     #[test]
-    fn reported_failure_is_broadcast_once_and_refuted_by_a_higher_incarnation() {
+    fn a_reported_failure_is_broadcast_once_and_undone_only_by_newer_news() {
         let mut r = roster(1);
         let now = Time::from_secs(101);
-        r.handle_news(now, alive(2, 7));
+        r.handle_news(now, alive(2, 7, 3));
         assert_eq!(state(&r, 2), Some(MemberState::Alive));
         assert_eq!(r.alive(), 2);
         r.neighbor_failed(now, NodeId(2));
@@ -426,14 +449,25 @@ mod tests {
             r.drain_news().collect::<Vec<_>>(),
             vec![RosterNews::Gone {
                 id: NodeId(2),
-                incarnation: 7
+                incarnation: 7,
+                seq: 3
             }]
         );
         assert_eq!(state(&r, 2), Some(MemberState::Gone));
-        // The same incarnation does not revive it; a higher one does.
-        r.handle_news(now, alive(2, 7));
+        // The same announcement, arriving late, does not revive it; a later one does.
+        r.handle_news(now, alive(2, 7, 3));
         assert_eq!(state(&r, 2), Some(MemberState::Gone));
-        r.handle_news(now, alive(2, 8));
+        r.handle_news(now, alive(2, 7, 4));
+        assert_eq!(state(&r, 2), Some(MemberState::Alive));
+        // A Gone about an older announcement changes nothing.
+        r.handle_news(
+            now,
+            RosterNews::Gone {
+                id: NodeId(2),
+                incarnation: 7,
+                seq: 3,
+            },
+        );
         assert_eq!(state(&r, 2), Some(MemberState::Alive));
     }
 
@@ -446,40 +480,46 @@ mod tests {
             RosterNews::Gone {
                 id: NodeId(1),
                 incarnation: 100_000,
+                seq: 0,
             },
         );
         let news: Vec<_> = r.drain_news().collect();
-        assert!(matches!(&news[..], [RosterNews::Alive(a)] if a.incarnation == 100_001));
+        assert!(matches!(&news[..], [RosterNews::Alive(a)] if a.seq == 1));
         assert_eq!(r.counters().refuted, 1);
-        // Old news about an older incarnation changes nothing.
-        r.handle_news(
-            now,
-            RosterNews::Gone {
-                id: NodeId(1),
-                incarnation: 5,
-            },
-        );
-        assert_eq!(r.drain_news().count(), 0);
     }
 
     #[test]
-    fn silent_members_are_declared_gone_then_forgotten() {
+    fn silent_members_are_declared_gone_revived_by_news_then_forgotten() {
         let mut r = roster(1);
-        r.handle_news(Time::from_secs(100), alive(2, 1));
+        r.handle_news(Time::from_secs(100), alive(2, 1, 1));
         r.handle_timeout(Time::from_secs(109));
         assert_eq!(state(&r, 2), Some(MemberState::Alive));
         r.handle_timeout(Time::from_secs(111));
         assert_eq!(state(&r, 2), Some(MemberState::Gone));
         assert_eq!(r.counters().silent_gone, 1);
-        r.handle_timeout(Time::from_secs(111 + 601));
+        // Back from a partition: its next announcement revives it.
+        r.handle_news(Time::from_secs(112), alive(2, 1, 2));
+        assert_eq!(state(&r, 2), Some(MemberState::Alive));
+        r.handle_timeout(Time::from_secs(123));
+        r.handle_timeout(Time::from_secs(123 + 601));
         assert_eq!(state(&r, 2), None);
+    }
+
+    #[test]
+    fn a_restarted_member_is_newer_than_its_previous_life() {
+        let mut r = roster(1);
+        let now = Time::from_secs(101);
+        r.handle_news(now, alive(2, 7, 900));
+        r.neighbor_failed(now, NodeId(2));
+        r.handle_news(now, alive(2, 8, 1));
+        assert_eq!(state(&r, 2), Some(MemberState::Alive));
     }
 
     #[test]
     fn leaving_members_are_marked_left_and_oversized_news_is_ignored() {
         let mut r = roster(1);
         let now = Time::from_secs(101);
-        let RosterNews::Alive(mut a) = alive(2, 3) else {
+        let RosterNews::Alive(mut a) = alive(2, 3, 1) else {
             unreachable!()
         };
         a.leaving = true;

@@ -130,6 +130,9 @@ struct AgentArgs {
     /// An attribute to announce, NAME=VALUE (repeatable).
     #[arg(long = "attr", value_parser = parse_attribute)]
     attributes: Vec<(String, String)>,
+    /// Create a new cloud if the data directory belongs to none (instead of `nubo init`).
+    #[arg(long, conflicts_with = "join")]
+    bootstrap: bool,
     /// Stop when the process that started this agent exits (used by `nubo demo`).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -325,6 +328,7 @@ fn agent(args: AgentArgs) -> Result<(), String> {
         api: args.api,
         join,
         attributes: args.attributes,
+        bootstrap: args.bootstrap,
         exit_with_parent: args.exit_with_parent,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -1,0 +1,264 @@
+//! A 5-node cloud in containers on a private Docker network: one node is cut off
+//! (`docker network disconnect`) and reconnected, and membership and the key-value store
+//! converge again.
+//!
+//! The image is built here from `scratch`: the `nubo` binary and the shared libraries it
+//! links, nothing else (no image is pulled). Where no Docker engine answers, the test says so
+//! and passes without running.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{NUBO, ONE_CLOUD_AT_A_TIME, wait_until};
+use serde_json::Value;
+
+const NODES: usize = 5;
+
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("run docker")
+}
+
+fn docker_ok(args: &[&str]) -> String {
+    let output = docker(args);
+    assert!(
+        output.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// Copies `file` into `root` at the same path.
+fn copy_into(root: &Path, file: &Path) {
+    let target = root.join(file.strip_prefix("/").unwrap());
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    std::fs::copy(file, &target).unwrap();
+}
+
+/// Builds an image holding only `nubo` and its shared libraries; returns its tag.
+fn build_image(tag: &str) {
+    let context = tempfile::tempdir().unwrap();
+    let root = context.path().join("rootfs");
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    std::fs::create_dir_all(root.join("tmp")).unwrap();
+    std::fs::copy(NUBO, root.join("nubo")).unwrap();
+    let ldd = Command::new("ldd").arg(NUBO).output().unwrap();
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|rest| rest.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        if let Some(path) = path {
+            copy_into(&root, Path::new(path));
+        }
+    }
+    std::fs::write(
+        context.path().join("Dockerfile"),
+        "FROM scratch\nCOPY rootfs/ /\nENV HOME=/tmp NUBO_DATA_DIR=/data\nENTRYPOINT [\"/nubo\"]\n",
+    )
+    .unwrap();
+    docker_ok(&["build", "-q", "-t", tag, context.path().to_str().unwrap()]);
+}
+
+/// Containers, network and image of one test run, removed on drop.
+struct Lab {
+    prefix: String,
+    subnet: u8,
+    image: String,
+}
+
+impl Lab {
+    fn name(&self, i: usize) -> String {
+        format!("{}-{i}", self.prefix)
+    }
+
+    fn ip(&self, i: usize) -> String {
+        format!("172.29.{}.{}", self.subnet, 10 + i)
+    }
+
+    fn start(&self, i: usize, join: Option<&str>) {
+        let name = self.name(i);
+        let ip = self.ip(i);
+        let advertise = format!("{ip}:7700");
+        let mut args = vec![
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--hostname",
+            &name,
+            "--network",
+            &self.prefix,
+            "--ip",
+            &ip,
+            "-e",
+            "NUBO_LOG=info",
+            &self.image,
+            "agent",
+            "--listen",
+            "0.0.0.0:7700",
+            "--advertise",
+            &advertise,
+        ];
+        match join {
+            Some(token) => args.extend(["--join", token]),
+            None => args.push("--bootstrap"),
+        }
+        docker_ok(&args);
+    }
+
+    fn cli(&self, i: usize, args: &[&str]) -> Result<Value, String> {
+        let name = self.name(i);
+        let mut full = vec!["exec", &name, "/nubo"];
+        full.extend(args);
+        full.push("--json");
+        let output = docker(&full);
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+        }
+        serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())
+    }
+
+    fn alive(&self, i: usize) -> u64 {
+        self.cli(i, &["status"])
+            .ok()
+            .and_then(|s| s["members_alive"].as_u64())
+            .unwrap_or(0)
+    }
+
+    fn holders(&self, key: &str) -> usize {
+        (1..=NODES)
+            .filter(|&i| {
+                self.cli(i, &["kv", "local", key])
+                    .is_ok_and(|v| v["held"].as_bool() == Some(true))
+            })
+            .count()
+    }
+
+    fn logs(&self) -> String {
+        (1..=NODES)
+            .map(|i| {
+                let output = docker(&["logs", "--tail", "30", &self.name(i)]);
+                format!(
+                    "--- {}\n{}",
+                    self.name(i),
+                    String::from_utf8_lossy(&output.stderr)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for i in 1..=NODES {
+            let _ = docker(&["rm", "-f", &self.name(i)]);
+        }
+        let _ = docker(&["network", "rm", &self.prefix]);
+        let _ = docker(&["rmi", "-f", &self.image]);
+    }
+}
+
+#[test]
+fn a_node_cut_off_from_a_containerised_cloud_rejoins_and_catches_up() {
+    if !Command::new("docker")
+        .arg("info")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("skipping: no Docker engine answers here (the loopback tests still ran)");
+        return;
+    }
+    let _one = ONE_CLOUD_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let id = std::process::id();
+    let lab = Lab {
+        prefix: format!("nubo-test-{id}"),
+        subnet: (id % 200) as u8 + 20,
+        image: format!("nubo-test:{id}"),
+    };
+    build_image(&lab.image);
+    docker_ok(&[
+        "network",
+        "create",
+        "--subnet",
+        &format!("172.29.{}.0/24", lab.subnet),
+        &lab.prefix,
+    ]);
+
+    lab.start(1, None);
+    assert!(
+        wait_until(Duration::from_secs(30), || lab.cli(1, &["status"]).is_ok()).is_some(),
+        "{}",
+        lab.logs()
+    );
+    let token = lab.cli(1, &["invite"]).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for i in 2..=NODES {
+        lab.start(i, Some(&token));
+    }
+    let n = NODES as u64;
+    let formed = wait_until(Duration::from_secs(90), || {
+        (1..=NODES).all(|i| lab.alive(i) == n)
+    });
+    assert!(formed.is_some(), "the cloud did not form:\n{}", lab.logs());
+    eprintln!("{NODES} containers saw each other alive after {formed:?}");
+    lab.cli(1, &["kv", "put", "before", "cut"]).unwrap();
+
+    // Cut node 3 off.
+    docker_ok(&["network", "disconnect", &lab.prefix, &lab.name(3)]);
+    let noticed = wait_until(Duration::from_secs(60), || {
+        lab.alive(1) == n - 1 && lab.alive(3) == 1
+    });
+    assert!(
+        noticed.is_some(),
+        "the cut was not noticed:\n{}",
+        lab.logs()
+    );
+    eprintln!("both sides noticed the cut after {noticed:?}");
+    lab.cli(1, &["kv", "put", "during", "cut"]).unwrap();
+
+    // Reconnect it at the same address.
+    docker_ok(&[
+        "network",
+        "connect",
+        "--ip",
+        &lab.ip(3),
+        &lab.prefix,
+        &lab.name(3),
+    ]);
+    let healed = wait_until(Duration::from_secs(120), || {
+        (1..=NODES).all(|i| lab.alive(i) == n)
+    });
+    assert!(
+        healed.is_some(),
+        "membership did not converge:\n{}",
+        lab.logs()
+    );
+    eprintln!("membership converged {healed:?} after reconnecting");
+    let caught_up = wait_until(Duration::from_secs(60), || {
+        lab.holders("before") >= 3
+            && lab.holders("during") >= 3
+            && lab
+                .cli(3, &["kv", "get", "during"])
+                .is_ok_and(|v| v["value"] == "cut")
+    });
+    assert!(
+        caught_up.is_some(),
+        "the store did not converge:\n{}",
+        lab.logs()
+    );
+    eprintln!("the store converged {caught_up:?} after membership");
+}
