@@ -1,0 +1,143 @@
+"""Starts N real nubo agents on loopback and measures convergence and idle cost.
+
+Usage: python3 bench/agents.py NUBO_BINARY AGENTS IDLE_SECONDS
+Prints a table, then one JSON object as the last line.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cli(nubo, data_dir, *args):
+    out = subprocess.run(
+        [nubo, *args, "--data-dir", data_dir, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip())
+    return json.loads(out.stdout)
+
+
+def start(nubo, data_dir, token=None):
+    os.makedirs(data_dir, exist_ok=True)
+    env = dict(os.environ, NUBO_LOG="warn")
+    env.pop("NUBO_JOIN", None)
+    if token:
+        env["NUBO_JOIN"] = token
+    log = open(os.path.join(data_dir, "agent.log"), "w")
+    return subprocess.Popen(
+        [nubo, "agent", "--data-dir", data_dir, "--listen", "127.0.0.1:0",
+         "--api", "127.0.0.1:0", "--exit-with-parent"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+    )
+
+
+def wait_api(nubo, data_dir, deadline):
+    while True:
+        try:
+            return cli(nubo, data_dir, "status")
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def main():
+    nubo, n, idle = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    root = tempfile.mkdtemp(prefix="nubo-bench-")
+    dirs = [os.path.join(root, f"node{i + 1}") for i in range(n)]
+    procs = []
+    try:
+        subprocess.run([nubo, "init", "--data-dir", dirs[0], "--json"],
+                       check=True, capture_output=True)
+        procs.append(start(nubo, dirs[0]))
+        wait_api(nubo, dirs[0], time.time() + 30)
+        token = cli(nubo, dirs[0], "invite")["token"]
+        t0 = time.time()
+        for d in dirs[1:]:
+            procs.append(start(nubo, d, token))
+        started = time.time() - t0
+        for d in dirs[1:]:
+            wait_api(nubo, d, time.time() + 60)
+        converged = None
+        seen = [0] * n
+        while time.time() - t0 < 300:
+            for i, d in enumerate(dirs):
+                if seen[i] < n:
+                    try:
+                        seen[i] = cli(nubo, d, "status")["members_alive"]
+                    except Exception:
+                        pass
+            if all(s == n for s in seen):
+                converged = time.time() - t0
+                break
+            time.sleep(0.2)
+        print(f"{n} agents started in {started:.1f} s; all saw {n} alive after "
+              f"{converged:.1f} s" if converged else f"not converged: {seen}")
+
+        # Idle cost: let the cloud settle, then measure over the window.
+        time.sleep(10)
+        before = [(cpu_seconds(p.pid), cli(nubo, d, "status")["net"]) for p, d in zip(procs, dirs)]
+        time.sleep(idle)
+        after = [(cpu_seconds(p.pid), cli(nubo, d, "status")["net"]) for p, d in zip(procs, dirs)]
+        rss = sorted(rss_bytes(p.pid) for p in procs)
+        cpu = sorted((a[0] - b[0]) / idle * 100 for a, b in zip(after, before))
+        bytes_out = sorted((a[1]["bytes_out"] - b[1]["bytes_out"]) / idle for a, b in zip(after, before))
+        bytes_in = sorted((a[1]["bytes_in"] - b[1]["bytes_in"]) / idle for a, b in zip(after, before))
+        frames_out = sorted((a[1]["frames_out"] - b[1]["frames_out"]) / idle for a, b in zip(after, before))
+        alive_end = [cli(nubo, d, "status")["members_alive"] for d in dirs]
+
+        def med(xs):
+            return xs[len(xs) // 2]
+
+        result = {
+            "agents": n,
+            "converged_secs": round(converged, 2) if converged else None,
+            "idle_secs": idle,
+            "rss_mib_median": round(med(rss) / 2**20, 1),
+            "rss_mib_max": round(rss[-1] / 2**20, 1),
+            "cpu_percent_median": round(med(cpu), 2),
+            "cpu_percent_max": round(cpu[-1], 2),
+            "bytes_out_per_sec_median": round(med(bytes_out)),
+            "bytes_in_per_sec_median": round(med(bytes_in)),
+            "frames_out_per_sec_median": round(med(frames_out), 1),
+            "members_alive_min_at_end": min(alive_end),
+        }
+        for k, v in result.items():
+            print(f"{k:28} {v}")
+        print(json.dumps(result))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        subprocess.run(["rm", "-rf", root])
+
+
+if __name__ == "__main__":
+    main()
