@@ -109,6 +109,25 @@ def main():
         frames_out = sorted((a[1]["frames_out"] - b[1]["frames_out"]) / idle for a, b in zip(after, before))
         alive_end = [cli(nubo, d, "status")["members_alive"] for d in dirs]
 
+        # Failure detection: kill -9 one agent; how long until every other sees it gone?
+        victim = n // 2
+        victim_id = cli(nubo, dirs[victim], "status")["node_id"]
+        procs[victim].kill()
+        t_kill = time.time()
+        noticed = None
+        pending = set(i for i in range(n) if i != victim)
+        while pending and time.time() - t_kill < 60:
+            for i in list(pending):
+                try:
+                    nodes = cli(nubo, dirs[i], "nodes")
+                except Exception:
+                    continue
+                if any(m["id"] == victim_id and m["state"] == "gone" for m in nodes):
+                    pending.discard(i)
+            if not pending:
+                noticed = time.time() - t_kill
+            time.sleep(0.1)
+
         def med(xs):
             return xs[len(xs) // 2]
 
@@ -124,6 +143,7 @@ def main():
             "bytes_in_per_sec_median": round(med(bytes_in)),
             "frames_out_per_sec_median": round(med(frames_out), 1),
             "members_alive_min_at_end": min(alive_end),
+            "kill_noticed_by_all_secs": round(noticed, 2) if noticed else None,
         }
         for k, v in result.items():
             print(f"{k:28} {v}")
