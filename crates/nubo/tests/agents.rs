@@ -47,6 +47,26 @@ fn eight_agents_converge_notice_a_kill_rereplicate_and_take_back_a_restarted_age
         }
     }
 
+    // A blob of three chunks, stored through one agent and fetched through another.
+    let content: Vec<u8> = (0..600_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let file = cloud.root.path().join("blob.in");
+    std::fs::write(&file, &content).unwrap();
+    let stored: serde_json::Value = cloud.agents[2].json(&["blob", "put", file.to_str().unwrap()]);
+    assert_eq!(stored["size"], 600_000);
+    assert_eq!(stored["chunks"], 3);
+    let id = stored["id"].as_str().unwrap();
+    let out = cloud.root.path().join("blob.out");
+    let _: serde_json::Value =
+        cloud.agents[6].json(&["blob", "get", id, "-o", out.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&out).unwrap() == content,
+        "the blob came back different"
+    );
+    let stats: serde_json::Value = cloud.agents[5].json(&["stats"]);
+    assert_eq!(stats["members_alive"], 8);
+
     // Kill -9 an agent that holds a replica of key-0.
     let victim = (1..8)
         .find(|&i| cloud.agents[i].holds("key-0"))
