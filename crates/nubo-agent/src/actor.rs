@@ -270,7 +270,7 @@ impl Agent {
                 },
                 Event::NeighborUp(peer) => tracing::debug!(peer = ?peer, "neighbour up"),
                 Event::NeighborDown(peer) => tracing::debug!(peer = ?peer, "neighbour down"),
-                Event::Delivered(_) | Event::Lookup(_) => {}
+                Event::Delivered(_) | Event::Lookup(_) | Event::SuiteChanged(_) => {}
             }
         }
         let changes = self.node.kv_mut().drain_changes();

@@ -13,6 +13,7 @@ use crate::ring::{LookupPurpose, LookupResult, Position, Ring, RingConfig};
 use crate::rng::Rng;
 use crate::roster::{Roster, RosterConfig, RosterNews};
 use crate::slicing::{Slicing, SlicingConfig};
+use crate::suite::{AcceptAll, Suite, SuiteCheck, SuiteConfig, SuiteEntry};
 use crate::time::Time;
 use crate::wire::Message;
 
@@ -33,6 +34,8 @@ pub struct Config {
     pub kv: KvConfig,
     /// The list of members.
     pub roster: RosterConfig,
+    /// The service suite.
+    pub suite: SuiteConfig,
 }
 
 /// Lookup tags with this bit set belong to the key-value store.
@@ -42,6 +45,7 @@ const KV_LOOKUP: u64 = 1 << 63;
 /// roster's news share one broadcast layer.
 const PAYLOAD_APPLICATION: u8 = 0;
 const PAYLOAD_ROSTER: u8 = 1;
+const PAYLOAD_SUITE: u8 = 2;
 
 /// A message the driver must send.
 #[derive(Clone, Debug, PartialEq)]
@@ -65,6 +69,8 @@ pub enum Event {
     Lookup(LookupResult),
     /// A key-value operation started with [`Node::kv_put`] or [`Node::kv_get`] ended.
     Kv(KvOutcome),
+    /// The suite entry of this key changed.
+    SuiteChanged(String),
 }
 
 /// One node's protocol state: the deterministic core of nubo.
@@ -92,6 +98,7 @@ pub struct Node {
     ring: Ring,
     kv: Kv,
     roster: Roster,
+    suite: Suite,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
 }
@@ -109,6 +116,7 @@ impl Node {
             ring: Ring::new(me, config.ring, rng.fork(), now),
             kv: Kv::new(me, config.kv, now),
             roster: Roster::new(me, config.roster, now),
+            suite: Suite::new(config.suite, Box::new(AcceptAll), now),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -220,6 +228,30 @@ impl Node {
         self.flush(now);
     }
 
+    /// The service suite.
+    pub fn suite(&self) -> &Suite {
+        &self.suite
+    }
+
+    /// Sets the check every suite entry must pass (signatures, grants).
+    pub fn set_suite_check(&mut self, check: Box<dyn SuiteCheck>) {
+        self.suite.set_check(check);
+    }
+
+    /// Publishes a suite entry to the cloud: taken here, then broadcast. Returns false if the
+    /// check refused it or a version at least as new is held.
+    pub fn publish(&mut self, now: Time, entry: SuiteEntry) -> bool {
+        if !self.suite.offer(entry.clone()) {
+            return false;
+        }
+        if let Ok(payload) = postcard::to_extend(&entry, vec![PAYLOAD_SUITE]) {
+            // If the broadcast layer is full, anti-entropy still spreads the entry.
+            let _ = self.broadcast.broadcast(now, Bytes::from(payload));
+        }
+        self.flush(now);
+        true
+    }
+
     /// Joins the overlay through one of `contacts`.
     pub fn join(&mut self, now: Time, contacts: &[Peer]) {
         self.membership.join(now, contacts);
@@ -257,6 +289,7 @@ impl Node {
             Message::Slicing(m) => self.slicing.handle_message(now, from, m),
             Message::Ring(m) => self.ring.handle_message(now, from, m),
             Message::Kv(m) => self.kv.handle_message(now, from, m),
+            Message::Suite(m) => self.suite.handle_message(from, m),
         }
         self.flush(now);
     }
@@ -297,6 +330,10 @@ impl Node {
         if self.roster.poll_timeout() <= now {
             self.roster.handle_timeout(now);
         }
+        if self.suite.poll_timeout() <= now {
+            let neighbor = self.membership.random_neighbor();
+            self.suite.handle_timeout(now, neighbor);
+        }
         self.flush(now);
     }
 
@@ -310,6 +347,7 @@ impl Node {
             .min(self.ring.poll_timeout())
             .min(self.kv.poll_timeout())
             .min(self.roster.poll_timeout())
+            .min(self.suite.poll_timeout())
     }
 
     /// The next message to send.
@@ -359,6 +397,11 @@ impl Node {
                 PAYLOAD_ROSTER => {
                     if let Ok(news) = postcard::from_bytes::<RosterNews>(rest) {
                         self.roster.handle_news(now, news);
+                    }
+                }
+                PAYLOAD_SUITE => {
+                    if let Ok(entry) = postcard::from_bytes::<SuiteEntry>(rest) {
+                        self.suite.offer(entry);
                     }
                 }
                 _ => {}
@@ -420,6 +463,13 @@ impl Node {
                 message: Message::Kv(m),
             }));
         self.events.extend(self.kv.drain_outcomes().map(Event::Kv));
+        self.transmits
+            .extend(self.suite.drain_transmits().map(|(to, m)| Transmit {
+                to,
+                message: Message::Suite(m),
+            }));
+        self.events
+            .extend(self.suite.drain_changed().map(Event::SuiteChanged));
         for transmit in self.transmits.range(before..) {
             self.membership.sent_to(now, transmit.to.id);
         }

@@ -12,6 +12,7 @@ use crate::kv::KvMessage;
 use crate::membership::MembershipMessage;
 use crate::ring::RingMessage;
 use crate::slicing::SlicingMessage;
+use crate::suite::SuiteMessage;
 
 /// Version of the wire format; a peer speaking another version is refused.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -34,6 +35,8 @@ pub enum Message {
     Ring(RingMessage),
     /// The replicated key-value store.
     Kv(KvMessage),
+    /// Anti-entropy of the service suite.
+    Suite(SuiteMessage),
 }
 
 impl Message {
@@ -46,6 +49,7 @@ impl Message {
             Message::Slicing(m) => m.is_within_bounds(),
             Message::Ring(m) => m.is_within_bounds(),
             Message::Kv(m) => m.is_within_bounds(),
+            Message::Suite(m) => m.is_within_bounds(),
         }
     }
 
@@ -99,6 +103,12 @@ impl Message {
                 KvMessage::Want(_) => "kv_want",
                 KvMessage::Records { .. } => "kv_records",
                 KvMessage::Stored(_) => "kv_stored",
+            },
+            Message::Suite(m) => match m {
+                SuiteMessage::Digest { .. } => "suite_digest",
+                SuiteMessage::Versions(_) => "suite_versions",
+                SuiteMessage::Want(_) => "suite_want",
+                SuiteMessage::Entries(_) => "suite_entries",
             },
         }
     }

@@ -9,6 +9,7 @@ use nubo_proto::broadcast::{
 use nubo_proto::kv::{Bucket, KvMessage, Record, StoreError, Version};
 use nubo_proto::membership::{MembershipMessage, Priority, SHUFFLE_PEERS_MAX};
 use nubo_proto::ring::{RingMessage, ViewEntry};
+use nubo_proto::suite::{SuiteEntry, SuiteMessage};
 use nubo_proto::wire::{self, DecodeError, MESSAGE_BYTES_MAX, Message, PROTOCOL_VERSION};
 use nubo_proto::{NodeId, Peer, Rng, Time};
 
@@ -136,6 +137,14 @@ fn samples() -> Vec<Message> {
             Bytes::from_static(b"key"),
             record().version,
         )])),
+        Message::Suite(SuiteMessage::Digest { count: 2, sum: 99 }),
+        Message::Suite(SuiteMessage::Versions(vec![("web/site".into(), 7)])),
+        Message::Suite(SuiteMessage::Want(vec!["web/site".into()])),
+        Message::Suite(SuiteMessage::Entries(vec![SuiteEntry {
+            key: "web/site".into(),
+            version: 7,
+            document: Bytes::from_static(b"signed"),
+        }])),
     ]
 }
 

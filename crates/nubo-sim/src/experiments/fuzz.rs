@@ -16,6 +16,7 @@ use nubo_proto::membership::MembershipConfig;
 use nubo_proto::ring::RingConfig;
 use nubo_proto::roster::RosterConfig;
 use nubo_proto::slicing::SlicingConfig;
+use nubo_proto::suite::SuiteConfig;
 use nubo_proto::{Config, Rng};
 
 use crate::engine::{NetworkConfig, NodeIndex, Sim};
@@ -192,6 +193,10 @@ impl Scenario {
             roster: RosterConfig {
                 enabled: false,
                 ..RosterConfig::default()
+            },
+            suite: SuiteConfig {
+                enabled: false,
+                ..SuiteConfig::default()
             },
         };
         Scenario {

@@ -13,6 +13,7 @@ use nubo_proto::membership::MembershipConfig;
 use nubo_proto::ring::RingConfig;
 use nubo_proto::roster::RosterConfig;
 use nubo_proto::slicing::SlicingConfig;
+use nubo_proto::suite::SuiteConfig;
 
 use crate::engine::{NetworkConfig, NodeIndex, Sim};
 use crate::overlay::overlay_health;
@@ -116,6 +117,10 @@ pub fn overlay_only(cycle: Duration) -> Config {
         roster: RosterConfig {
             enabled: false,
             ..RosterConfig::default()
+        },
+        suite: SuiteConfig {
+            enabled: false,
+            ..SuiteConfig::default()
         },
         ..Config::default()
     }
