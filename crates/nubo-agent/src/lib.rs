@@ -7,7 +7,9 @@
 
 pub mod actor;
 pub mod api;
+pub mod authority;
 pub mod clock;
+pub mod description;
 pub mod host;
 pub mod model;
 pub mod setup;

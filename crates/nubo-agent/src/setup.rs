@@ -113,7 +113,8 @@ pub fn init(path: &Path) -> Result<InitReport, SetupError> {
     let identity = load_or_create_identity(&data)?;
     let admin = Identity::generate().map_err(|e| SetupError::Key(e.to_string()))?;
     data.write_secret(ADMIN_KEY_FILE, &admin.secret())?;
-    let admission = Admission::generate().map_err(|e| SetupError::Key(e.to_string()))?;
+    let admission =
+        Admission::generate(admin.public_key()).map_err(|e| SetupError::Key(e.to_string()))?;
     let encoded = postcard::to_allocvec(&admission)
         .map_err(|e| SetupError::Store(StoreError::Corrupt(e.to_string())))?;
     state.set_meta(META_CLOUD, &encoded)?;

@@ -43,7 +43,8 @@ impl fmt::Debug for CloudId {
     }
 }
 
-/// What a member must know to be admitted and to admit others: the cloud id and the secret.
+/// What a member must know to be admitted and to admit others: the cloud id and the secret;
+/// and the administrator's public key, whose signature grants the right to deploy.
 ///
 /// Contract: [`Admission::verify`] accepts exactly the proofs [`Admission::proof`] makes for
 /// the same cloud and secret.
@@ -53,6 +54,8 @@ pub struct Admission {
     pub cloud: CloudId,
     /// The admission secret.
     pub secret: [u8; SECRET_BYTES],
+    /// The cloud administrator's Ed25519 public key.
+    pub admin_key: [u8; 32],
 }
 
 impl fmt::Debug for Admission {
@@ -63,8 +66,8 @@ impl fmt::Debug for Admission {
 }
 
 impl Admission {
-    /// A new cloud with a random id and secret.
-    pub fn generate() -> Result<Admission, getrandom::Error> {
+    /// A new cloud with a random id and secret, administered by the holder of `admin_key`.
+    pub fn generate(admin_key: [u8; 32]) -> Result<Admission, getrandom::Error> {
         let mut cloud = [0u8; 16];
         let mut secret = [0u8; SECRET_BYTES];
         getrandom::getrandom(&mut cloud)?;
@@ -72,6 +75,7 @@ impl Admission {
         Ok(Admission {
             cloud: CloudId(cloud),
             secret,
+            admin_key,
         })
     }
 
@@ -165,12 +169,12 @@ mod tests {
 
     #[test]
     fn proofs_verify_only_for_their_key_and_cloud() {
-        let a = Admission::generate().unwrap();
+        let a = Admission::generate([0; 32]).unwrap();
         let key = [7u8; 32];
         let proof = a.proof(&key);
         assert!(a.verify(&key, &proof));
         assert!(!a.verify(&[8u8; 32], &proof));
-        let other = Admission::generate().unwrap();
+        let other = Admission::generate([0; 32]).unwrap();
         assert!(!other.verify(&key, &proof));
         let mut same_secret_other_cloud = a.clone();
         same_secret_other_cloud.cloud.0[0] ^= 1;
@@ -180,7 +184,7 @@ mod tests {
     #[test]
     fn tokens_round_trip_and_bad_ones_say_why() {
         let token = JoinToken {
-            admission: Admission::generate().unwrap(),
+            admission: Admission::generate([0; 32]).unwrap(),
             contacts: vec![(NodeId(5), "127.0.0.1:7700".parse().unwrap())],
             expires_unix_secs: 1_000,
         };

@@ -291,12 +291,12 @@ mod tests {
 
     #[test]
     fn a_certificate_names_its_node_only_with_a_valid_proof() {
-        let admission = Admission::generate().unwrap();
+        let admission = Admission::generate([0; 32]).unwrap();
         let me = Identity::generate().unwrap();
         let (cert, _) = certificate(&me, &admission.proof(&me.public_key())).unwrap();
         assert_eq!(check_certificate(&admission, &cert), Ok(me.node_id()));
 
-        let stranger = Admission::generate().unwrap();
+        let stranger = Admission::generate([0; 32]).unwrap();
         assert_eq!(
             check_certificate(&stranger, &cert),
             Err(Refusal::WrongProof)

@@ -48,7 +48,7 @@ async fn next_down(rx: &mut mpsc::Receiver<NetEvent>) -> Option<NodeId> {
 
 #[tokio::test]
 async fn admitted_peers_exchange_messages_both_ways_on_one_connection() {
-    let admission = Admission::generate().unwrap();
+    let admission = Admission::generate([0; 32]).unwrap();
     let (a_id, a, mut a_rx) = start(&admission);
     let (b_id, b, mut b_rx) = start(&admission);
     a.send(Peer::with_addr(b_id.node_id(), b.local_addr()), &ping());
@@ -65,9 +65,9 @@ async fn admitted_peers_exchange_messages_both_ways_on_one_connection() {
 
 #[tokio::test]
 async fn a_node_of_another_cloud_is_refused_and_nothing_it_sends_arrives() {
-    let cloud = Admission::generate().unwrap();
+    let cloud = Admission::generate([0; 32]).unwrap();
     let (_, member, mut member_rx) = start(&cloud);
-    let (_, stranger, mut stranger_rx) = start(&Admission::generate().unwrap());
+    let (_, stranger, mut stranger_rx) = start(&Admission::generate([0; 32]).unwrap());
     // Whatever id the stranger dials the member under, the member refuses it.
     let target = Peer::with_addr(NodeId(1), member.local_addr());
     stranger.send(target, &ping());
@@ -83,7 +83,7 @@ async fn a_node_of_another_cloud_is_refused_and_nothing_it_sends_arrives() {
 
 #[tokio::test]
 async fn dialing_an_address_that_answers_with_another_identity_fails() {
-    let cloud = Admission::generate().unwrap();
+    let cloud = Admission::generate([0; 32]).unwrap();
     let (_, a, mut a_rx) = start(&cloud);
     let (_, b, _b_rx) = start(&cloud);
     // a believes some other node lives at b's address.
@@ -94,7 +94,7 @@ async fn dialing_an_address_that_answers_with_another_identity_fails() {
 
 #[tokio::test]
 async fn garbage_datagrams_leave_the_endpoint_working() {
-    let cloud = Admission::generate().unwrap();
+    let cloud = Admission::generate([0; 32]).unwrap();
     let (_, a, _a_rx) = start(&cloud);
     let (b_id, b, mut b_rx) = start(&cloud);
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -116,7 +116,7 @@ async fn garbage_datagrams_leave_the_endpoint_working() {
 
 #[tokio::test]
 async fn an_unreachable_peer_is_reported_down() {
-    let cloud = Admission::generate().unwrap();
+    let cloud = Admission::generate([0; 32]).unwrap();
     let (_, a, mut a_rx) = start(&cloud);
     let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = closed.local_addr().unwrap();

@@ -75,7 +75,7 @@ fn nodes_without_a_valid_credential_are_refused_and_logged() {
 
     // A node holding another cloud's secret, pointed at our members.
     let forged = JoinToken {
-        admission: Admission::generate().unwrap(),
+        admission: Admission::generate([0; 32]).unwrap(),
         ..real.clone()
     };
     let intruder = Agent::start(&cloud.root.path().join("intruder"), Some(&forged.encode()));
