@@ -14,19 +14,34 @@ use bytes::Bytes;
 use nubo_net::{Admission, JoinToken, NetEvent, Transport};
 use nubo_proto::kv::{KvError, KvValue, Record, Version};
 use nubo_proto::roster::MemberState;
+use nubo_proto::suite::SuiteEntry;
 use nubo_proto::{Event, Node, NodeId, Peer};
 use nubo_store::StateDb;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until};
 
 use crate::clock::{Clock, unix_now};
 use crate::host;
 use crate::model::{Invite, LocalRecord, NodeInfo, Stats, Status, version_text};
+use crate::planner::{ATTR_REFUSES, PlannedService, Planner};
+use crate::runner::{Assignment, InstanceStatus, RunnerReport};
 
 /// How often the peers to rejoin through are saved, and resources re-read.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
 /// Most contacts in a join token.
 const INVITE_CONTACTS: usize = 8;
+/// How often placement is recomputed.
+const PLAN_INTERVAL: Duration = Duration::from_millis(500);
+/// How long after start the roster is trusted for placement: until then a node would see
+/// itself nearly alone and start everything.
+const SETTLE: Duration = Duration::from_secs(5);
+/// How often this node's instance list is published to the key-value store.
+const PS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The key under which a node publishes its instances.
+pub fn ps_key(node: NodeId) -> Bytes {
+    Bytes::from(format!("nubo/ps/{node}"))
+}
 
 /// Where an API caller waits for its answer.
 pub type Reply<T> = oneshot::Sender<T>;
@@ -70,6 +85,25 @@ pub enum Command {
         /// The token.
         reply: Reply<Invite>,
     },
+    /// Publish a signed service document, after checking signature, grant, version and
+    /// quota.
+    Publish {
+        /// The signed document (postcard).
+        document: Bytes,
+        /// Why it was refused, if it was.
+        reply: Reply<Result<(), String>>,
+    },
+    /// The plan: every service and where it runs.
+    Services(Reply<Vec<PlannedService>>),
+    /// The suite entry of a key.
+    SuiteEntry {
+        /// `namespace/name`.
+        key: String,
+        /// The entry.
+        reply: Reply<Option<SuiteEntry>>,
+    },
+    /// This node's instances.
+    Instances(Reply<Vec<InstanceStatus>>),
 }
 
 /// Everything the actor reacts to.
@@ -101,6 +135,16 @@ pub struct AgentInfo {
     pub records_damaged_at_start: usize,
 }
 
+/// The actor's link to the runner.
+pub struct RunnerLink {
+    /// Where this node's assignments go (`None` until the roster has settled).
+    pub desired: watch::Sender<Option<Vec<Assignment>>>,
+    /// What the runner reports.
+    pub report: watch::Receiver<RunnerReport>,
+    /// `DATA_DIR/instances`, for log tails.
+    pub root: std::path::PathBuf,
+}
+
 /// The actor. Build it with [`Agent::new`] and drive it with [`Agent::run`].
 pub struct Agent {
     node: Node,
@@ -112,6 +156,14 @@ pub struct Agent {
     next_tag: u64,
     persist_failures: u64,
     next_housekeeping: Instant,
+    runner: RunnerLink,
+    planner: Planner,
+    plan: Vec<PlannedService>,
+    next_plan: Instant,
+    settled_at: Instant,
+    announced_refusals: String,
+    next_ps: Instant,
+    published_ps: String,
 }
 
 impl Agent {
@@ -122,8 +174,17 @@ impl Agent {
         state: StateDb,
         clock: Clock,
         info: AgentInfo,
+        runner: RunnerLink,
     ) -> Agent {
         Agent {
+            runner,
+            planner: Planner::default(),
+            plan: Vec::new(),
+            next_plan: Instant::now(),
+            settled_at: Instant::now() + SETTLE,
+            announced_refusals: String::new(),
+            next_ps: Instant::now() + PS_INTERVAL,
+            published_ps: String::new(),
             node,
             transport,
             state,
@@ -149,7 +210,9 @@ impl Agent {
             let deadline = self
                 .clock
                 .instant_of(self.node.poll_timeout())
-                .min(self.next_housekeeping);
+                .min(self.next_housekeeping)
+                .min(self.next_plan)
+                .min(self.next_ps);
             let input = tokio::select! {
                 _ = &mut shutdown => break,
                 event = net.recv() => match event {
@@ -185,6 +248,14 @@ impl Agent {
                     self.next_housekeeping = Instant::now() + HOUSEKEEPING_INTERVAL;
                     self.node.set_resources(host::resources());
                     self.save_peers();
+                }
+                if Instant::now() >= self.next_plan {
+                    self.next_plan = Instant::now() + PLAN_INTERVAL;
+                    self.replan();
+                }
+                if Instant::now() >= self.next_ps {
+                    self.next_ps = Instant::now() + PS_INTERVAL;
+                    self.publish_instances();
                 }
             }
             Input::Command(command) => self.command(command),
@@ -237,6 +308,186 @@ impl Agent {
             Command::Invite { ttl, reply } => {
                 let _ = reply.send(self.invite(ttl));
             }
+            Command::Publish { document, reply } => {
+                let result = self.check_document(&document).and_then(|entry| {
+                    if self.node.publish(now, entry) {
+                        Ok(())
+                    } else {
+                        Err("the suite refused the document".to_string())
+                    }
+                });
+                if result.is_ok() {
+                    self.replan();
+                }
+                let _ = reply.send(result);
+            }
+            Command::Services(reply) => {
+                let _ = reply.send(self.plan.clone());
+            }
+            Command::SuiteEntry { key, reply } => {
+                let _ = reply.send(self.node.suite().get(&key).cloned());
+            }
+            Command::Instances(reply) => {
+                let _ = reply.send(self.runner.report.borrow().instances.clone());
+            }
+        }
+    }
+
+    /// Checks a document before publishing it: signature and grant, a version newer than
+    /// the one held, a description that reads, and the namespace's quota.
+    fn check_document(&mut self, bytes: &[u8]) -> Result<SuiteEntry, String> {
+        let signed: crate::authority::SignedDocument =
+            postcard::from_bytes(bytes).map_err(|_| "not a signed service document".to_string())?;
+        let entry = signed.to_entry();
+        crate::authority::SignedDocument::from_entry(
+            &entry,
+            &self.info.admission.admin_key,
+            unix_now().as_secs(),
+        )
+        .map_err(|e| e.to_string())?;
+        if let Some(held) = self.node.suite().get(&entry.key)
+            && held.version >= entry.version
+        {
+            return Err(format!(
+                "version {} is not newer than the deployed version {}",
+                entry.version, held.version
+            ));
+        }
+        if signed.document.intent != crate::authority::Intent::Run {
+            return Ok(entry);
+        }
+        let service =
+            crate::description::parse(&signed.document.description).map_err(|errors| {
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })?;
+        if service.key() != entry.key {
+            return Err(format!(
+                "the description names {}, not {}",
+                service.key(),
+                entry.key
+            ));
+        }
+        if let Some(grant) = &signed.document.grant {
+            let alive = self.node.roster().alive();
+            let (cpu, memory, instances) =
+                self.planner
+                    .usage(&self.plan, &service.namespace, &entry.key);
+            let n = match &service.placement.count {
+                nubo_proto::service::Count::Replicas(n) => u64::from(*n),
+                nubo_proto::service::Count::Availability { target } => {
+                    u64::from(nubo_proto::service::replicas_for(
+                        *target,
+                        nubo_proto::service::NODE_AVAILABILITY_DEFAULT,
+                    ))
+                }
+                nubo_proto::service::Count::Share { fraction, .. } => {
+                    (fraction * alive as f64).ceil() as u64
+                }
+            };
+            let demand = service.placement.demand;
+            let quota = grant.grant.quota;
+            let over = [
+                (
+                    "cpu (millicores)",
+                    cpu + n * demand.cpu_millis,
+                    quota.cpu_millis,
+                ),
+                (
+                    "memory (bytes)",
+                    memory + n * demand.memory_bytes,
+                    quota.memory_bytes,
+                ),
+                ("instances", instances + n, quota.instances),
+            ]
+            .into_iter()
+            .find(|(_, want, allowed)| want > allowed);
+            if let Some((what, want, allowed)) = over {
+                return Err(format!(
+                    "over the quota of namespace {}: {what} would be {want}, the grant allows {allowed}",
+                    service.namespace
+                ));
+            }
+        }
+        Ok(entry)
+    }
+
+    /// Recomputes placement; hands this node's part to the runner once the roster settled,
+    /// and announces the services this node refuses.
+    fn replan(&mut self) {
+        let (plan, mine) = self.planner.plan(&self.node);
+        self.plan = plan;
+        if Instant::now() >= self.settled_at {
+            self.runner.desired.send_if_modified(|desired| {
+                let changed = desired.as_ref() != Some(&mine);
+                if changed {
+                    *desired = Some(mine);
+                }
+                changed
+            });
+        }
+        let refused: Vec<String> = self
+            .runner
+            .report
+            .borrow()
+            .refused
+            .iter()
+            .cloned()
+            .collect();
+        let mut refusals = refused.join(",");
+        // Attribute values are bounded; a node refusing that many services is full anyway.
+        while refusals.len() > nubo_proto::roster::ATTRIBUTE_BYTES_MAX {
+            refusals.truncate(refusals.rfind(',').unwrap_or(0));
+        }
+        if refusals != self.announced_refusals {
+            self.announced_refusals = refusals.clone();
+            let mut attributes: Vec<(String, String)> = self
+                .node
+                .roster()
+                .me()
+                .attributes
+                .iter()
+                .filter(|(k, _)| k != ATTR_REFUSES)
+                .cloned()
+                .collect();
+            if !refusals.is_empty() {
+                attributes.push((ATTR_REFUSES.to_string(), refusals));
+            }
+            let now = self.clock.now();
+            self.node.set_attributes(now, attributes);
+        }
+    }
+
+    /// Writes this node's instances (with the end of their logs) to the key-value store, when
+    /// they changed, for `nubo ps` and `nubo logs` on any node.
+    fn publish_instances(&mut self) {
+        let mut instances = self.runner.report.borrow().instances.clone();
+        for instance in &mut instances {
+            instance.log_tail =
+                crate::runner::log_tail(&self.runner.root, &instance.node, &instance.service);
+        }
+        let Ok(text) = serde_json::to_string(&instances) else {
+            return;
+        };
+        if text == self.published_ps {
+            return;
+        }
+        let now = self.clock.now();
+        let tag = self.tag();
+        if self
+            .node
+            .kv_put(
+                now,
+                ps_key(self.node.id()),
+                Some(Bytes::from(text.clone())),
+                tag,
+            )
+            .is_ok()
+        {
+            self.published_ps = text;
         }
     }
 

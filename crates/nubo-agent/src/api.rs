@@ -20,8 +20,10 @@ use nubo_proto::kv::{KvError, Record, Version};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::actor::{Command, Reply};
-use crate::model::{ApiErrorBody, BlobStored, Written, version_text};
+use crate::actor::{Command, Reply, ps_key};
+use crate::authority::SignedDocument;
+use crate::model::{ApiErrorBody, BlobStored, ServiceDocument, Written, version_text};
+use crate::runner::InstanceStatus;
 
 /// Most bytes of a blob uploaded in one request.
 pub const BLOB_BYTES_MAX: usize = 256 * 1024 * 1024;
@@ -93,6 +95,9 @@ pub fn router(commands: mpsc::Sender<Command>, token: &str) -> Router {
             post(blob_put).layer(DefaultBodyLimit::max(BLOB_BYTES_MAX)),
         )
         .route("/v1/blobs/{id}", get(blob_get))
+        .route("/v1/services", post(service_publish).get(services))
+        .route("/v1/services/{*key}", get(service_document))
+        .route("/v1/ps", get(ps))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
 }
@@ -321,4 +326,67 @@ async fn blob_get(
         )
     })?;
     Ok(content.into_response())
+}
+
+async fn service_publish(State(state): State<ApiState>, body: Body) -> Result<Response, ApiError> {
+    let document = Bytes::from(body.to_vec());
+    ask(&state, |reply| Command::Publish { document, reply })
+        .await?
+        .map_err(|reason| {
+            ApiError::new(StatusCode::FORBIDDEN, format!("deploy refused: {reason}"))
+        })?;
+    Ok(axum::Json(serde_json::json!({"published": true})).into_response())
+}
+
+async fn services(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    Ok(axum::Json(ask(&state, Command::Services).await?).into_response())
+}
+
+async fn service_document(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let entry = ask(&state, |reply| Command::SuiteEntry {
+        key: key.clone(),
+        reply,
+    })
+    .await?
+    .ok_or_else(|| not_found("service (see `nubo services`)"))?;
+    let signed: SignedDocument = postcard::from_bytes(&entry.document)
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "damaged document"))?;
+    let document = signed.document;
+    Ok(axum::Json(ServiceDocument {
+        key: document.key,
+        version: document.version,
+        intent: format!("{:?}", document.intent).to_lowercase(),
+        description: document.description,
+        signer: document.signer.iter().map(|b| format!("{b:02x}")).collect(),
+    })
+    .into_response())
+}
+
+/// Every instance of the cloud: this node's from the runner, the others' from what each node
+/// publishes in the key-value store.
+async fn ps(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let nodes = ask(&state, Command::Nodes).await?;
+    let mut instances: Vec<InstanceStatus> = ask(&state, Command::Instances).await?;
+    let mut reads = JoinSet::new();
+    for node in nodes.iter().filter(|n| !n.this_node && n.state == "alive") {
+        let Ok(id) = node.id.parse() else {
+            continue;
+        };
+        let state = state.clone();
+        reads.spawn(async move { get_value(&state, ps_key(id)).await });
+    }
+    while let Some(done) = reads.join_next().await {
+        if let Ok(Ok(Some(Record {
+            value: Some(bytes), ..
+        }))) = done
+            && let Ok(list) = serde_json::from_slice::<Vec<InstanceStatus>>(&bytes)
+        {
+            instances.extend(list);
+        }
+    }
+    instances.sort_by(|a, b| (&a.service, &a.node).cmp(&(&b.service, &b.node)));
+    Ok(axum::Json(instances).into_response())
 }

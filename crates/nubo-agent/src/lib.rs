@@ -12,6 +12,8 @@ pub mod clock;
 pub mod description;
 pub mod host;
 pub mod model;
+pub mod planner;
+pub mod runner;
 pub mod setup;
 
 use std::net::{IpAddr, SocketAddr};
@@ -22,8 +24,9 @@ use nubo_proto::{Config, Node, Peer};
 use nubo_store::{DataDir, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::actor::{Agent, AgentInfo};
+use crate::actor::{Agent, AgentInfo, RunnerLink};
 use crate::clock::Clock;
+use crate::runner::{NodeLimits, Runner, RunnerConfig};
 use crate::setup::SetupError;
 
 /// Capacity of the transport's event channel: readers wait when the actor lags this far.
@@ -52,6 +55,14 @@ pub struct AgentOptions {
     pub bootstrap: bool,
     /// Stop when the parent process exits (for agents started by `nubo demo` or tests).
     pub exit_with_parent: bool,
+    /// What this node lends to services (`None`: detected from the machine).
+    pub cpu_millis: Option<u64>,
+    /// Memory lent to services (`None`: 80% of the machine's).
+    pub memory_bytes: Option<u64>,
+    /// Most instances at once.
+    pub instances_max: usize,
+    /// Ports given to instances.
+    pub ports: std::ops::RangeInclusive<u16>,
 }
 
 /// Why the agent could not start.
@@ -122,7 +133,23 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         let _ = node.kv_mut().restore(now, record);
     }
     node.kv_mut().track_changes();
+    node.set_suite_check(Box::new(authority::DocumentCheck {
+        admin_key: standing.admission.admin_key,
+    }));
+    let machine = host::resources();
+    let limits = NodeLimits {
+        cpu_millis: options
+            .cpu_millis
+            .unwrap_or((machine.cores * 1000.0) as u64),
+        memory_bytes: options
+            .memory_bytes
+            .unwrap_or((machine.memory_bytes * 0.8) as u64),
+        instances_max: options.instances_max,
+        ports: options.ports.clone(),
+    };
     let mut attributes = host::attributes();
+    attributes.push((planner::ATTR_CPU.into(), limits.cpu_millis.to_string()));
+    attributes.push((planner::ATTR_MEMORY.into(), limits.memory_bytes.to_string()));
     attributes.extend(options.attributes.iter().cloned());
     node.set_attributes(now, attributes);
     node.set_resources(host::resources());
@@ -177,9 +204,27 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         tracing::info!("shutting down: leaving the cloud");
         let _ = stop_tx.send(());
     });
-    Agent::new(node, transport.clone(), state, clock, info)
+    let root = data.file("instances");
+    let runner = Runner::new(RunnerConfig {
+        node: id.short(),
+        host: advertise.ip().to_string(),
+        root: root.clone(),
+        wrapper: std::env::current_exe().map_err(|e| SetupError::Key(e.to_string()))?,
+        limits,
+    });
+    let (desired_tx, desired_rx) = tokio::sync::watch::channel(None);
+    let (report_tx, report_rx) = tokio::sync::watch::channel(Default::default());
+    let runner_task = tokio::spawn(runner.run(desired_rx, report_tx));
+    let link = RunnerLink {
+        desired: desired_tx,
+        report: report_rx,
+        root,
+    };
+    Agent::new(node, transport.clone(), state, clock, info, link)
         .run(net_rx, commands_rx, stop_rx)
         .await;
+    // The actor dropped the runner's channel: the runner stops the instances and ends.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), runner_task).await;
     // Give the goodbye messages a moment to leave, then close every connection.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     transport.close().await;

@@ -133,6 +133,21 @@ pub struct BlobStored {
     pub chunks: usize,
 }
 
+/// `GET /v1/services/KEY`: a service's current document.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceDocument {
+    /// `namespace/name`.
+    pub key: String,
+    /// Its version.
+    pub version: u64,
+    /// `run`, `stop` or `remove`.
+    pub intent: String,
+    /// The description as deployed.
+    pub description: String,
+    /// The signer's public key (hexadecimal).
+    pub signer: String,
+}
+
 /// Every API error: a message that says what to do.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ApiErrorBody {

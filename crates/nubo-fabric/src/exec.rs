@@ -157,7 +157,10 @@ pub fn exec_limited(
     if let Some(group) = cgroup
         && let Err(error) = fs::write(group.join("cgroup.procs"), std::process::id().to_string())
     {
-        eprintln!("nubo: cannot enter cgroup {}: {error}; using rlimits only", group.display());
+        eprintln!(
+            "nubo: cannot enter cgroup {}: {error}; using rlimits only",
+            group.display()
+        );
     }
     if let Err(error) = setrlimit(Resource::RLIMIT_DATA, memory_bytes, memory_bytes) {
         return io::Error::other(format!("cannot limit memory: {error}"));

@@ -11,7 +11,8 @@ use tokio::time::timeout;
 pub async fn http(port: u16, path: &str, limit: Duration) -> bool {
     let probe = async {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nUser-Agent: nubo-health\r\n\r\n");
+        let request =
+            format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nUser-Agent: nubo-health\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut head = [0u8; 64];
         let n = stream.read(&mut head).await.ok()?;
@@ -75,6 +76,13 @@ mod tests {
         let dir = std::env::temp_dir();
         assert!(command(&["true".into()], &dir, limit).await);
         assert!(!command(&["false".into()], &dir, limit).await);
-        assert!(!command(&["sleep".into(), "5".into()], &dir, Duration::from_millis(100)).await);
+        assert!(
+            !command(
+                &["sleep".into(), "5".into()],
+                &dir,
+                Duration::from_millis(100)
+            )
+            .await
+        );
     }
 }

@@ -785,12 +785,12 @@ impl Membership {
         if peer.id == self.me.id || self.active.contains(peer.id) {
             return;
         }
-        if self.active.is_full() {
-            if let Some(evicted) = self.active.random_except(&mut self.rng, |_| false) {
-                self.send(evicted, MembershipMessage::Disconnect { leaving: false });
-                self.remove_active(evicted.id);
-                self.add_passive(evicted, &[]);
-            }
+        if self.active.is_full()
+            && let Some(evicted) = self.active.random_except(&mut self.rng, |_| false)
+        {
+            self.send(evicted, MembershipMessage::Disconnect { leaving: false });
+            self.remove_active(evicted.id);
+            self.add_passive(evicted, &[]);
         }
         self.passive.remove(peer.id);
         self.lost.retain(|l| l.peer.id != peer.id);

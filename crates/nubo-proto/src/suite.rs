@@ -320,7 +320,7 @@ mod tests {
     struct RefuseOdd;
     impl SuiteCheck for RefuseOdd {
         fn accepts(&self, entry: &SuiteEntry) -> bool {
-            entry.version % 2 == 0
+            entry.version.is_multiple_of(2)
         }
     }
 

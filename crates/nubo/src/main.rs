@@ -2,6 +2,7 @@
 
 mod client;
 mod demo;
+mod services;
 mod table;
 
 use std::io::{Read, Write};
@@ -33,10 +34,10 @@ struct Cli {
 
 /// How to reach the local agent.
 #[derive(Args, Clone)]
-struct AgentTarget {
+pub(crate) struct AgentTarget {
     /// The agent's data directory (its API address and token are read from it).
     #[arg(long, env = "NUBO_DATA_DIR", default_value_os_t = default_data_dir())]
-    data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// The API address, overriding the one in the data directory.
     #[arg(long, env = "NUBO_API")]
     api: Option<String>,
@@ -45,11 +46,11 @@ struct AgentTarget {
     token: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 impl AgentTarget {
-    fn client(&self) -> Result<Client, String> {
+    pub(crate) fn client(&self) -> Result<Client, String> {
         Client::connect(&Target {
             data_dir: &self.data_dir,
             api: self.api.as_deref(),
@@ -103,6 +104,92 @@ enum Command {
         #[command(subcommand)]
         command: BlobCommand,
     },
+    /// Check a service description; every problem is reported with line and column.
+    #[command(
+        after_help = "Example of a description (site.toml):\n\n  name = \"site\"\n  namespace = \"web\"\n  [run]\n  command = \"python3\"\n  args = [\"-m\", \"http.server\", \"${NUBO_PORT_HTTP}\"]\n  [resources]\n  cpu = 0.2\n  memory = \"64MiB\"\n  [placement]\n  replicas = 3                      # or share = \"10%\" + order_by, or availability = 0.999\n  constraints = ['arch == \"x86_64\"']\n  [ports]\n  http = 0\n  [health]\n  type = \"http\"\n  port = \"http\"\n\n  nubo validate site.toml"
+    )]
+    Validate {
+        /// The description.
+        file: PathBuf,
+        /// Print JSON (the service, or the problems).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sign a service description and deploy it to the cloud.
+    #[command(after_help = "Example:\n  nubo deploy site.toml")]
+    Deploy {
+        /// The description.
+        file: PathBuf,
+        #[command(flatten)]
+        signing: services::Signing,
+        #[command(flatten)]
+        target: AgentTarget,
+    },
+    /// Every deployed service and where it is placed.
+    #[command(after_help = "Example:\n  nubo services")]
+    Services(AgentTarget),
+    /// Every instance: service, node, state, health, address, restarts.
+    #[command(after_help = "Examples:\n  nubo ps\n  nubo ps web/site --json")]
+    Ps {
+        /// Only this service (`namespace/name`, or `name` in namespace default).
+        service: Option<String>,
+        #[command(flatten)]
+        target: AgentTarget,
+    },
+    /// The end of the output of every instance of a service.
+    #[command(after_help = "Example:\n  nubo logs web/site --follow")]
+    Logs {
+        /// The service.
+        service: String,
+        /// Keep printing new output.
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        target: AgentTarget,
+    },
+    /// Stop every instance of a service, keeping its description.
+    #[command(after_help = "Example:\n  nubo stop web/site")]
+    Stop {
+        /// The service.
+        service: String,
+        #[command(flatten)]
+        signing: services::Signing,
+        #[command(flatten)]
+        target: AgentTarget,
+    },
+    /// Remove a service.
+    #[command(after_help = "Example:\n  nubo rm web/site")]
+    Rm {
+        /// The service.
+        service: String,
+        #[command(flatten)]
+        signing: services::Signing,
+        #[command(flatten)]
+        target: AgentTarget,
+    },
+    /// Signing keys for deploying services.
+    Key {
+        #[command(subcommand)]
+        command: services::KeyCommand,
+    },
+    /// Grant a user's key a namespace and a quota (administrator only).
+    #[command(
+        after_help = "Example:\n  nubo grant --namespace web --key 3b6a...f1 --cpu 2 --memory 2GiB --instances 10"
+    )]
+    Grant(services::GrantArgs),
+    /// Run a program under limits (used by the agent to start instances).
+    #[command(hide = true)]
+    InstanceExec {
+        /// Memory limit in bytes.
+        #[arg(long)]
+        memory_bytes: u64,
+        /// A cgroup to enter first.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Start a local cloud of several agents on loopback, to try nubo.
     #[command(
         after_help = "Example:\n  nubo demo --nodes 5    # then follow the printed hints; Ctrl-C stops it"
@@ -130,6 +217,18 @@ struct AgentArgs {
     /// An attribute to announce, NAME=VALUE (repeatable).
     #[arg(long = "attr", value_parser = parse_attribute)]
     attributes: Vec<(String, String)>,
+    /// Cores this node lends to services (default: all of the machine's).
+    #[arg(long)]
+    cpu: Option<f64>,
+    /// Memory this node lends to services (default: 80% of the machine's), e.g. 4GiB.
+    #[arg(long)]
+    memory: Option<String>,
+    /// Most service instances this node runs at once.
+    #[arg(long, default_value_t = 32)]
+    max_instances: usize,
+    /// Ports given to service instances, FIRST-LAST.
+    #[arg(long, default_value = "20000-29999", value_parser = parse_port_range)]
+    port_range: std::ops::RangeInclusive<u16>,
     /// Create a new cloud if the data directory belongs to none (instead of `nubo init`).
     #[arg(long, conflicts_with = "join")]
     bootstrap: bool,
@@ -204,7 +303,7 @@ enum BlobCommand {
     },
 }
 
-fn default_data_dir() -> PathBuf {
+pub(crate) fn default_data_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_DATA_HOME") {
         return PathBuf::from(dir).join("nubo");
     }
@@ -212,6 +311,18 @@ fn default_data_dir() -> PathBuf {
         Some(home) => PathBuf::from(home).join(".local/share/nubo"),
         None => PathBuf::from("nubo-data"),
     }
+}
+
+fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (first, last) = text
+        .split_once('-')
+        .ok_or("a port range is FIRST-LAST, e.g. 20000-29999")?;
+    let first: u16 = first.trim().parse().map_err(|_| "not a port number")?;
+    let last: u16 = last.trim().parse().map_err(|_| "not a port number")?;
+    if first == 0 || first > last {
+        return Err("the range must be FIRST-LAST with 0 < FIRST <= LAST".into());
+    }
+    Ok(first..=last)
 }
 
 fn parse_attribute(text: &str) -> Result<(String, String), String> {
@@ -235,7 +346,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn print_json<T: serde::Serialize>(value: &T) -> Result<(), String> {
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> Result<(), String> {
     let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
     println!("{text}");
     Ok(())
@@ -303,6 +414,51 @@ fn run(command: Command) -> Result<(), String> {
         Command::Kv { command } => kv(command),
         Command::Blob { command } => blob(command),
         Command::Demo(args) => demo::run(args),
+        Command::Validate { file, json } => services::validate(&file, json),
+        Command::Deploy {
+            file,
+            signing,
+            target,
+        } => services::deploy(&file, &signing, &target),
+        Command::Services(target) => services::services(&target),
+        Command::Ps { service, target } => services::ps(&target, service.as_deref()),
+        Command::Logs {
+            service,
+            follow,
+            target,
+        } => services::logs(&target, &service, follow),
+        Command::Stop {
+            service,
+            signing,
+            target,
+        } => services::change(
+            &service,
+            nubo_agent::authority::Intent::Stop,
+            &signing,
+            &target,
+        ),
+        Command::Rm {
+            service,
+            signing,
+            target,
+        } => services::change(
+            &service,
+            nubo_agent::authority::Intent::Remove,
+            &signing,
+            &target,
+        ),
+        Command::Key { command } => services::key(command),
+        Command::Grant(args) => services::grant(args),
+        Command::InstanceExec {
+            memory_bytes,
+            cgroup,
+            command,
+        } => {
+            let (program, args) = command.split_first().ok_or("no program given")?;
+            let error =
+                nubo_fabric::exec::exec_limited(memory_bytes, cgroup.as_deref(), program, args);
+            Err(format!("cannot run {program}: {error}"))
+        }
     }
 }
 
@@ -330,6 +486,16 @@ fn agent(args: AgentArgs) -> Result<(), String> {
         attributes: args.attributes,
         bootstrap: args.bootstrap,
         exit_with_parent: args.exit_with_parent,
+        cpu_millis: args.cpu.map(|c| (c * 1000.0) as u64),
+        memory_bytes: match &args.memory {
+            Some(text) => Some(
+                nubo_proto::service::parse_quantity(text)
+                    .ok_or("--memory is a size such as 4GiB")? as u64,
+            ),
+            None => None,
+        },
+        instances_max: args.max_instances,
+        ports: args.port_range,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

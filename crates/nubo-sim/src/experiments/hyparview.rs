@@ -197,15 +197,14 @@ pub fn run(args: &HyparviewArgs) -> Report {
                     None => orphans += 1,
                     Some(p) => {
                         let j = sim.index_of(p).unwrap();
-                        if let Some(parent) = sim.node(j) {
-                            if !parent
+                        if let Some(parent) = sim.node(j)
+                            && !parent
                                 .broadcast_layer()
                                 .tree()
                                 .children()
                                 .any(|c| c == sim.peer(i).id)
-                            {
-                                unacknowledged += 1;
-                            }
+                        {
+                            unacknowledged += 1;
                         }
                     }
                 }
