@@ -175,15 +175,17 @@ impl Planner {
                 })
                 .collect();
             let chosen = place(&key, &service.placement, &candidates);
+            // Quotas count every service of the namespace, in key order; only granted
+            // deployers are held to them (the administrator is not).
+            let demand = service.placement.demand;
+            let n = chosen.len() as u64;
+            let entry = used.entry(service.namespace.clone()).or_default();
+            let after = (
+                entry.0 + demand.cpu_millis * n,
+                entry.1 + demand.memory_bytes * n,
+                entry.2 + n,
+            );
             if let Some(grant) = &parsed.signed.document.grant {
-                let demand = service.placement.demand;
-                let n = chosen.len() as u64;
-                let entry = used.entry(service.namespace.clone()).or_default();
-                let after = (
-                    entry.0 + demand.cpu_millis * n,
-                    entry.1 + demand.memory_bytes * n,
-                    entry.2 + n,
-                );
                 let quota = grant.grant.quota;
                 if after.0 > quota.cpu_millis
                     || after.1 > quota.memory_bytes
@@ -193,8 +195,8 @@ impl Planner {
                     plan.push(planned);
                     continue;
                 }
-                *entry = after;
             }
+            *entry = after;
             planned.wanted = match service.placement.count {
                 Count::Replicas(n) => n as usize,
                 _ => chosen.len(),

@@ -25,6 +25,11 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent on `dir`, joining with `token` if given.
     pub fn start(dir: &Path, token: Option<&str>) -> Agent {
+        Agent::start_with(dir, token, &[])
+    }
+
+    /// Starts an agent with extra arguments.
+    pub fn start_with(dir: &Path, token: Option<&str>, extra: &[&str]) -> Agent {
         std::fs::create_dir_all(dir).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -37,6 +42,7 @@ impl Agent {
             .arg("--exit-with-parent")
             .arg("--data-dir")
             .arg(dir)
+            .args(extra)
             .env("NUBO_LOG", "info")
             .env_remove("NUBO_JOIN")
             .stdin(Stdio::null())
@@ -149,6 +155,49 @@ impl Agent {
         }
     }
 
+    /// Process ids of the service instances this agent recorded.
+    pub fn instance_pids(&self) -> Vec<i32> {
+        let Ok(bytes) = std::fs::read(self.dir.join("instances/instances.json")) else {
+            return Vec::new();
+        };
+        let records: Vec<Value> = serde_json::from_slice(&bytes).unwrap_or_default();
+        records
+            .iter()
+            .filter_map(|r| r["pid"].as_i64())
+            .map(|p| p as i32)
+            .collect()
+    }
+
+    /// The machine dies: `kill -9` of the agent and of every instance it started.
+    pub fn kill_host(&mut self) {
+        let pids = self.instance_pids();
+        self.kill();
+        for pid in pids {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    /// Stops the agent gracefully (it stops its instances), or kills it after 5 s.
+    pub fn stop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.kill_host();
+    }
+
     /// Restarts on the same data directory, with no token.
     pub fn restart(&mut self) {
         self.kill();
@@ -165,7 +214,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        self.kill();
+        self.stop();
     }
 }
 
@@ -178,6 +227,11 @@ pub struct Cloud {
 impl Cloud {
     /// Creates a cloud and starts `n` agents in it.
     pub fn start(n: usize) -> Cloud {
+        Cloud::start_with(n, |_| Vec::new())
+    }
+
+    /// Creates a cloud of `n` agents, agent `i` (from 1) started with `extra(i)` arguments.
+    pub fn start_with(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cloud {
         let root = tempfile::Builder::new()
             .prefix("nubo-test-")
             .tempdir()
@@ -193,12 +247,17 @@ impl Cloud {
             "{}",
             String::from_utf8_lossy(&init.stderr)
         );
-        let mut agents = vec![Agent::start(&first_dir, None)];
+        let first_args = extra(1);
+        let first: Vec<&str> = first_args.iter().map(String::as_str).collect();
+        let mut agents = vec![Agent::start_with(&first_dir, None, &first)];
         let token = agents[0].invite();
         for i in 2..=n {
-            agents.push(Agent::start(
+            let more = extra(i);
+            let more: Vec<&str> = more.iter().map(String::as_str).collect();
+            agents.push(Agent::start_with(
                 &root.path().join(format!("node{i}")),
                 Some(&token),
+                &more,
             ));
         }
         Cloud { root, agents }

@@ -1,0 +1,328 @@
+//! Deploying services on real agents: placement, health, self-healing after a host dies,
+//! limits, authority and quotas, share-based placement, and description errors.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Agent, Cloud, NUBO, ONE_CLOUD_AT_A_TIME, wait_until};
+use serde_json::Value;
+
+fn site(name: &str, placement: &str) -> String {
+    format!(
+        r#"name = "{name}"
+namespace = "web"
+
+[run]
+command = "python3"
+args = ["-m", "http.server", "${{NUBO_PORT_HTTP}}", "--bind", "127.0.0.1"]
+
+[resources]
+cpu = 0.05
+memory = "128MiB"
+
+[placement]
+{placement}
+
+[ports]
+http = 0
+
+[health]
+type = "http"
+port = "http"
+interval = "500ms"
+"#
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// `nubo ARGS --data-dir DIR`, returning (success, stdout, stderr).
+fn nubo(agent: &Agent, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(NUBO)
+        .args(args)
+        .arg("--data-dir")
+        .arg(&agent.dir)
+        .env_remove("NUBO_API")
+        .env_remove("NUBO_TOKEN")
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn instances(agent: &Agent, service: &str) -> Vec<Value> {
+    agent
+        .try_json::<Vec<Value>>(&["ps", service])
+        .unwrap_or_default()
+}
+
+fn healthy_nodes(agent: &Agent, service: &str) -> BTreeSet<String> {
+    instances(agent, service)
+        .iter()
+        .filter(|i| i["health"] == "healthy")
+        .map(|i| i["node"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn answers_http(instance: &Value) -> bool {
+    let port = instance["ports"]["http"].as_u64().unwrap();
+    std::net::TcpStream::connect(("127.0.0.1", port as u16))
+        .and_then(|mut s| {
+            use std::io::{Read, Write};
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head)?;
+            Ok(head.starts_with(b"HTTP/1.0 200"))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn six_agents_place_heal_limit_refuse_and_share() {
+    let _one = ONE_CLOUD_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut cloud = Cloud::start_with(6, |i| vec!["--attr".into(), format!("score={i}")]);
+    let work = cloud.root.path().to_path_buf();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            cloud.agents.iter().all(|a| a.members_alive() == 6)
+        })
+        .is_some(),
+        "{}",
+        cloud.logs()
+    );
+    let admin = &cloud.agents[0];
+    let short_ids: Vec<String> = cloud
+        .agents
+        .iter()
+        .map(|a| a.node_id()[..8].to_string())
+        .collect();
+
+    // replicas = 3: three healthy instances on three nodes, answering HTTP.
+    let file = write(&work, "site.toml", &site("site", "replicas = 3"));
+    let (ok, _, err) = nubo(admin, &["deploy", &file]);
+    assert!(ok, "{err}");
+    let placed = wait_until(Duration::from_secs(60), || {
+        healthy_nodes(admin, "web/site").len() == 3
+    });
+    assert!(
+        placed.is_some(),
+        "{:?}\n{}",
+        instances(admin, "web/site"),
+        cloud.logs()
+    );
+    eprintln!("3 healthy instances {placed:?} after deploying");
+    let running = instances(admin, "web/site");
+    assert_eq!(running.len(), 3);
+    assert!(running.iter().all(answers_http));
+
+    // share = 50% by score: the three nodes with the highest scores (4, 5, 6).
+    let file = write(
+        &work,
+        "top.toml",
+        &site("top", "share = \"50%\"\norder_by = \"score\""),
+    );
+    let (ok, _, err) = nubo(admin, &["deploy", &file]);
+    assert!(ok, "{err}");
+    let expected: BTreeSet<String> = short_ids[3..].iter().cloned().collect();
+    let shared = wait_until(Duration::from_secs(60), || {
+        healthy_nodes(admin, "web/top") == expected
+    });
+    assert!(
+        shared.is_some(),
+        "{:?} vs {expected:?}\n{:?}\n{:?}\n{:?}",
+        healthy_nodes(admin, "web/top"),
+        instances(admin, "web/top"),
+        admin.try_json::<Value>(&["services"]),
+        admin.try_json::<Value>(&["nodes"]),
+    );
+    let (ok, _, _) = nubo(admin, &["rm", "web/top"]);
+    assert!(ok);
+    assert!(
+        wait_until(Duration::from_secs(30), || instances(admin, "web/top")
+            .is_empty())
+        .is_some()
+    );
+
+    // A memory-hungry instance is held to its limit: it cannot get 512 MiB with 64 MiB.
+    let hungry = r#"name = "hungry"
+namespace = "web"
+[run]
+command = "python3"
+args = ["-c", "import time; x = bytearray(512 * 1024 * 1024); print('got it', flush=True); time.sleep(600)"]
+[resources]
+memory = "64MiB"
+[restart]
+attempts = 2
+delay = "200ms"
+"#;
+    let file = write(&work, "hungry.toml", hungry);
+    let (ok, _, err) = nubo(admin, &["deploy", &file]);
+    assert!(ok, "{err}");
+    let held = wait_until(Duration::from_secs(30), || {
+        instances(admin, "web/hungry")
+            .iter()
+            .any(|i| i["restarts"].as_u64().unwrap_or(0) >= 1)
+    });
+    assert!(held.is_some(), "{:?}", instances(admin, "web/hungry"));
+    let (_, logs, _) = nubo(admin, &["logs", "web/hungry"]);
+    assert!(!logs.contains("got it"), "{logs}");
+    assert!(logs.contains("MemoryError") || logs.is_empty(), "{logs}");
+    nubo(admin, &["rm", "web/hungry"]);
+
+    // Authority: a key without a grant, a grant for another namespace, and a deploy over
+    // quota are all refused with a reason, and change nothing.
+    let user_key = work.join("user.key");
+    let output = Command::new(NUBO)
+        .args(["key", "new", "--out", user_key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let public = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let file = write(&work, "mine.toml", &site("mine", "replicas = 3"));
+    let (ok, _, err) = nubo(
+        admin,
+        &["deploy", &file, "--key", user_key.to_str().unwrap()],
+    );
+    assert!(!ok && err.contains("no grant"), "{err}");
+    let (ok, grant_db, _) = nubo(
+        admin,
+        &[
+            "grant",
+            "--namespace",
+            "db",
+            "--key",
+            &public,
+            "--instances",
+            "2",
+        ],
+    );
+    assert!(ok);
+    let (ok, _, err) = nubo(
+        admin,
+        &[
+            "deploy",
+            &file,
+            "--key",
+            user_key.to_str().unwrap(),
+            "--grant",
+            grant_db.trim(),
+        ],
+    );
+    assert!(!ok && err.contains("namespace db"), "{err}");
+    let (ok, grant_web, _) = nubo(
+        admin,
+        // The namespace already runs 3 instances of web/site: 3 more would make 6.
+        &[
+            "grant",
+            "--namespace",
+            "web",
+            "--key",
+            &public,
+            "--instances",
+            "5",
+        ],
+    );
+    assert!(ok);
+    let (ok, _, err) = nubo(
+        admin,
+        &[
+            "deploy",
+            &file,
+            "--key",
+            user_key.to_str().unwrap(),
+            "--grant",
+            grant_web.trim(),
+        ],
+    );
+    assert!(!ok && err.contains("over the quota"), "{err}");
+    let services: Vec<Value> = admin.json(&["services"]);
+    assert!(
+        services.iter().all(|s| s["key"] != "web/mine"),
+        "{services:?}"
+    );
+    // Within quota, the same user deploys.
+    let small = write(&work, "small.toml", &site("mine", "replicas = 2"));
+    let (ok, _, err) = nubo(
+        admin,
+        &[
+            "deploy",
+            &small,
+            "--key",
+            user_key.to_str().unwrap(),
+            "--grant",
+            grant_web.trim(),
+        ],
+    );
+    assert!(ok, "{err}");
+
+    // Self-healing: the host of one site instance dies; a replacement is healthy elsewhere
+    // and the count is exactly 3 again.
+    let hosts = healthy_nodes(admin, "web/site");
+    let victim = (1..6)
+        .find(|&i| hosts.contains(&short_ids[i]))
+        .expect("a site instance on an agent other than the first");
+    let started = Instant::now();
+    cloud.agents[victim].kill_host();
+    let healed = wait_until(Duration::from_secs(60), || {
+        let nodes = healthy_nodes(&cloud.agents[0], "web/site");
+        nodes.len() == 3 && !nodes.contains(&short_ids[victim])
+    });
+    assert!(
+        healed.is_some(),
+        "{:?}\n{}",
+        instances(&cloud.agents[0], "web/site"),
+        cloud.logs()
+    );
+    eprintln!(
+        "replacement healthy {:?} after kill -9 of its host",
+        started.elapsed()
+    );
+    let running = instances(&cloud.agents[0], "web/site");
+    assert_eq!(running.len(), 3, "{running:?}");
+    assert!(running.iter().all(answers_http));
+}
+
+#[test]
+fn malformed_descriptions_are_reported_with_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad =
+        site("site", "replicas = 3").replace("memory = \"128MiB\"", "memory = \"lots\"\nswap = 1");
+    let file = write(dir.path(), "bad.toml", &bad);
+    let output = Command::new(NUBO)
+        .args(["validate", &file])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{file}:11:1: unknown field `swap`")),
+        "{stderr}"
+    );
+    let output = Command::new(NUBO)
+        .args(["validate", &file.replace("bad", "missing")])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let good = write(dir.path(), "good.toml", &site("site", "replicas = 3"));
+    let output = Command::new(NUBO)
+        .args(["validate", &good, "--json"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let service: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(service["name"], "site");
+}
