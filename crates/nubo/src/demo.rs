@@ -126,6 +126,86 @@ fn wait_for_api(dir: &Path, child: &mut Child, deadline: Instant) -> Result<Clie
     }
 }
 
+/// The sample suite: a static web site, three replicas, each page naming its node.
+const SAMPLE_SITE: &str = r#"name = "site"
+namespace = "web"
+
+[run]
+command = "sh"
+args = ["-c", "echo \"<h1>nubo demo: served by node $NUBO_NODE</h1>\" > index.html && exec python3 -m http.server $NUBO_PORT_HTTP --bind 127.0.0.1"]
+
+[resources]
+cpu = 0.1
+memory = "128MiB"
+
+[placement]
+replicas = 3
+
+[ports]
+http = 0
+
+[health]
+type = "http"
+port = "http"
+interval = "1s"
+"#;
+
+/// Deploys the sample site and prints where each replica answers. Skipped (with a word)
+/// where python3 is missing.
+fn deploy_sample(root: &Path, admin_dir: &Path, nodes: usize, deadline: Instant) -> Result<(), String> {
+    let python = std::process::Command::new("python3")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !python {
+        eprintln!("(python3 is not installed: skipping the sample web site)");
+        return Ok(());
+    }
+    let file = root.join("site.toml");
+    std::fs::write(&file, SAMPLE_SITE).map_err(|e| format!("{}: {e}", file.display()))?;
+    let target = crate::AgentTarget {
+        data_dir: admin_dir.to_path_buf(),
+        api: None,
+        token: None,
+        json: false,
+    };
+    let signing = crate::services::Signing::default();
+    eprintln!("Deploying the sample suite ({})…", file.display());
+    crate::services::deploy_quietly(&file, &signing, &target)?;
+    let wanted = nodes.min(3);
+    let client = client_of(admin_dir)?;
+    let instances = loop {
+        let list: Vec<nubo_agent::runner::InstanceStatus> =
+            client.json("GET", "/v1/ps", None).unwrap_or_default();
+        let healthy: Vec<_> = list.into_iter().filter(|i| i.health == "healthy").collect();
+        if healthy.len() >= wanted {
+            break healthy;
+        }
+        if Instant::now() > deadline + Duration::from_secs(30) {
+            return Err("the sample site did not become healthy; see `nubo ps` and the agent logs".into());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    println!();
+    println!("The sample site web/site runs {wanted} replicas:");
+    crate::table::print(
+        &["SERVICE", "NODE", "URL"],
+        &instances
+            .iter()
+            .map(|i| {
+                vec![
+                    i.service.clone(),
+                    i.node.clone(),
+                    format!("http://{}:{}/", i.host, i.ports.get("http").copied().unwrap_or(0)),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    );
+    Ok(())
+}
+
 /// Runs the demo until Ctrl-C.
 pub fn run(args: DemoArgs) -> Result<(), String> {
     let dir = tempfile::Builder::new()
@@ -206,6 +286,7 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "nubo".into());
+    deploy_sample(&root, &dirs[0], n, deadline)?;
     println!();
     println!("Try, in another terminal:");
     println!("  export NUBO_DATA_DIR={}", dirs[0].display());
@@ -216,7 +297,9 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
         dirs[n - 1].display()
     );
     println!("  {exe} stats                      # the cloud's size and resources");
-    println!("  kill -9 <pid of one agent>, then `{exe} nodes` again");
+    println!("  {exe} ps                         # the sample site's instances");
+    println!("  {exe} logs web/site");
+    println!("  kill -9 <pid of an agent hosting the site>, then `{exe} ps` again");
     println!();
     println!(
         "Agent logs: {}/node*/agent.log. Press Ctrl-C to stop.",

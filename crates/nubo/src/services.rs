@@ -59,7 +59,7 @@ pub struct GrantArgs {
 }
 
 /// How a deploy is signed.
-#[derive(Args, Clone)]
+#[derive(Args, Clone, Default)]
 pub struct Signing {
     /// The signing key (default: the data directory's admin.key if there is one, else the
     /// key of `nubo key new`).
@@ -255,8 +255,12 @@ fn publish(
     Ok(version)
 }
 
-/// `nubo deploy`.
-pub fn deploy(file: &Path, signing: &Signing, target: &AgentTarget) -> Result<(), String> {
+/// Deploys `file`; returns the service's key and version.
+pub fn deploy_quietly(
+    file: &Path,
+    signing: &Signing,
+    target: &AgentTarget,
+) -> Result<(String, u64), String> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let service = description::parse(&text).map_err(|errors| {
         errors
@@ -267,6 +271,12 @@ pub fn deploy(file: &Path, signing: &Signing, target: &AgentTarget) -> Result<()
     })?;
     let key = service.key();
     let version = publish(target, signing, key.clone(), Intent::Run, text)?;
+    Ok((key, version))
+}
+
+/// `nubo deploy`.
+pub fn deploy(file: &Path, signing: &Signing, target: &AgentTarget) -> Result<(), String> {
+    let (key, version) = deploy_quietly(file, signing, target)?;
     if target.json {
         return print_json(&serde_json::json!({"service": key, "version": version}));
     }
