@@ -152,7 +152,12 @@ interval = "1s"
 
 /// Deploys the sample site and prints where each replica answers. Skipped (with a word)
 /// where python3 is missing.
-fn deploy_sample(root: &Path, admin_dir: &Path, nodes: usize, deadline: Instant) -> Result<(), String> {
+fn deploy_sample(
+    root: &Path,
+    admin_dir: &Path,
+    nodes: usize,
+    deadline: Instant,
+) -> Result<(), String> {
     let python = std::process::Command::new("python3")
         .arg("--version")
         .stdout(Stdio::null())
@@ -184,7 +189,9 @@ fn deploy_sample(root: &Path, admin_dir: &Path, nodes: usize, deadline: Instant)
             break healthy;
         }
         if Instant::now() > deadline + Duration::from_secs(30) {
-            return Err("the sample site did not become healthy; see `nubo ps` and the agent logs".into());
+            return Err(
+                "the sample site did not become healthy; see `nubo ps` and the agent logs".into(),
+            );
         }
         std::thread::sleep(Duration::from_millis(250));
     };
@@ -198,7 +205,11 @@ fn deploy_sample(root: &Path, admin_dir: &Path, nodes: usize, deadline: Instant)
                 vec![
                     i.service.clone(),
                     i.node.clone(),
-                    format!("http://{}:{}/", i.host, i.ports.get("http").copied().unwrap_or(0)),
+                    format!(
+                        "http://{}:{}/",
+                        i.host,
+                        i.ports.get("http").copied().unwrap_or(0)
+                    ),
                 ]
             })
             .collect::<Vec<_>>(),

@@ -1,10 +1,14 @@
-//! A 5-node cloud in containers on a private Docker network: one node is cut off
-//! (`docker network disconnect`) and reconnected, and membership and the key-value store
-//! converge again.
+//! Clouds in containers on a private Docker network:
+//! - 5 nodes; one is cut off (`docker network disconnect`) and reconnected: membership and the
+//!   key-value store converge again;
+//! - 6 nodes running a service; the cloud is split 3/3 (packet filters inside each
+//!   container's network namespace) and healed: each side keeps the service running, and
+//!   after healing exactly the requested number of instances remains.
 //!
-//! The image is built here from `scratch`: the `nubo` binary and the shared libraries it
-//! links, nothing else (no image is pulled). Where no Docker engine answers, the test says so
-//! and passes without running.
+//! The image is built here from `scratch`: the `nubo` binary, `/bin/sleep` (the service) and
+//! the shared libraries they link, nothing else (no image is pulled). Where no Docker engine
+//! answers (or, for the split, no `iptables`/`nsenter`), a test says so and passes without
+//! running.
 
 mod common;
 
@@ -14,8 +18,6 @@ use std::time::Duration;
 
 use common::{NUBO, ONE_CLOUD_AT_A_TIME, wait_until};
 use serde_json::Value;
-
-const NODES: usize = 5;
 
 fn docker(args: &[&str]) -> Output {
     Command::new("docker")
@@ -41,23 +43,26 @@ fn copy_into(root: &Path, file: &Path) {
     std::fs::copy(file, &target).unwrap();
 }
 
-/// Builds an image holding only `nubo` and its shared libraries; returns its tag.
+/// Builds an image holding only `nubo`, `sleep` and their shared libraries.
 fn build_image(tag: &str) {
     let context = tempfile::tempdir().unwrap();
     let root = context.path().join("rootfs");
     std::fs::create_dir_all(root.join("data")).unwrap();
     std::fs::create_dir_all(root.join("tmp")).unwrap();
     std::fs::copy(NUBO, root.join("nubo")).unwrap();
-    let ldd = Command::new("ldd").arg(NUBO).output().unwrap();
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
-        let path = line
-            .split("=>")
-            .last()
-            .and_then(|rest| rest.split_whitespace().next())
-            .filter(|p| p.starts_with('/'));
-        if let Some(path) = path {
-            copy_into(&root, Path::new(path));
+    copy_into(&root, Path::new("/bin/sleep"));
+    for program in [NUBO, "/bin/sleep"] {
+        let ldd = Command::new("ldd").arg(program).output().unwrap();
+        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
+            let path = line
+                .split("=>")
+                .last()
+                .and_then(|rest| rest.split_whitespace().next())
+                .filter(|p| p.starts_with('/'));
+            if let Some(path) = path {
+                copy_into(&root, Path::new(path));
+            }
         }
     }
     std::fs::write(
@@ -73,6 +78,7 @@ struct Lab {
     prefix: String,
     subnet: u8,
     image: String,
+    nodes: usize,
 }
 
 impl Lab {
@@ -135,7 +141,7 @@ impl Lab {
     }
 
     fn holders(&self, key: &str) -> usize {
-        (1..=NODES)
+        (1..=self.nodes)
             .filter(|&i| {
                 self.cli(i, &["kv", "local", key])
                     .is_ok_and(|v| v["held"].as_bool() == Some(true))
@@ -144,7 +150,7 @@ impl Lab {
     }
 
     fn logs(&self) -> String {
-        (1..=NODES)
+        (1..=self.nodes)
             .map(|i| {
                 let output = docker(&["logs", "--tail", "30", &self.name(i)]);
                 format!(
@@ -160,7 +166,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for i in 1..=NODES {
+        for i in 1..=self.nodes {
             let _ = docker(&["rm", "-f", &self.name(i)]);
         }
         let _ = docker(&["network", "rm", &self.prefix]);
@@ -168,24 +174,25 @@ impl Drop for Lab {
     }
 }
 
-#[test]
-fn a_node_cut_off_from_a_containerised_cloud_rejoins_and_catches_up() {
-    if !Command::new("docker")
+fn docker_runs() -> bool {
+    let runs = Command::new("docker")
         .arg("info")
         .output()
-        .is_ok_and(|o| o.status.success())
-    {
+        .is_ok_and(|o| o.status.success());
+    if !runs {
         eprintln!("skipping: no Docker engine answers here (the loopback tests still ran)");
-        return;
     }
-    let _one = ONE_CLOUD_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    runs
+}
+
+/// Builds the image, the network and a cloud of `nodes` containers, formed.
+fn lab(nodes: usize, tag: &str) -> Lab {
     let id = std::process::id();
     let lab = Lab {
-        prefix: format!("nubo-test-{id}"),
-        subnet: (id % 200) as u8 + 20,
-        image: format!("nubo-test:{id}"),
+        prefix: format!("nubo-test-{id}-{tag}"),
+        subnet: ((id + tag.len() as u32 * 37) % 200) as u8 + 20,
+        image: format!("nubo-test-{tag}:{id}"),
+        nodes,
     };
     build_image(&lab.image);
     docker_ok(&[
@@ -195,7 +202,6 @@ fn a_node_cut_off_from_a_containerised_cloud_rejoins_and_catches_up() {
         &format!("172.29.{}.0/24", lab.subnet),
         &lab.prefix,
     ]);
-
     lab.start(1, None);
     assert!(
         wait_until(Duration::from_secs(30), || lab.cli(1, &["status"]).is_ok()).is_some(),
@@ -206,15 +212,28 @@ fn a_node_cut_off_from_a_containerised_cloud_rejoins_and_catches_up() {
         .as_str()
         .unwrap()
         .to_string();
-    for i in 2..=NODES {
+    for i in 2..=nodes {
         lab.start(i, Some(&token));
     }
-    let n = NODES as u64;
+    let n = nodes as u64;
     let formed = wait_until(Duration::from_secs(90), || {
-        (1..=NODES).all(|i| lab.alive(i) == n)
+        (1..=nodes).all(|i| lab.alive(i) == n)
     });
     assert!(formed.is_some(), "the cloud did not form:\n{}", lab.logs());
-    eprintln!("{NODES} containers saw each other alive after {formed:?}");
+    eprintln!("{nodes} containers saw each other alive after {formed:?}");
+    lab
+}
+
+#[test]
+fn a_node_cut_off_from_a_containerised_cloud_rejoins_and_catches_up() {
+    if !docker_runs() {
+        return;
+    }
+    let _one = ONE_CLOUD_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let lab = lab(5, "cut");
+    let n = 5;
     lab.cli(1, &["kv", "put", "before", "cut"]).unwrap();
 
     // Cut node 3 off.
@@ -240,7 +259,7 @@ fn a_node_cut_off_from_a_containerised_cloud_rejoins_and_catches_up() {
         &lab.name(3),
     ]);
     let healed = wait_until(Duration::from_secs(120), || {
-        (1..=NODES).all(|i| lab.alive(i) == n)
+        (1..=5).all(|i| lab.alive(i) == n)
     });
     assert!(
         healed.is_some(),
@@ -261,4 +280,154 @@ fn a_node_cut_off_from_a_containerised_cloud_rejoins_and_catches_up() {
         lab.logs()
     );
     eprintln!("the store converged {caught_up:?} after membership");
+}
+
+impl Lab {
+    fn pid(&self, i: usize) -> String {
+        docker_ok(&["inspect", "-f", "{{.State.Pid}}", &self.name(i)])
+    }
+
+    /// Drops, inside container `i`'s network namespace, every packet from `from`.
+    fn drop_from(&self, i: usize, from: usize) {
+        let status = Command::new("nsenter")
+            .args([
+                "-t",
+                &self.pid(i),
+                "-n",
+                "iptables",
+                "-A",
+                "INPUT",
+                "-s",
+                &self.ip(from),
+                "-j",
+                "DROP",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "iptables in container {i}");
+    }
+
+    fn heal(&self, i: usize) {
+        let status = Command::new("nsenter")
+            .args(["-t", &self.pid(i), "-n", "iptables", "-F", "INPUT"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Instances of the sleeper service running in container `i` (its `sleep` processes).
+    fn sleepers(&self, i: usize) -> usize {
+        let output = docker(&["top", &self.name(i)]);
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|l| l.contains("/bin/sleep 100000"))
+            .count()
+    }
+
+    fn total_sleepers(&self) -> usize {
+        (1..=self.nodes).map(|i| self.sleepers(i)).sum()
+    }
+}
+
+fn can_filter_packets() -> bool {
+    let ok = ["iptables", "nsenter"].iter().all(|tool| {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !ok {
+        eprintln!("skipping: iptables and nsenter are needed to split the cloud");
+    }
+    ok
+}
+
+#[test]
+fn a_containerised_cloud_split_three_three_keeps_serving_and_heals_to_the_requested_count() {
+    if !docker_runs() || !can_filter_packets() {
+        return;
+    }
+    let _one = ONE_CLOUD_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let lab = lab(6, "split");
+    let description = r#"name = "sleeper"
+namespace = "test"
+[run]
+command = "/bin/sleep"
+args = ["100000"]
+[resources]
+cpu = 0.01
+memory = "16MiB"
+[placement]
+replicas = 2
+"#;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), description).unwrap();
+    docker_ok(&[
+        "cp",
+        file.path().to_str().unwrap(),
+        &format!("{}:/tmp/sleeper.toml", lab.name(1)),
+    ]);
+    lab.cli(1, &["deploy", "/tmp/sleeper.toml"]).unwrap();
+    let placed = wait_until(Duration::from_secs(60), || lab.total_sleepers() == 2);
+    assert!(
+        placed.is_some(),
+        "{} instances\n{}",
+        lab.total_sleepers(),
+        lab.logs()
+    );
+
+    // Split {1,2,3} from {4,5,6}.
+    for a in 1..=3 {
+        for b in 4..=6 {
+            lab.drop_from(a, b);
+            lab.drop_from(b, a);
+        }
+    }
+    let split = wait_until(Duration::from_secs(60), || {
+        lab.alive(1) == 3 && lab.alive(4) == 3
+    });
+    assert!(
+        split.is_some(),
+        "the sides did not see the split:\n{}",
+        lab.logs()
+    );
+    // Each side keeps serving: it runs the service on its own members.
+    let side =
+        |nodes: std::ops::RangeInclusive<usize>| nodes.map(|i| lab.sleepers(i)).sum::<usize>();
+    let served = wait_until(Duration::from_secs(60), || {
+        side(1..=3) == 2 && side(4..=6) == 2
+    });
+    assert!(
+        served.is_some(),
+        "{} + {} instances during the split\n{}",
+        side(1..=3),
+        side(4..=6),
+        lab.logs()
+    );
+    eprintln!("split seen after {split:?}; both sides run 2 instances after {served:?}");
+
+    for i in 1..=6 {
+        lab.heal(i);
+    }
+    let merged = wait_until(Duration::from_secs(120), || {
+        (1..=6).all(|i| lab.alive(i) == 6)
+    });
+    assert!(
+        merged.is_some(),
+        "membership did not merge:\n{}",
+        lab.logs()
+    );
+    let exact = wait_until(Duration::from_secs(60), || lab.total_sleepers() == 2);
+    assert!(
+        exact.is_some(),
+        "{} instances after healing\n{}",
+        lab.total_sleepers(),
+        lab.logs()
+    );
+    // And it stays so.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(lab.total_sleepers(), 2);
+    eprintln!("merged after {merged:?}; exactly 2 instances {exact:?} later");
 }

@@ -269,6 +269,37 @@ delay = "200ms"
     );
     assert!(ok, "{err}");
 
+    // An agent crashes but its machine does not: the restarted agent adopts its running
+    // instance (same process) instead of starting a second one.
+    let hosts = healthy_nodes(admin, "web/site");
+    let crashed = (1..6)
+        .find(|&i| hosts.contains(&short_ids[i]))
+        .expect("a site instance on an agent other than the first");
+    let before = cloud.agents[crashed].instance_pids();
+    assert_eq!(before.len(), 1);
+    cloud.agents[crashed].kill();
+    cloud.agents[crashed].restart();
+    let adopted = wait_until(Duration::from_secs(60), || {
+        let list = instances(&cloud.agents[0], "web/site");
+        list.len() == 3
+            && list
+                .iter()
+                .any(|i| i["node"] == short_ids[crashed].as_str() && i["pid"] == before[0])
+            && list.iter().all(|i| i["health"] == "healthy")
+    });
+    assert!(
+        adopted.is_some(),
+        "{:?}\n{}",
+        instances(&cloud.agents[0], "web/site"),
+        cloud.logs()
+    );
+    assert_eq!(
+        cloud.agents[crashed].instance_pids(),
+        before,
+        "not started twice"
+    );
+    let admin = &cloud.agents[0];
+
     // Self-healing: the host of one site instance dies; a replacement is healthy elsewhere
     // and the count is exactly 3 again.
     let hosts = healthy_nodes(admin, "web/site");

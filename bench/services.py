@@ -1,0 +1,193 @@
+"""Recovery and deployment times of services on a 10-agent loopback cloud.
+
+Usage: python3 bench/services.py NUBO_BINARY TRIALS SERVICES
+Prints a table, then one JSON object as the last line.
+"""
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+AGENTS = 10
+
+SITE = """name = "{name}"
+namespace = "bench"
+
+[run]
+command = "python3"
+args = ["-m", "http.server", "${{NUBO_PORT_HTTP}}", "--bind", "127.0.0.1"]
+
+[resources]
+cpu = 0.05
+memory = "128MiB"
+
+[placement]
+replicas = {replicas}
+
+[ports]
+http = 0
+
+[health]
+type = "http"
+port = "http"
+interval = "{interval}"
+"""
+
+
+def cli(nubo, data_dir, *args, check=True):
+    out = subprocess.run([nubo, *args, "--data-dir", data_dir, "--json"],
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        if check:
+            raise RuntimeError(f"nubo {args}: {out.stderr.strip()}")
+        return None
+    return json.loads(out.stdout)
+
+
+def start(nubo, data_dir, token=None):
+    os.makedirs(data_dir, exist_ok=True)
+    env = dict(os.environ, NUBO_LOG="warn")
+    env.pop("NUBO_JOIN", None)
+    if token:
+        env["NUBO_JOIN"] = token
+    log = open(os.path.join(data_dir, "agent.log"), "a")
+    return subprocess.Popen(
+        [nubo, "agent", "--data-dir", data_dir, "--listen", "127.0.0.1:0",
+         "--api", "127.0.0.1:0", "--exit-with-parent", "--max-instances", "64"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+
+
+def wait(what, condition, timeout):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            if condition():
+                return time.time() - t0
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def instance_pids(data_dir):
+    try:
+        with open(os.path.join(data_dir, "instances", "instances.json")) as f:
+            return [r["pid"] for r in json.load(f)]
+    except (OSError, ValueError):
+        return []
+
+
+def main():
+    nubo, trials, services = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    root = tempfile.mkdtemp(prefix="nubo-bench-")
+    dirs = [os.path.join(root, f"node{i + 1}") for i in range(AGENTS)]
+    procs = {}
+    try:
+        subprocess.run([nubo, "init", "--data-dir", dirs[0], "--json"], check=True,
+                       capture_output=True)
+        procs[0] = start(nubo, dirs[0])
+        wait("the first agent", lambda: cli(nubo, dirs[0], "status"), 30)
+        token = cli(nubo, dirs[0], "invite")["token"]
+        for i in range(1, AGENTS):
+            procs[i] = start(nubo, dirs[i], token)
+        wait("convergence", lambda: all(
+            (cli(nubo, d, "status", check=False) or {}).get("members_alive") == AGENTS
+            for d in dirs), 120)
+        admin = dirs[0]
+        ids = [cli(nubo, d, "status")["node_id"][:8] for d in dirs]
+
+        # Recovery: default settings, one service of 3 replicas.
+        site = os.path.join(root, "site.toml")
+        with open(site, "w") as f:
+            f.write(SITE.format(name="site", replicas=3, interval="500ms"))
+        cli(nubo, admin, "deploy", site)
+
+        def healthy(service):
+            return {i["node"] for i in cli(nubo, admin, "ps", service)
+                    if i["health"] == "healthy"}
+
+        wait("3 healthy replicas", lambda: len(healthy("bench/site")) == 3, 60)
+        recoveries = []
+        for trial in range(trials):
+            hosts = healthy("bench/site")
+            victim = next(i for i in range(1, AGENTS) if ids[i] in hosts)
+            pids = instance_pids(dirs[victim])
+            procs[victim].kill()
+            for pid in pids:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            t_kill = time.time()
+            wait("a replacement", lambda: (lambda h: len(h) == 3 and ids[victim] not in h)(
+                healthy("bench/site")), 120)
+            recoveries.append(time.time() - t_kill)
+            print(f"trial {trial + 1}: replacement healthy {recoveries[-1]:.2f} s after kill -9")
+            procs[victim].wait()
+            procs[victim] = start(nubo, dirs[victim])
+            wait("the restarted agent", lambda: all(
+                (cli(nubo, d, "status", check=False) or {}).get("members_alive") == AGENTS
+                for d in dirs), 120)
+            time.sleep(3)
+        cli(nubo, admin, "rm", "bench/site")
+
+        # Deployment: SERVICES services of 2 replicas each.
+        files = []
+        for k in range(services):
+            path = os.path.join(root, f"s{k}.toml")
+            with open(path, "w") as f:
+                f.write(SITE.format(name=f"s{k}", replicas=2, interval="2s"))
+            files.append(path)
+        t0 = time.time()
+        for path in files:
+            cli(nubo, admin, "deploy", path)
+        deployed = time.time() - t0
+        wanted = services * 2
+
+        def all_healthy():
+            ps = cli(nubo, admin, "ps")
+            return sum(1 for i in ps if i["health"] == "healthy"
+                       and i["service"].startswith("bench/s")) == wanted
+
+        healthy_after = wait(f"{wanted} healthy instances", all_healthy, 600) + deployed
+        print(f"{services} services x 2: deploy commands took {deployed:.1f} s; "
+              f"all {wanted} instances healthy after {healthy_after:.1f} s")
+
+        result = {
+            "agents": AGENTS,
+            "trials": trials,
+            "recovery_secs_median": round(statistics.median(recoveries), 2),
+            "recovery_secs_max": round(max(recoveries), 2),
+            "recovery_secs_min": round(min(recoveries), 2),
+            "services": services,
+            "deploy_commands_secs": round(deployed, 1),
+            "all_healthy_secs": round(healthy_after, 1),
+        }
+        for k, v in result.items():
+            print(f"{k:24} {v}")
+        print(json.dumps(result))
+    finally:
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        time.sleep(1)
+        for d in dirs:
+            for pid in instance_pids(d):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        subprocess.run(["rm", "-rf", root])
+
+
+if __name__ == "__main__":
+    main()
