@@ -428,6 +428,16 @@ impl Runner {
                             cpu_millis: service.placement.demand.cpu_millis,
                         },
                         wrapper: self.config.wrapper.clone(),
+                        artifact: service.run.artifact.clone().map(|blob| {
+                            (
+                                blob,
+                                self.config
+                                    .root
+                                    .parent()
+                                    .map(Path::to_path_buf)
+                                    .unwrap_or_default(),
+                            )
+                        }),
                     };
                     let now = self.now();
                     let result = exec::spawn(&launch);

@@ -49,6 +49,10 @@ pub struct Launch {
     pub limits: Limits,
     /// The `nubo` executable, to run the wrapper.
     pub wrapper: PathBuf,
+    /// A blob the wrapper fetches into the working directory as `artifact` (and unpacks if it
+    /// is a tar archive) before starting the program, with the agent's data directory (to
+    /// reach its API).
+    pub artifact: Option<(String, PathBuf)>,
 }
 
 /// A started instance.
@@ -107,6 +111,13 @@ pub fn spawn(launch: &Launch) -> io::Result<Started> {
         .arg(launch.limits.memory_bytes.to_string());
     if let Some(group) = &cgroup {
         command.arg("--cgroup").arg(group);
+    }
+    if let Some((blob, agent_dir)) = &launch.artifact {
+        command
+            .arg("--artifact")
+            .arg(blob)
+            .arg("--agent-dir")
+            .arg(agent_dir);
     }
     command
         .arg("--")

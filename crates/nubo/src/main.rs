@@ -186,6 +186,12 @@ enum Command {
         /// A cgroup to enter first.
         #[arg(long)]
         cgroup: Option<PathBuf>,
+        /// A blob to fetch into the working directory as `artifact` first.
+        #[arg(long, requires = "agent_dir")]
+        artifact: Option<String>,
+        /// The agent's data directory (to fetch the artifact through its API).
+        #[arg(long)]
+        agent_dir: Option<PathBuf>,
         /// The program and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -452,9 +458,14 @@ fn run(command: Command) -> Result<(), String> {
         Command::InstanceExec {
             memory_bytes,
             cgroup,
+            artifact,
+            agent_dir,
             command,
         } => {
             let (program, args) = command.split_first().ok_or("no program given")?;
+            if let (Some(blob), Some(agent_dir)) = (artifact, agent_dir) {
+                services::fetch_artifact(&blob, &agent_dir)?;
+            }
             let error =
                 nubo_fabric::exec::exec_limited(memory_bytes, cgroup.as_deref(), program, args);
             Err(format!("cannot run {program}: {error}"))

@@ -420,3 +420,34 @@ pub fn logs(target: &AgentTarget, name: &str, follow: bool) -> Result<(), String
         std::thread::sleep(Duration::from_secs(2));
     }
 }
+
+/// In an instance's working directory: fetches blob `id` as `artifact` through the agent's
+/// API (once), and unpacks it if it is a tar archive.
+pub fn fetch_artifact(id: &str, agent_dir: &Path) -> Result<(), String> {
+    let target = Path::new("artifact");
+    if target.exists() {
+        return Ok(());
+    }
+    let client = crate::client::Client::connect(&crate::client::Target {
+        data_dir: agent_dir,
+        api: None,
+        token: None,
+    })?;
+    let bytes = crate::client::read_body(client.send("GET", &format!("/v1/blobs/{id}"), None)?)?;
+    std::fs::write("artifact.partial", &bytes).map_err(|e| format!("writing the artifact: {e}"))?;
+    std::fs::rename("artifact.partial", target)
+        .map_err(|e| format!("writing the artifact: {e}"))?;
+    // A tar archive has "ustar" at offset 257.
+    if bytes.get(257..262) == Some(b"ustar") {
+        let status = std::process::Command::new("tar")
+            .args(["-xf", "artifact"])
+            .status()
+            .map_err(|e| format!("cannot run tar to unpack the artifact: {e}"))?;
+        if !status.success() {
+            let _ = std::fs::remove_file(target);
+            return Err("tar could not unpack the artifact".into());
+        }
+    }
+    eprintln!("nubo: fetched artifact {id} ({} bytes)", bytes.len());
+    Ok(())
+}

@@ -157,6 +157,55 @@ fn six_agents_place_heal_limit_refuse_and_share() {
         .is_some()
     );
 
+    // An artifact bundle uploaded as a blob is unpacked in the instance's directory.
+    let bundle = work.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(bundle.join("index.html"), "served from an artifact").unwrap();
+    let tar = work.join("bundle.tar");
+    assert!(
+        Command::new("tar")
+            .arg("-cf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&bundle)
+            .arg("index.html")
+            .status()
+            .unwrap()
+            .success()
+    );
+    let stored: Value = admin.json(&["blob", "put", tar.to_str().unwrap()]);
+    let blob = stored["id"].as_str().unwrap();
+    let with_artifact = site("art", "replicas = 1").replace(
+        "command = \"python3\"",
+        &format!("command = \"python3\"\nartifact = \"{blob}\""),
+    );
+    let file = write(&work, "art.toml", &with_artifact);
+    let (ok, _, err) = nubo(admin, &["deploy", &file]);
+    assert!(ok, "{err}");
+    let served = wait_until(Duration::from_secs(60), || {
+        instances(admin, "web/art").iter().any(|i| {
+            i["health"] == "healthy" && {
+                let port = i["ports"]["http"].as_u64().unwrap() as u16;
+                let mut body = String::new();
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .and_then(|mut s| {
+                        use std::io::{Read, Write};
+                        s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+                        s.read_to_string(&mut body)
+                    })
+                    .is_ok()
+                    && body.contains("served from an artifact")
+            }
+        })
+    });
+    assert!(
+        served.is_some(),
+        "{:?}\n{}",
+        instances(admin, "web/art"),
+        cloud.logs()
+    );
+    nubo(admin, &["rm", "web/art"]);
+
     // A memory-hungry instance is held to its limit: it cannot get 512 MiB with 64 MiB.
     let hungry = r#"name = "hungry"
 namespace = "web"
