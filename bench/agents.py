@@ -11,43 +11,13 @@ import sys
 import tempfile
 import time
 
+from cloud import cli, start, wait
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cli(nubo, data_dir, *args):
-    out = subprocess.run(
-        [nubo, *args, "--data-dir", data_dir, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr.strip())
-    return json.loads(out.stdout)
-
-
-def start(nubo, data_dir, token=None):
-    os.makedirs(data_dir, exist_ok=True)
-    env = dict(os.environ, NUBO_LOG="warn")
-    env.pop("NUBO_JOIN", None)
-    if token:
-        env["NUBO_JOIN"] = token
-    log = open(os.path.join(data_dir, "agent.log"), "w")
-    return subprocess.Popen(
-        [nubo, "agent", "--data-dir", data_dir, "--listen", "127.0.0.1:0",
-         "--api", "127.0.0.1:0", "--exit-with-parent"],
-        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-    )
-
-
 def wait_api(nubo, data_dir, deadline):
-    while True:
-        try:
-            return cli(nubo, data_dir, "status")
-        except Exception:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.1)
+    return wait("the agent's API", lambda: cli(nubo, data_dir, "status"), deadline - time.time())
 
 
 def cpu_seconds(pid):

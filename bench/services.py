@@ -13,7 +13,10 @@ import sys
 import tempfile
 import time
 
+from cloud import cli, start, wait
+
 AGENTS = 10
+EXTRA = ("--max-instances", "64")
 
 SITE = """name = "{name}"
 namespace = "bench"
@@ -39,41 +42,6 @@ interval = "{interval}"
 """
 
 
-def cli(nubo, data_dir, *args, check=True):
-    out = subprocess.run([nubo, *args, "--data-dir", data_dir, "--json"],
-                         capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
-        if check:
-            raise RuntimeError(f"nubo {args}: {out.stderr.strip()}")
-        return None
-    return json.loads(out.stdout)
-
-
-def start(nubo, data_dir, token=None):
-    os.makedirs(data_dir, exist_ok=True)
-    env = dict(os.environ, NUBO_LOG="warn")
-    env.pop("NUBO_JOIN", None)
-    if token:
-        env["NUBO_JOIN"] = token
-    log = open(os.path.join(data_dir, "agent.log"), "a")
-    return subprocess.Popen(
-        [nubo, "agent", "--data-dir", data_dir, "--listen", "127.0.0.1:0",
-         "--api", "127.0.0.1:0", "--exit-with-parent", "--max-instances", "64"],
-        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-
-
-def wait(what, condition, timeout):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            if condition():
-                return time.time() - t0
-        except Exception:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
 def instance_pids(data_dir):
     try:
         with open(os.path.join(data_dir, "instances", "instances.json")) as f:
@@ -90,11 +58,11 @@ def main():
     try:
         subprocess.run([nubo, "init", "--data-dir", dirs[0], "--json"], check=True,
                        capture_output=True)
-        procs[0] = start(nubo, dirs[0])
+        procs[0] = start(nubo, dirs[0], extra=EXTRA)
         wait("the first agent", lambda: cli(nubo, dirs[0], "status"), 30)
         token = cli(nubo, dirs[0], "invite")["token"]
         for i in range(1, AGENTS):
-            procs[i] = start(nubo, dirs[i], token)
+            procs[i] = start(nubo, dirs[i], token, EXTRA)
         wait("convergence", lambda: all(
             (cli(nubo, d, "status", check=False) or {}).get("members_alive") == AGENTS
             for d in dirs), 120)
@@ -129,7 +97,7 @@ def main():
             recoveries.append(time.time() - t_kill)
             print(f"trial {trial + 1}: replacement healthy {recoveries[-1]:.2f} s after kill -9")
             procs[victim].wait()
-            procs[victim] = start(nubo, dirs[victim])
+            procs[victim] = start(nubo, dirs[victim], extra=EXTRA)
             wait("the restarted agent", lambda: all(
                 (cli(nubo, d, "status", check=False) or {}).get("members_alive") == AGENTS
                 for d in dirs), 120)

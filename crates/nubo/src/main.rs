@@ -393,30 +393,9 @@ fn run(command: Command) -> Result<(), String> {
             );
             Ok(())
         }
-        Command::Status(target) => {
-            let status: Status = target.client()?.json("GET", "/v1/status", None)?;
-            if target.json {
-                return print_json(&status);
-            }
-            print_status(&status);
-            Ok(())
-        }
-        Command::Nodes(target) => {
-            let nodes: Vec<NodeInfo> = target.client()?.json("GET", "/v1/nodes", None)?;
-            if target.json {
-                return print_json(&nodes);
-            }
-            print_nodes(&nodes);
-            Ok(())
-        }
-        Command::Stats(target) => {
-            let stats: Stats = target.client()?.json("GET", "/v1/stats", None)?;
-            if target.json {
-                return print_json(&stats);
-            }
-            print_stats(&stats);
-            Ok(())
-        }
+        Command::Status(target) => show(&target, "/v1/status", print_status),
+        Command::Nodes(target) => show(&target, "/v1/nodes", |n: &Vec<NodeInfo>| print_nodes(n)),
+        Command::Stats(target) => show(&target, "/v1/stats", print_stats),
         Command::Kv { command } => kv(command),
         Command::Blob { command } => blob(command),
         Command::Demo(args) => demo::run(args),
@@ -471,6 +450,20 @@ fn run(command: Command) -> Result<(), String> {
             Err(format!("cannot run {program}: {error}"))
         }
     }
+}
+
+/// Fetches `path` from the agent and prints it as JSON or with `print`.
+fn show<T: serde::de::DeserializeOwned + serde::Serialize>(
+    target: &AgentTarget,
+    path: &str,
+    print: impl Fn(&T),
+) -> Result<(), String> {
+    let value: T = target.client()?.json("GET", path, None)?;
+    if target.json {
+        return print_json(&value);
+    }
+    print(&value);
+    Ok(())
 }
 
 fn agent(args: AgentArgs) -> Result<(), String> {

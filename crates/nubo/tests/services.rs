@@ -241,62 +241,37 @@ delay = "200ms"
         .unwrap();
     assert!(output.status.success());
     let public = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let user = user_key.to_str().unwrap();
+    let deploy_as_user = |file: &str, grant: Option<&str>| {
+        let mut args = vec!["deploy", file, "--key", user];
+        args.extend(grant.map(|g| ["--grant", g]).into_iter().flatten());
+        let (ok, _, err) = nubo(admin, &args);
+        (ok, err)
+    };
+    let grant = |namespace: &str, instances: &str| {
+        let (ok, text, err) = nubo(
+            admin,
+            &[
+                "grant",
+                "--namespace",
+                namespace,
+                "--key",
+                &public,
+                "--instances",
+                instances,
+            ],
+        );
+        assert!(ok, "{err}");
+        text.trim().to_string()
+    };
     let file = write(&work, "mine.toml", &site("mine", "replicas = 3"));
-    let (ok, _, err) = nubo(
-        admin,
-        &["deploy", &file, "--key", user_key.to_str().unwrap()],
-    );
+    let (ok, err) = deploy_as_user(&file, None);
     assert!(!ok && err.contains("no grant"), "{err}");
-    let (ok, grant_db, _) = nubo(
-        admin,
-        &[
-            "grant",
-            "--namespace",
-            "db",
-            "--key",
-            &public,
-            "--instances",
-            "2",
-        ],
-    );
-    assert!(ok);
-    let (ok, _, err) = nubo(
-        admin,
-        &[
-            "deploy",
-            &file,
-            "--key",
-            user_key.to_str().unwrap(),
-            "--grant",
-            grant_db.trim(),
-        ],
-    );
+    let (ok, err) = deploy_as_user(&file, Some(&grant("db", "2")));
     assert!(!ok && err.contains("namespace db"), "{err}");
-    let (ok, grant_web, _) = nubo(
-        admin,
-        // The namespace already runs 3 instances of web/site: 3 more would make 6.
-        &[
-            "grant",
-            "--namespace",
-            "web",
-            "--key",
-            &public,
-            "--instances",
-            "5",
-        ],
-    );
-    assert!(ok);
-    let (ok, _, err) = nubo(
-        admin,
-        &[
-            "deploy",
-            &file,
-            "--key",
-            user_key.to_str().unwrap(),
-            "--grant",
-            grant_web.trim(),
-        ],
-    );
+    // The namespace already runs 3 instances of web/site: 3 more would make 6.
+    let grant_web = grant("web", "5");
+    let (ok, err) = deploy_as_user(&file, Some(&grant_web));
     assert!(!ok && err.contains("over the quota"), "{err}");
     let services: Vec<Value> = admin.json(&["services"]);
     assert!(
@@ -305,17 +280,7 @@ delay = "200ms"
     );
     // Within quota, the same user deploys.
     let small = write(&work, "small.toml", &site("mine", "replicas = 2"));
-    let (ok, _, err) = nubo(
-        admin,
-        &[
-            "deploy",
-            &small,
-            "--key",
-            user_key.to_str().unwrap(),
-            "--grant",
-            grant_web.trim(),
-        ],
-    );
+    let (ok, err) = deploy_as_user(&small, Some(&grant_web));
     assert!(ok, "{err}");
 
     // An agent crashes but its machine does not: the restarted agent adopts its running
