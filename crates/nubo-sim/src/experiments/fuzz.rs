@@ -736,20 +736,25 @@ fn inject_fault(
         }
         3 => {
             // A newcomer (placed in group 0) has an invitation naming several nodes it can
-            // reach (with one or two, a newcomer whose contacts all crash before answering,
-            // and a newcomer that joins through it, make an island no protocol can find).
-            let reachable: Vec<NodeIndex> = alive
+            // reach (with one or two, a newcomer whose contacts all crash or leave before
+            // answering, and a newcomer that joins through it, make an island no protocol can
+            // find), as `nubo invite` names several live members.
+            let mut reachable: Vec<NodeIndex> = alive
                 .iter()
                 .copied()
                 .filter(|&i| sim.group(i) == 0)
                 .collect();
-            if reachable.is_empty() {
+            // Distinct contacts, at least three: a newcomer that knows a single node is
+            // stranded for good when that node crashes or leaves before answering.
+            if reachable.len() < 3 {
                 return None;
             }
             let node = add_node(sim, rng);
-            let contacts: Vec<NodeIndex> = (0..4)
-                .filter_map(|_| rng.choose(&reachable).copied())
-                .collect();
+            let mut contacts = Vec::new();
+            while contacts.len() < 4 && !reachable.is_empty() {
+                let pick = rng.index(reachable.len());
+                contacts.push(reachable.swap_remove(pick));
+            }
             sim.join(node, &contacts, tracker);
             Some(format!("join {node} via {contacts:?}"))
         }
