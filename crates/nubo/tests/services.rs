@@ -289,7 +289,7 @@ delay = "200ms"
     let crashed = (1..6)
         .find(|&i| hosts.contains(&short_ids[i]))
         .expect("a site instance on an agent other than the first");
-    let before = cloud.agents[crashed].instance_pids();
+    let before = cloud.agents[crashed].instance_pids_of("web/site");
     assert_eq!(before.len(), 1);
     cloud.agents[crashed].kill();
     cloud.agents[crashed].restart();
@@ -308,7 +308,7 @@ delay = "200ms"
         cloud.logs()
     );
     assert_eq!(
-        cloud.agents[crashed].instance_pids(),
+        cloud.agents[crashed].instance_pids_of("web/site"),
         before,
         "not started twice"
     );

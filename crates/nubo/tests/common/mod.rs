@@ -157,15 +157,28 @@ impl Agent {
 
     /// Process ids of the service instances this agent recorded.
     pub fn instance_pids(&self) -> Vec<i32> {
-        let Ok(bytes) = std::fs::read(self.dir.join("instances/instances.json")) else {
-            return Vec::new();
-        };
-        let records: Vec<Value> = serde_json::from_slice(&bytes).unwrap_or_default();
-        records
+        self.instance_records()
             .iter()
             .filter_map(|r| r["pid"].as_i64())
             .map(|p| p as i32)
             .collect()
+    }
+
+    /// Process ids this agent recorded for instances of `service`.
+    pub fn instance_pids_of(&self, service: &str) -> Vec<i32> {
+        self.instance_records()
+            .iter()
+            .filter(|r| r["key"] == service)
+            .filter_map(|r| r["pid"].as_i64())
+            .map(|p| p as i32)
+            .collect()
+    }
+
+    fn instance_records(&self) -> Vec<Value> {
+        std::fs::read(self.dir.join("instances/instances.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
     }
 
     /// The machine dies: `kill -9` of the agent and of every instance it started.
