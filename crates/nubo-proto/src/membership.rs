@@ -152,6 +152,10 @@ impl MembershipMessage {
     }
 }
 
+/// Low-priority neighbour requests refused in a row after which a node asks with high
+/// priority (the receiver then makes room); doubled after each such escalation.
+const STARVED_AFTER_REFUSALS: u32 = 8;
+
 /// Changes of the active view, reported to the layers above.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MembershipEvent {
@@ -232,6 +236,10 @@ pub struct Membership {
     next_shuffle: Time,
     next_maintain: Time,
     next_idle_refill: Time,
+    /// Neighbour requests refused since the last one accepted.
+    refusals_in_a_row: u32,
+    /// Times this node escalated to high priority because of refusals.
+    escalations: u32,
     counters: MembershipCounters,
     transmits: Vec<(Peer, MembershipMessage)>,
     events: Vec<MembershipEvent>,
@@ -258,6 +266,8 @@ impl Membership {
             next_shuffle: now + shuffle_offset,
             next_maintain: now + maintain_offset,
             next_idle_refill: now,
+            refusals_in_a_row: 0,
+            escalations: 0,
             counters: MembershipCounters::default(),
             transmits: Vec::new(),
             events: Vec::new(),
@@ -492,9 +502,11 @@ impl Membership {
         let request = self.take_pending(from.id);
         if !accepted {
             // Still a good reserve; another candidate is tried at the next maintenance.
+            self.refusals_in_a_row += 1;
             self.add_passive(from, &[]);
             return;
         }
+        self.refusals_in_a_row = 0;
         if self.active.contains(from.id) {
             return;
         }
@@ -674,11 +686,21 @@ impl Membership {
             // A node with one neighbour or none asks with high priority: with low priority, two
             // nodes linked only to each other stay a separate island for good once every other
             // node's active view is full (as happens after a partition of a small cloud).
-            let priority = if self.active.len() <= 1 {
+            // Likewise a node refused again and again: two cliques whose members are all full
+            // but one (as after a partition heals) would otherwise never link up.
+            // The bar doubles with every escalation, so that a cloud whose sizes leave one node
+            // short for good does not evict neighbours forever.
+            let bar = STARVED_AFTER_REFUSALS << self.escalations.min(8);
+            let starved = self.refusals_in_a_row >= bar;
+            let priority = if self.active.len() <= 1 || starved {
                 Priority::High
             } else {
                 Priority::Low
             };
+            if starved {
+                self.refusals_in_a_row = 0;
+                self.escalations += 1;
+            }
             self.request(now, candidate, RequestKind::Neighbor, priority);
             wanted -= 1;
         }
@@ -1176,6 +1198,50 @@ mod tests {
         // The passive view (capacity 4) now holds the offered nodes.
         assert!(m.passive().contains(NodeId(20)) && m.passive().contains(NodeId(21)));
         assert!(m.passive().len() <= 4);
+    }
+
+    #[test]
+    fn a_node_refused_again_and_again_asks_with_high_priority() {
+        let mut m = with_active(1, &[2, 3]);
+        let refuse = |m: &mut Membership, from: u128| {
+            m.handle_message(
+                Time::ZERO,
+                peer(from),
+                MembershipMessage::NeighborReply { accepted: false },
+            );
+        };
+        for from in 10..10 + u128::from(STARVED_AFTER_REFUSALS) - 1 {
+            refuse(&mut m, from);
+        }
+        let first = Time::ZERO + config().maintain_interval * 2;
+        m.handle_timeout(first);
+        let sent = transmits(&mut m);
+        assert!(
+            sent.iter().all(|(_, msg)| !matches!(
+                msg,
+                MembershipMessage::Neighbor {
+                    priority: Priority::High
+                }
+            )),
+            "not yet: {sent:?}"
+        );
+        let asked = sent
+            .iter()
+            .find(|(_, msg)| matches!(msg, MembershipMessage::Neighbor { .. }))
+            .map(|(id, _)| id.0)
+            .expect("a refill request");
+        refuse(&mut m, asked);
+        m.handle_timeout(first + config().request_timeout * 2);
+        let sent = transmits(&mut m);
+        assert!(
+            sent.iter().any(|(_, msg)| matches!(
+                msg,
+                MembershipMessage::Neighbor {
+                    priority: Priority::High
+                }
+            )),
+            "{sent:?}"
+        );
     }
 
     #[test]
