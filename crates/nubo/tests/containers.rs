@@ -291,7 +291,18 @@ impl Lab {
     /// whether the filter could be installed.
     fn drop_from(&self, i: usize, from: usize) -> bool {
         Command::new("nsenter")
-            .args(["-t", &self.pid(i), "-n", "iptables", "-A", "INPUT", "-s", &self.ip(from), "-j", "DROP"])
+            .args([
+                "-t",
+                &self.pid(i),
+                "-n",
+                "iptables",
+                "-A",
+                "INPUT",
+                "-s",
+                &self.ip(from),
+                "-j",
+                "DROP",
+            ])
             .status()
             .is_ok_and(|s| s.success())
     }
@@ -369,12 +380,17 @@ replicas = 2
 
     // Split {1,2,3} from {4,5,6}.
     if !lab.drop_from(1, 4) {
-        eprintln!("skipping the split: packet filters cannot be installed in the containers' namespaces here");
+        eprintln!(
+            "skipping the split: packet filters cannot be installed in the containers' namespaces here"
+        );
         return;
     }
     for a in 1..=3 {
         for b in 4..=6 {
-            assert!(lab.drop_from(a, b) && lab.drop_from(b, a), "iptables in the containers");
+            assert!(
+                lab.drop_from(a, b) && lab.drop_from(b, a),
+                "iptables in the containers"
+            );
         }
     }
     let split = wait_until(Duration::from_secs(60), || {
