@@ -212,10 +212,14 @@ impl Agent {
     }
 
     /// Restarts on the same data directory, with no token.
+    /// Instances the agent started keep running, as they would after a real agent crash.
     pub fn restart(&mut self) {
         self.kill();
         let _ = std::fs::remove_file(self.dir.join("api.addr"));
-        *self = Agent::start(&self.dir.clone(), None);
+        let fresh = Agent::start(&self.dir.clone(), None);
+        // The old value's drop would stop the host's instances: the agent is already gone
+        // and the instances must survive it.
+        std::mem::forget(std::mem::replace(self, fresh));
     }
 
     pub fn log(&self) -> String {
