@@ -141,8 +141,6 @@ pub struct RunnerLink {
     pub desired: watch::Sender<Option<Vec<Assignment>>>,
     /// What the runner reports.
     pub report: watch::Receiver<RunnerReport>,
-    /// `DATA_DIR/instances`, for log tails.
-    pub root: std::path::PathBuf,
 }
 
 /// The actor. Build it with [`Agent::new`] and drive it with [`Agent::run`].
@@ -464,11 +462,7 @@ impl Agent {
     /// Writes this node's instances (with the end of their logs) to the key-value store, when
     /// they changed, for `nubo ps` and `nubo logs` on any node.
     fn publish_instances(&mut self) {
-        let mut instances = self.runner.report.borrow().instances.clone();
-        for instance in &mut instances {
-            instance.log_tail =
-                crate::runner::log_tail(&self.runner.root, &instance.node, &instance.service);
-        }
+        let instances = self.runner.report.borrow().instances.clone();
         let Ok(text) = serde_json::to_string(&instances) else {
             return;
         };

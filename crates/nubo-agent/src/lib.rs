@@ -208,7 +208,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     let runner = Runner::new(RunnerConfig {
         node: id.short(),
         host: advertise.ip().to_string(),
-        root: root.clone(),
+        root,
         wrapper: std::env::current_exe().map_err(|e| SetupError::Key(e.to_string()))?,
         limits,
     });
@@ -218,7 +218,6 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     let link = RunnerLink {
         desired: desired_tx,
         report: report_rx,
-        root,
     };
     Agent::new(node, transport.clone(), state, clock, info, link)
         .run(net_rx, commands_rx, stop_rx)

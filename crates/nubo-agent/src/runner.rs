@@ -29,6 +29,8 @@ const TICK: Duration = Duration::from_millis(200);
 const LOG_BYTES_MAX: u64 = 1 << 20;
 /// Bytes of each instance's log shown by `nubo logs`.
 pub const LOG_TAIL_BYTES: u64 = 4096;
+/// How often logs are capped and their ends read for `nubo logs`.
+const LOG_INTERVAL: Duration = Duration::from_secs(2);
 /// Between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -112,6 +114,8 @@ struct Instance {
     enforcement: &'static str,
     next_probe: Instant,
     probing: bool,
+    /// The end of its log, refreshed with the log housekeeping.
+    log_tail: String,
 }
 
 /// The runner's fixed facts.
@@ -332,6 +336,7 @@ impl Runner {
                     enforcement: "adopted",
                     next_probe: Instant::now(),
                     probing: false,
+                    log_tail: String::new(),
                 },
             );
             return;
@@ -366,6 +371,7 @@ impl Runner {
                 enforcement: "",
                 next_probe: Instant::now(),
                 probing: false,
+                log_tail: String::new(),
             },
         );
         self.perform(&key, actions);
@@ -548,9 +554,10 @@ impl Runner {
             }
         }
         if Instant::now() >= self.next_log_cap {
-            self.next_log_cap = Instant::now() + Duration::from_secs(5);
-            for instance in self.instances.values() {
+            self.next_log_cap = Instant::now() + LOG_INTERVAL;
+            for instance in self.instances.values_mut() {
                 let _ = exec::cap_log(&exec::log_path(&instance.dir), LOG_BYTES_MAX);
+                instance.log_tail = exec::log_tail(&instance.dir, LOG_TAIL_BYTES);
             }
         }
     }
@@ -576,7 +583,7 @@ impl Runner {
                     pid: i.pid,
                     limits: i.enforcement.to_string(),
                     version: i.assignment.version,
-                    log_tail: String::new(),
+                    log_tail: i.log_tail.clone(),
                 })
                 .collect(),
             refused: self.refused.clone(),
@@ -607,9 +614,4 @@ impl Runner {
             let _ = std::fs::rename(&temporary, &path);
         }
     }
-}
-
-/// The last bytes of the log of this node's instance of `key`.
-pub fn log_tail(root: &Path, node: &str, key: &str) -> String {
-    exec::log_tail(&root.join(instance_id(node, key)), LOG_TAIL_BYTES)
 }

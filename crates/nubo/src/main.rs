@@ -511,15 +511,20 @@ fn agent(args: AgentArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// All of standard input (for `-` in place of a value or a file).
+fn read_stdin() -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading standard input: {e}"))?;
+    Ok(bytes)
+}
+
 fn kv(command: KvCommand) -> Result<(), String> {
     match command {
         KvCommand::Put { key, value, target } => {
             let bytes = if value == "-" {
-                let mut bytes = Vec::new();
-                std::io::stdin()
-                    .read_to_end(&mut bytes)
-                    .map_err(|e| format!("reading standard input: {e}"))?;
-                bytes
+                read_stdin()?
             } else {
                 value.into_bytes()
             };
@@ -601,11 +606,7 @@ fn blob(command: BlobCommand) -> Result<(), String> {
     match command {
         BlobCommand::Put { file, target } => {
             let bytes = if file.as_os_str() == "-" {
-                let mut bytes = Vec::new();
-                std::io::stdin()
-                    .read_to_end(&mut bytes)
-                    .map_err(|e| format!("reading standard input: {e}"))?;
-                bytes
+                read_stdin()?
             } else {
                 std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?
             };
