@@ -152,9 +152,9 @@ impl MembershipMessage {
     }
 }
 
-/// Low-priority neighbour requests refused in a row after which a node asks with high
-/// priority (the receiver then makes room); doubled after each such escalation.
-const STARVED_AFTER_REFUSALS: u32 = 8;
+/// Most escalations that double the number of refused rounds a node waits for before the
+/// next one (so the wait stops growing at 2^8 rounds).
+const ESCALATION_DOUBLINGS_MAX: u32 = 8;
 
 /// Changes of the active view, reported to the layers above.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,6 +212,8 @@ pub struct MembershipCounters {
     pub reconnected: u64,
     /// Shuffles started.
     pub shuffles: u64,
+    /// Neighbour requests sent with high priority because every passive node refused.
+    pub escalations: u64,
 }
 
 /// The HyParView state machine of one node.
@@ -236,8 +238,11 @@ pub struct Membership {
     next_shuffle: Time,
     next_maintain: Time,
     next_idle_refill: Time,
-    /// Neighbour requests refused since the last one accepted.
-    refusals_in_a_row: u32,
+    /// Passive nodes that refused a low-priority neighbour request since one was last
+    /// accepted (at most the passive view's size).
+    refused_by: Vec<NodeId>,
+    /// Rounds since a request was last accepted in which every passive node refused.
+    refused_rounds: u32,
     /// Times this node escalated to high priority because of refusals.
     escalations: u32,
     counters: MembershipCounters,
@@ -266,7 +271,8 @@ impl Membership {
             next_shuffle: now + shuffle_offset,
             next_maintain: now + maintain_offset,
             next_idle_refill: now,
-            refusals_in_a_row: 0,
+            refused_by: Vec::new(),
+            refused_rounds: 0,
             escalations: 0,
             counters: MembershipCounters::default(),
             transmits: Vec::new(),
@@ -374,7 +380,10 @@ impl Membership {
         }
     }
 
-    /// Notes that a message was sent to `to`, which makes a keepalive unnecessary.
+    /// Notes that a message of the overlay itself (membership, broadcast) was sent to `to`,
+    /// which makes a keepalive unnecessary. Other layers' messages do not count: a keepalive
+    /// is also what tells a node that believes in a link we do not have (see
+    /// [`Membership::heard_on_link`]).
     pub fn sent_to(&mut self, now: Time, to: NodeId) {
         if let Some(link) = self.link_mut(to) {
             link.last_sent = now;
@@ -502,11 +511,17 @@ impl Membership {
         let request = self.take_pending(from.id);
         if !accepted {
             // Still a good reserve; another candidate is tried at the next maintenance.
-            self.refusals_in_a_row += 1;
+            if !self.refused_by.contains(&from.id) {
+                if self.refused_by.len() >= self.config.passive_max {
+                    self.refused_by.remove(0);
+                }
+                self.refused_by.push(from.id);
+            }
             self.add_passive(from, &[]);
             return;
         }
-        self.refusals_in_a_row = 0;
+        self.refused_by.clear();
+        self.refused_rounds = 0;
         if self.active.contains(from.id) {
             return;
         }
@@ -581,8 +596,14 @@ impl Membership {
     }
 
     fn on_ping(&mut self, from: Peer) {
+        self.heard_on_link(from);
+    }
+
+    /// Notes a message that only travels between neighbours (a keepalive, a broadcast) from
+    /// `from`. If it is not our neighbour and we are not asking it to be, the sender believes
+    /// in a link we do not have: the asymmetry is repaired with a `Disconnect`.
+    pub fn heard_on_link(&mut self, from: Peer) {
         if !self.active.contains(from.id) && !self.is_pending(from.id) {
-            // The sender believes we are neighbours and we do not: repair the asymmetry.
             self.send(from, MembershipMessage::Disconnect { leaving: false });
         }
     }
@@ -677,33 +698,57 @@ impl Membership {
             .saturating_sub(self.active.len() + outstanding);
         while wanted > 0 {
             let pending: Vec<NodeId> = self.pending.iter().map(|p| p.peer.id).collect();
-            let Some(candidate) = self
-                .passive
-                .random_except(&mut self.rng, |id| pending.contains(&id))
-            else {
-                break;
+            // Every passive node is asked once before any is asked again.
+            let refused_by = &self.refused_by;
+            let fresh = self.passive.random_except(&mut self.rng, |id| {
+                pending.contains(&id) || refused_by.contains(&id)
+            });
+            let (candidate, priority) = match fresh {
+                Some(candidate) => {
+                    // A node with one neighbour or none asks with high priority: with low
+                    // priority, two nodes linked only to each other stay a separate island for
+                    // good once every other node's active view is full (as happens after a
+                    // partition of a small cloud).
+                    let priority = if self.active.len() <= 1 {
+                        Priority::High
+                    } else {
+                        Priority::Low
+                    };
+                    (candidate, priority)
+                }
+                None => {
+                    let Some(candidate) = self
+                        .passive
+                        .random_except(&mut self.rng, |id| pending.contains(&id))
+                    else {
+                        break;
+                    };
+                    (candidate, self.end_refused_round())
+                }
             };
-            // A node with one neighbour or none asks with high priority: with low priority, two
-            // nodes linked only to each other stay a separate island for good once every other
-            // node's active view is full (as happens after a partition of a small cloud).
-            // Likewise a node refused again and again: two cliques whose members are all full
-            // but one (as after a partition heals) would otherwise never link up.
-            // The bar doubles with every escalation, so that a cloud whose sizes leave one node
-            // short for good does not evict neighbours forever.
-            let bar = STARVED_AFTER_REFUSALS << self.escalations.min(8);
-            let starved = self.refusals_in_a_row >= bar;
-            let priority = if self.active.len() <= 1 || starved {
-                Priority::High
-            } else {
-                Priority::Low
-            };
-            if starved {
-                self.refusals_in_a_row = 0;
-                self.escalations += 1;
-            }
             self.request(now, candidate, RequestKind::Neighbor, priority);
             wanted -= 1;
         }
+    }
+
+    /// Every passive node refused us since a request was last accepted: starts another round
+    /// and says with which priority to ask in it. After a number of such rounds, doubling with
+    /// each escalation, the node asks with high priority (the receiver makes room). Without
+    /// this, two cliques whose members are all full but one (as after a partition heals) would
+    /// never link up; the doubling keeps a cloud whose size leaves one node short for good from
+    /// evicting neighbours forever, and asking everyone first keeps a large cloud, where some
+    /// node always has room, from escalating at all.
+    fn end_refused_round(&mut self) -> Priority {
+        self.refused_by.clear();
+        self.refused_rounds += 1;
+        let bar = 1 << self.escalations.min(ESCALATION_DOUBLINGS_MAX);
+        if self.refused_rounds < bar {
+            return Priority::Low;
+        }
+        self.refused_rounds = 0;
+        self.escalations += 1;
+        self.counters.escalations += 1;
+        Priority::High
     }
 
     fn reconnect_one(&mut self, now: Time) {
@@ -1201,8 +1246,20 @@ mod tests {
     }
 
     #[test]
-    fn a_node_refused_again_and_again_asks_with_high_priority() {
+    fn a_node_refused_by_every_passive_node_asks_with_high_priority() {
+        // Active view 2 of 3: one neighbour wanted. Passive view: 10, 11.
         let mut m = with_active(1, &[2, 3]);
+        m.add_passive(peer(10), &[]);
+        m.add_passive(peer(11), &[]);
+        let neighbour_requests = |m: &mut Membership| -> Vec<(u128, Priority)> {
+            transmits(m)
+                .into_iter()
+                .filter_map(|(to, msg)| match msg {
+                    MembershipMessage::Neighbor { priority } => Some((to.0, priority)),
+                    _ => None,
+                })
+                .collect()
+        };
         let refuse = |m: &mut Membership, from: u128| {
             m.handle_message(
                 Time::ZERO,
@@ -1210,37 +1267,58 @@ mod tests {
                 MembershipMessage::NeighborReply { accepted: false },
             );
         };
-        for from in 10..10 + u128::from(STARVED_AFTER_REFUSALS) - 1 {
-            refuse(&mut m, from);
+        // Time passes; the two neighbours stay in touch.
+        let tick = |m: &mut Membership, now: Time| {
+            m.heard_from(now, NodeId(2));
+            m.heard_from(now, NodeId(3));
+            m.handle_timeout(now);
+        };
+        // A short view asks once per shuffle period; each passive node is asked once, with
+        // low priority, before any is asked again.
+        let mut now = Time::ZERO;
+        let mut asked = Vec::new();
+        for _ in 0..2 {
+            now += config().shuffle_interval;
+            tick(&mut m, now);
+            let requests = neighbour_requests(&mut m);
+            assert_eq!(requests.len(), 1, "{requests:?}");
+            let (to, priority) = requests[0];
+            assert_eq!(priority, Priority::Low);
+            asked.push(to);
+            refuse(&mut m, to);
         }
-        let first = Time::ZERO + config().maintain_interval * 2;
-        m.handle_timeout(first);
-        let sent = transmits(&mut m);
+        asked.sort_unstable();
+        assert_eq!(asked, vec![10, 11]);
+        // Everyone refused: the next request makes the receiver find room.
+        now += config().shuffle_interval;
+        tick(&mut m, now);
+        let requests = neighbour_requests(&mut m);
         assert!(
-            sent.iter().all(|(_, msg)| !matches!(
-                msg,
-                MembershipMessage::Neighbor {
-                    priority: Priority::High
-                }
-            )),
-            "not yet: {sent:?}"
+            matches!(requests[..], [(10 | 11, Priority::High)]),
+            "{requests:?}"
         );
-        let asked = sent
-            .iter()
-            .find(|(_, msg)| matches!(msg, MembershipMessage::Neighbor { .. }))
-            .map(|(id, _)| id.0)
-            .expect("a refill request");
-        refuse(&mut m, asked);
-        m.handle_timeout(first + config().request_timeout * 2);
-        let sent = transmits(&mut m);
-        assert!(
-            sent.iter().any(|(_, msg)| matches!(
-                msg,
-                MembershipMessage::Neighbor {
-                    priority: Priority::High
-                }
-            )),
-            "{sent:?}"
+        refuse(&mut m, requests[0].0);
+        assert_eq!(m.counters().escalations, 1);
+        // The next escalation waits for two full rounds of refusals (the refused escalation
+        // began the first), not one.
+        let mut priorities = Vec::new();
+        for _ in 0..5 {
+            now += config().shuffle_interval;
+            tick(&mut m, now);
+            for (to, priority) in neighbour_requests(&mut m) {
+                priorities.push(priority);
+                refuse(&mut m, to);
+            }
+        }
+        assert_eq!(
+            priorities,
+            vec![
+                Priority::Low,
+                Priority::Low,
+                Priority::Low,
+                Priority::High,
+                Priority::Low
+            ]
         );
     }
 

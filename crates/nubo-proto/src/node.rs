@@ -99,14 +99,42 @@ pub struct Node {
     kv: Kv,
     roster: Roster,
     suite: Suite,
+    enabled: Enabled,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+}
+
+/// Which optional layers run (membership and broadcast always do). Kept in the node itself so
+/// that the state of a switched-off layer is never touched: each layer lives in its own cache
+/// lines, and visiting all of them after every input dominated the cost of large simulations.
+#[derive(Clone, Copy, Debug)]
+struct Enabled {
+    aggregation: bool,
+    slicing: bool,
+    ring: bool,
+    kv: bool,
+    roster: bool,
+    suite: bool,
+}
+
+impl Enabled {
+    fn from_config(config: &Config) -> Enabled {
+        Enabled {
+            aggregation: config.aggregation.enabled,
+            slicing: config.slicing.enabled,
+            ring: config.ring.enabled,
+            kv: config.kv.enabled,
+            roster: config.roster.enabled,
+            suite: config.suite.enabled,
+        }
+    }
 }
 
 impl Node {
     /// A node with identity `me`, not yet part of any overlay.
     pub fn new(me: Peer, config: Config, seed: u64, now: Time) -> Node {
         let mut rng = Rng::from_seed(seed);
+        let enabled = Enabled::from_config(&config);
         Node {
             me,
             membership: Membership::new(me, config.membership, rng.fork(), now),
@@ -117,6 +145,7 @@ impl Node {
             kv: Kv::new(me, config.kv, now),
             roster: Roster::new(me, config.roster, now),
             suite: Suite::new(config.suite, Box::new(AcceptAll), now),
+            enabled,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -282,14 +311,22 @@ impl Node {
             return;
         }
         self.membership.heard_from(now, from.id);
+        let on = self.enabled;
         match message {
             Message::Membership(m) => self.membership.handle_message(now, from, m),
-            Message::Broadcast(m) => self.broadcast.handle_message(now, from, m),
-            Message::Aggregation(m) => self.aggregation.handle_message(now, from, m),
-            Message::Slicing(m) => self.slicing.handle_message(now, from, m),
-            Message::Ring(m) => self.ring.handle_message(now, from, m),
-            Message::Kv(m) => self.kv.handle_message(now, from, m),
-            Message::Suite(m) => self.suite.handle_message(from, m),
+            Message::Broadcast(m) => {
+                self.membership.heard_on_link(from);
+                self.broadcast.handle_message(now, from, m);
+            }
+            Message::Aggregation(m) if on.aggregation => {
+                self.aggregation.handle_message(now, from, m)
+            }
+            Message::Slicing(m) if on.slicing => self.slicing.handle_message(now, from, m),
+            Message::Ring(m) if on.ring => self.ring.handle_message(now, from, m),
+            Message::Kv(m) if on.kv => self.kv.handle_message(now, from, m),
+            Message::Suite(m) if on.suite => self.suite.handle_message(from, m),
+            // A layer switched off here ignores its messages (the sender's is on).
+            _ => {}
         }
         self.flush(now);
     }
@@ -297,9 +334,15 @@ impl Node {
     /// The transport could not reach `peer`.
     pub fn handle_peer_down(&mut self, now: Time, peer: NodeId) {
         self.membership.handle_peer_down(now, peer);
-        self.aggregation.peer_down(peer);
-        self.ring.peer_down(now, peer);
-        self.kv.peer_down(now, peer);
+        if self.enabled.aggregation {
+            self.aggregation.peer_down(peer);
+        }
+        if self.enabled.ring {
+            self.ring.peer_down(now, peer);
+        }
+        if self.enabled.kv {
+            self.kv.peer_down(now, peer);
+        }
         self.flush(now);
     }
 
@@ -311,26 +354,27 @@ impl Node {
         if self.broadcast.poll_timeout() <= now {
             self.broadcast.handle_timeout(now);
         }
-        if self.aggregation.poll_timeout() <= now {
+        let on = self.enabled;
+        if on.aggregation && self.aggregation.poll_timeout() <= now {
             let peer = self.membership.random_peer();
             self.aggregation.handle_timeout(now, peer);
         }
-        if self.ring.poll_timeout() <= now {
+        if on.ring && self.ring.poll_timeout() <= now {
             let random = self.membership.random_peer();
             self.ring.handle_timeout(now, random);
         }
-        if self.kv.poll_timeout() <= now {
+        if on.kv && self.kv.poll_timeout() <= now {
             self.kv.handle_timeout(now, &self.ring);
         }
-        if self.slicing.poll_timeout() <= now {
+        if on.slicing && self.slicing.poll_timeout() <= now {
             // Each value goes out only a few times: spend them on live neighbours.
             let peer = self.membership.random_neighbor();
             self.slicing.handle_timeout(now, peer);
         }
-        if self.roster.poll_timeout() <= now {
+        if on.roster && self.roster.poll_timeout() <= now {
             self.roster.handle_timeout(now);
         }
-        if self.suite.poll_timeout() <= now {
+        if on.suite && self.suite.poll_timeout() <= now {
             let neighbor = self.membership.random_neighbor();
             self.suite.handle_timeout(now, neighbor);
         }
@@ -339,15 +383,21 @@ impl Node {
 
     /// When [`Node::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Time {
+        let on = self.enabled;
+        let optional = |enabled: bool, deadline: &dyn Fn() -> Time| {
+            if enabled { deadline() } else { Time::MAX }
+        };
         self.membership
             .poll_timeout()
             .min(self.broadcast.poll_timeout())
-            .min(self.aggregation.poll_timeout())
-            .min(self.slicing.poll_timeout())
-            .min(self.ring.poll_timeout())
-            .min(self.kv.poll_timeout())
-            .min(self.roster.poll_timeout())
-            .min(self.suite.poll_timeout())
+            .min(optional(on.aggregation, &|| {
+                self.aggregation.poll_timeout()
+            }))
+            .min(optional(on.slicing, &|| self.slicing.poll_timeout()))
+            .min(optional(on.ring, &|| self.ring.poll_timeout()))
+            .min(optional(on.kv, &|| self.kv.poll_timeout()))
+            .min(optional(on.roster, &|| self.roster.poll_timeout()))
+            .min(optional(on.suite, &|| self.suite.poll_timeout()))
     }
 
     /// The next message to send.
@@ -363,13 +413,20 @@ impl Node {
     /// Moves the layers' outputs into the node's queues, routing membership changes to the
     /// broadcast layer first so that it never pushes to a former neighbour.
     fn flush(&mut self, now: Time) {
+        let on = self.enabled;
         for event in self.membership.drain_events() {
             match event {
                 MembershipEvent::NeighborUp(peer) => {
                     self.broadcast.neighbor_up(peer);
-                    self.slicing.neighbor_up(peer);
-                    self.ring.hear(now, peer);
-                    self.roster.neighbor_up(now);
+                    if on.slicing {
+                        self.slicing.neighbor_up(peer);
+                    }
+                    if on.ring {
+                        self.ring.hear(now, peer);
+                    }
+                    if on.roster {
+                        self.roster.neighbor_up(now);
+                    }
                     self.events.push_back(Event::NeighborUp(peer));
                 }
                 MembershipEvent::NeighborDown(peer) => {
@@ -377,8 +434,12 @@ impl Node {
                     self.events.push_back(Event::NeighborDown(peer));
                 }
                 MembershipEvent::Departed(peer) => {
-                    self.slicing.departed(now, peer.id);
-                    self.roster.neighbor_failed(now, peer.id);
+                    if on.slicing {
+                        self.slicing.departed(now, peer.id);
+                    }
+                    if on.roster {
+                        self.roster.neighbor_failed(now, peer.id);
+                    }
                 }
             }
         }
@@ -394,12 +455,12 @@ impl Node {
                     delivery.payload = delivery.payload.slice(1..);
                     self.events.push_back(Event::Delivered(delivery));
                 }
-                PAYLOAD_ROSTER => {
+                PAYLOAD_ROSTER if on.roster => {
                     if let Ok(news) = postcard::from_bytes::<RosterNews>(rest) {
                         self.roster.handle_news(now, news);
                     }
                 }
-                PAYLOAD_SUITE => {
+                PAYLOAD_SUITE if on.suite => {
                     if let Ok(entry) = postcard::from_bytes::<SuiteEntry>(rest) {
                         self.suite.offer(entry);
                     }
@@ -407,7 +468,9 @@ impl Node {
                 _ => {}
             }
         }
-        self.publish_roster_news(now);
+        if on.roster {
+            self.publish_roster_news(now);
+        }
         let before = self.transmits.len();
         self.transmits
             .extend(self.membership.drain_transmits().map(|(to, m)| Transmit {
@@ -419,16 +482,44 @@ impl Node {
                 to,
                 message: Message::Broadcast(m),
             }));
-        self.transmits
-            .extend(self.aggregation.drain_transmits().map(|(to, m)| Transmit {
-                to,
-                message: Message::Aggregation(m),
-            }));
-        self.transmits
-            .extend(self.slicing.drain_transmits().map(|(to, m)| Transmit {
-                to,
-                message: Message::Slicing(m),
-            }));
+        if on.aggregation {
+            self.transmits
+                .extend(self.aggregation.drain_transmits().map(|(to, m)| Transmit {
+                    to,
+                    message: Message::Aggregation(m),
+                }));
+        }
+        if on.slicing {
+            self.transmits
+                .extend(self.slicing.drain_transmits().map(|(to, m)| Transmit {
+                    to,
+                    message: Message::Slicing(m),
+                }));
+        }
+        if on.ring || on.kv {
+            self.flush_ring_and_kv(now);
+        }
+        if on.suite {
+            self.transmits
+                .extend(self.suite.drain_transmits().map(|(to, m)| Transmit {
+                    to,
+                    message: Message::Suite(m),
+                }));
+            self.events
+                .extend(self.suite.drain_changed().map(Event::SuiteChanged));
+        }
+        for transmit in self.transmits.range(before..) {
+            if matches!(
+                transmit.message,
+                Message::Membership(_) | Message::Broadcast(_)
+            ) {
+                self.membership.sent_to(now, transmit.to.id);
+            }
+        }
+    }
+
+    /// Moves the outputs of the ring and of the key-value store, which talk to each other.
+    fn flush_ring_and_kv(&mut self, now: Time) {
         // Lookups of the key-value store go to the ring; their results come back to it, and
         // answering them locally may start more lookups.
         loop {
@@ -463,16 +554,6 @@ impl Node {
                 message: Message::Kv(m),
             }));
         self.events.extend(self.kv.drain_outcomes().map(Event::Kv));
-        self.transmits
-            .extend(self.suite.drain_transmits().map(|(to, m)| Transmit {
-                to,
-                message: Message::Suite(m),
-            }));
-        self.events
-            .extend(self.suite.drain_changed().map(Event::SuiteChanged));
-        for transmit in self.transmits.range(before..) {
-            self.membership.sent_to(now, transmit.to.id);
-        }
     }
 
     /// Broadcasts what the roster has to say.
