@@ -4,10 +4,12 @@
 //! after a sampled latency, drops them on loss or partition, reports `peer down` to a sender
 //! whose message reached a crashed node, and wakes each node at its `poll_timeout`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::time::Duration;
 
 use nubo_proto::aggregation::Resources;
+use nubo_proto::broadcast::{BroadcastMessage, Gossip};
 use nubo_proto::rng::splitmix64;
 use nubo_proto::wire::{self, Message};
 use nubo_proto::{Config, Event, Node, NodeId, Peer, Rng, Time};
@@ -53,8 +55,9 @@ impl Default for NetworkConfig {
 pub trait Observer {
     /// `node` produced `event` at `now`.
     fn on_event(&mut self, _now: Time, _node: NodeIndex, _event: &Event) {}
-    /// A message from `from` reached the live node `to`.
-    fn on_receive(&mut self, _now: Time, _from: NodeIndex, _to: NodeIndex, _message: &Message) {}
+    /// A copy of a broadcast's payload from `from` reached the live node `to` (pushed,
+    /// grafted or repaired; duplicates included).
+    fn on_gossip(&mut self, _now: Time, _from: NodeIndex, _to: NodeIndex, _gossip: &Gossip) {}
 }
 
 /// Two observers, each seeing everything.
@@ -63,9 +66,9 @@ impl<A: Observer, B: Observer> Observer for (A, B) {
         self.0.on_event(now, node, event);
         self.1.on_event(now, node, event);
     }
-    fn on_receive(&mut self, now: Time, from: NodeIndex, to: NodeIndex, message: &Message) {
-        self.0.on_receive(now, from, to, message);
-        self.1.on_receive(now, from, to, message);
+    fn on_gossip(&mut self, now: Time, from: NodeIndex, to: NodeIndex, gossip: &Gossip) {
+        self.0.on_gossip(now, from, to, gossip);
+        self.1.on_gossip(now, from, to, gossip);
     }
 }
 
@@ -90,6 +93,17 @@ pub struct EngineStats {
     pub to_dead: u64,
 }
 
+impl EngineStats {
+    fn add(&mut self, other: &EngineStats) {
+        self.events += other.events;
+        self.sent += other.sent;
+        self.delivered += other.delivered;
+        self.lost += other.lost;
+        self.cut += other.cut;
+        self.to_dead += other.to_dead;
+    }
+}
+
 /// Messages handed to the network, by kind ([`Message::kind`]), in name order.
 pub type KindCounts = std::collections::BTreeMap<&'static str, u64>;
 
@@ -109,18 +123,47 @@ enum Action {
     },
 }
 
-/// One simulated machine: its identity and, while it runs, its node.
-struct Slot {
+impl Action {
+    /// The machine that handles this action.
+    fn target(&self) -> NodeIndex {
+        match self {
+            Action::Deliver { to, .. } => *to,
+            Action::PeerDown { at, .. } => *at,
+            Action::Wake { node } => *node,
+        }
+    }
+}
+
+/// What one simulated machine is, whether or not it runs; read by every shard.
+struct Machine {
     peer: Peer,
     resources: Resources,
     rank_value: f64,
-    node: Option<Node>,
     incarnation: u32,
-    wake: Option<Time>,
     group: u16,
+    alive: bool,
 }
 
+/// The running node of one machine and its pending wake-up; touched only by its shard.
+#[derive(Default)]
+struct NodeSlot {
+    node: Option<Node>,
+    wake: Option<Time>,
+}
+
+/// Logical shards of every window. Fixed, so that a run gives the same result on any machine;
+/// the shards of a window run on as many threads as there are shards and cores.
+const SHARDS: usize = 2;
+
+/// Fewer events than this in a window are run on one thread (spawning costs more).
+const PARALLEL_EVENTS_MIN: usize = 512;
+
 /// A simulation of many nodes on one network.
+///
+/// Time advances in windows no longer than the smallest latency of the network: nothing a node
+/// does in a window can reach another node in the same window, so the nodes of a window are
+/// independent. Each window's nodes are split into [`SHARDS`] contiguous shards that run in
+/// parallel; what they send and what the observer is to see are merged in shard order.
 pub struct Sim {
     now: Time,
     rng: Rng,
@@ -128,15 +171,16 @@ pub struct Sim {
     queue: CalendarQueue,
     actions: Vec<Option<Action>>,
     free_actions: Vec<u32>,
-    slots: Vec<Slot>,
+    machines: Vec<Machine>,
+    nodes: Vec<NodeSlot>,
     index: HashMap<NodeId, NodeIndex>,
     config: Config,
     network: NetworkConfig,
     blocked: BTreeSet<(u16, u16)>,
-    stats: EngineStats,
-    last_wake: (NodeIndex, Time),
-    wakes_at_once: u32,
-    sent_by_kind: KindCounts,
+    shards: Vec<Shard>,
+    threads: usize,
+    /// Fewer events than this in a window run on one thread (spawning costs more).
+    parallel_events_min: usize,
 }
 
 /// More wake-ups of one node at one instant than any protocol needs: a busy loop.
@@ -145,23 +189,34 @@ const WAKES_AT_ONCE_MAX: u32 = 10_000;
 impl Sim {
     /// An empty simulation whose every random choice derives from `seed`.
     pub fn new(seed: u64, config: Config, network: NetworkConfig) -> Sim {
+        let mut rng = Rng::from_seed(seed);
+        let shards = (0..SHARDS).map(|_| Shard::new(rng.fork())).collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(SHARDS);
         Sim {
             now: Time::ZERO,
-            rng: Rng::from_seed(seed),
+            rng,
             seq: 0,
             queue: CalendarQueue::default(),
             actions: Vec::new(),
             free_actions: Vec::new(),
-            slots: Vec::new(),
+            machines: Vec::new(),
+            nodes: Vec::new(),
             index: HashMap::new(),
             config,
             network,
             blocked: BTreeSet::new(),
-            stats: EngineStats::default(),
-            last_wake: (NodeIndex::MAX, Time::MAX),
-            wakes_at_once: 0,
-            sent_by_kind: KindCounts::new(),
+            shards,
+            threads,
+            parallel_events_min: PARALLEL_EVENTS_MIN,
         }
+    }
+
+    /// Runs the shards of each window on at most `threads` threads (1: all on the caller's).
+    /// The result does not depend on it.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.clamp(1, SHARDS);
     }
 
     /// The simulated time.
@@ -171,12 +226,22 @@ impl Sim {
 
     /// The engine's counters.
     pub fn stats(&self) -> EngineStats {
-        self.stats
+        let mut total = EngineStats::default();
+        for shard in &self.shards {
+            total.add(&shard.stats);
+        }
+        total
     }
 
     /// Messages sent so far, by kind.
-    pub fn sent_by_kind(&self) -> &KindCounts {
-        &self.sent_by_kind
+    pub fn sent_by_kind(&self) -> KindCounts {
+        let mut total = KindCounts::new();
+        for shard in &self.shards {
+            for (kind, count) in &shard.kinds {
+                *total.entry(kind).or_insert(0) += count;
+            }
+        }
+        total
     }
 
     /// The simulation's generator, for experiments' own random choices.
@@ -186,22 +251,22 @@ impl Sim {
 
     /// Number of machines ever added.
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.machines.len()
     }
 
     /// True when no machine was added.
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.machines.is_empty()
     }
 
     /// The node running on machine `i`, if it runs.
     pub fn node(&self, i: NodeIndex) -> Option<&Node> {
-        self.slots[i as usize].node.as_ref()
+        self.nodes[i as usize].node.as_ref()
     }
 
     /// The identity of machine `i`.
     pub fn peer(&self, i: NodeIndex) -> Peer {
-        self.slots[i as usize].peer
+        self.machines[i as usize].peer
     }
 
     /// The machine running node `id`.
@@ -211,12 +276,12 @@ impl Sim {
 
     /// Whether machine `i` runs.
     pub fn is_alive(&self, i: NodeIndex) -> bool {
-        self.slots[i as usize].node.is_some()
+        self.machines[i as usize].alive
     }
 
     /// Indices of the running machines, ascending.
     pub fn alive(&self) -> Vec<NodeIndex> {
-        (0..self.slots.len() as NodeIndex)
+        (0..self.machines.len() as NodeIndex)
             .filter(|&i| self.is_alive(i))
             .collect()
     }
@@ -227,16 +292,16 @@ impl Sim {
         while self.index.contains_key(&id) {
             id = NodeId(self.rng.next_u128());
         }
-        let index = self.slots.len() as NodeIndex;
-        self.slots.push(Slot {
+        let index = self.machines.len() as NodeIndex;
+        self.machines.push(Machine {
             peer: Peer::new(id),
             resources: Resources::default(),
             rank_value: 0.0,
-            node: None,
             incarnation: 0,
-            wake: None,
             group: 0,
+            alive: false,
         });
+        self.nodes.push(NodeSlot::default());
         self.index.insert(id, index);
         self.boot(index);
         index
@@ -245,11 +310,10 @@ impl Sim {
     /// Makes machine `i` join the overlay through `contacts`.
     pub fn join(&mut self, i: NodeIndex, contacts: &[NodeIndex], observer: &mut impl Observer) {
         let peers: Vec<Peer> = contacts.iter().map(|&c| self.peer(c)).collect();
-        let now = self.now;
-        if let Some(node) = self.slots[i as usize].node.as_mut() {
+        self.start(i, observer, |node, now| {
             node.join(now, &peers);
-            self.after_step(i, observer);
-        }
+            true
+        });
     }
 
     /// Broadcasts `payload` from machine `i`.
@@ -259,11 +323,12 @@ impl Sim {
         payload: bytes::Bytes,
         observer: &mut impl Observer,
     ) -> Option<nubo_proto::MessageId> {
-        let now = self.now;
-        let node = self.slots[i as usize].node.as_mut()?;
-        let id = node.broadcast(now, payload).ok()?;
-        self.after_step(i, observer);
-        Some(id)
+        let mut id = None;
+        self.start(i, observer, |node, now| {
+            id = node.broadcast(now, payload).ok();
+            id.is_some()
+        });
+        id
     }
 
     /// Starts a key-value write (`None` deletes) on machine `i`; false if it is down or refused.
@@ -302,7 +367,7 @@ impl Sim {
         self.start(i, observer, |node, now| node.lookup(now, key, tag))
     }
 
-    /// Runs `operation` on machine `i` if it is up and drains what it produced; false if it
+    /// Runs `operation` on machine `i` if it is up and hands on what it produced; false if it
     /// is down or the operation was refused.
     fn start(
         &mut self,
@@ -311,29 +376,42 @@ impl Sim {
         operation: impl FnOnce(&mut Node, Time) -> bool,
     ) -> bool {
         let now = self.now;
-        let Some(node) = self.slots[i as usize].node.as_mut() else {
+        let world = World {
+            machines: &self.machines,
+            index: &self.index,
+            network: &self.network,
+            blocked: &self.blocked,
+        };
+        // Outside any window: everything the node does goes to the queue (`end` is now).
+        let mut worker = Worker {
+            world,
+            nodes: &mut self.nodes,
+            base: 0,
+            shard: &mut self.shards[0],
+            end: now,
+        };
+        let Some(node) = worker.nodes[i as usize].node.as_mut() else {
             return false;
         };
         let started = operation(node, now);
-        self.after_step(i, observer);
+        worker.after_step(now, i);
+        self.merge(observer);
         started
     }
 
     /// Machine `i` leaves gracefully and stops.
     pub fn leave(&mut self, i: NodeIndex, observer: &mut impl Observer) {
-        let now = self.now;
-        if let Some(node) = self.slots[i as usize].node.as_mut() {
+        self.start(i, observer, |node, now| {
             node.leave(now);
-            self.after_step(i, observer);
-        }
+            true
+        });
         self.crash(i);
     }
 
     /// Sets the resources machine `i` lends (kept across restarts).
     pub fn set_resources(&mut self, i: NodeIndex, resources: Resources) {
-        let slot = &mut self.slots[i as usize];
-        slot.resources = resources;
-        if let Some(node) = slot.node.as_mut() {
+        self.machines[i as usize].resources = resources;
+        if let Some(node) = self.nodes[i as usize].node.as_mut() {
             node.set_resources(resources);
         }
     }
@@ -341,41 +419,39 @@ impl Sim {
     /// Sets the attribute machine `i` is ranked by (kept across restarts).
     pub fn set_rank_value(&mut self, i: NodeIndex, value: f64) {
         let now = self.now;
-        let slot = &mut self.slots[i as usize];
-        slot.rank_value = value;
-        if let Some(node) = slot.node.as_mut() {
+        self.machines[i as usize].rank_value = value;
+        if let Some(node) = self.nodes[i as usize].node.as_mut() {
             node.set_rank_value(now, value);
         }
     }
 
     /// The resources machine `i` lends.
     pub fn resources(&self, i: NodeIndex) -> Resources {
-        self.slots[i as usize].resources
+        self.machines[i as usize].resources
     }
 
     /// Machine `i` stops at once, losing all its state.
     pub fn crash(&mut self, i: NodeIndex) {
-        let slot = &mut self.slots[i as usize];
-        slot.node = None;
-        slot.wake = None;
+        self.machines[i as usize].alive = false;
+        self.nodes[i as usize] = NodeSlot::default();
     }
 
     /// Machine `i` starts again with the same identity and empty state.
     pub fn restart(&mut self, i: NodeIndex) {
         if !self.is_alive(i) {
-            self.slots[i as usize].incarnation += 1;
+            self.machines[i as usize].incarnation += 1;
             self.boot(i);
         }
     }
 
     /// Places machine `i` in partition group `group` (all start in group 0).
     pub fn set_group(&mut self, i: NodeIndex, group: u16) {
-        self.slots[i as usize].group = group;
+        self.machines[i as usize].group = group;
     }
 
     /// The partition group of machine `i`.
     pub fn group(&self, i: NodeIndex) -> u16 {
-        self.slots[i as usize].group
+        self.machines[i as usize].group
     }
 
     /// Drops every message from group `from` to group `to` (a one-way cut).
@@ -386,8 +462,8 @@ impl Sim {
     /// Removes every cut and puts every machine back in group 0.
     pub fn heal(&mut self) {
         self.blocked.clear();
-        for slot in &mut self.slots {
-            slot.group = 0;
+        for machine in &mut self.machines {
+            machine.group = 0;
         }
     }
 
@@ -398,20 +474,16 @@ impl Sim {
 
     /// Runs every event up to and including `until`, then sets the clock to `until`.
     pub fn run_until(&mut self, until: Time, observer: &mut impl Observer) {
-        while let Some(next) = self.queue.peek() {
-            if next.at > until {
+        // No message arrives sooner than this after it is sent (see `Worker::latency`).
+        let window = self.network.latency_min.max(Duration::from_micros(1));
+        let past_until = until + Duration::from_micros(1);
+        while let Some(first) = self.queue.peek().map(|e| e.at) {
+            if first > until {
                 break;
             }
-            let Some(Entry { at, slot, .. }) = self.queue.pop() else {
-                break;
-            };
-            let Some(action) = self.actions[slot as usize].take() else {
-                continue;
-            };
-            self.free_actions.push(slot);
-            self.now = at;
-            self.stats.events += 1;
-            self.dispatch(action, observer);
+            let end = (first + window).min(past_until);
+            self.run_window(end);
+            self.merge(observer);
         }
         self.now = until;
     }
@@ -422,152 +494,117 @@ impl Sim {
         self.run_until(until, observer);
     }
 
-    fn boot(&mut self, i: NodeIndex) {
-        let seed = self.rng.next_u64();
-        let slot = &mut self.slots[i as usize];
-        let mut node = Node::new(slot.peer, self.config.clone(), seed, self.now);
-        node.set_resources(slot.resources);
-        node.set_rank_value(self.now, slot.rank_value);
-        slot.node = Some(node);
-        slot.wake = None;
-        self.schedule_wake(i);
-    }
-
-    fn dispatch(&mut self, action: Action, observer: &mut impl Observer) {
-        let now = self.now;
-        match action {
-            Action::Deliver { from, to, message } => {
-                if self.slots[to as usize].node.is_none() {
-                    self.stats.to_dead += 1;
-                    // The sender's transport notices the failure one trip later.
-                    let sender = &self.slots[from as usize];
-                    if sender.node.is_some() {
-                        let action = Action::PeerDown {
-                            at: from,
-                            incarnation: sender.incarnation,
-                            peer: self.slots[to as usize].peer.id,
-                        };
-                        let delay = self.latency(from, to);
-                        self.push(now + delay, action);
-                    }
-                    return;
-                }
-                self.stats.delivered += 1;
-                observer.on_receive(now, from, to, &message);
-                let sender = self.slots[from as usize].peer;
-                if let Some(node) = self.slots[to as usize].node.as_mut() {
-                    node.handle_message(now, sender, message);
-                }
-                self.after_step(to, observer);
+    /// Runs every event due before `end`, each shard on its own nodes.
+    fn run_window(&mut self, end: Time) {
+        let chunk = self.nodes.len().div_ceil(SHARDS).max(1);
+        let mut events = 0;
+        while let Some(entry) = self.queue.peek() {
+            if entry.at >= end {
+                break;
             }
-            Action::PeerDown {
-                at,
-                incarnation,
-                peer,
-            } => {
-                let slot = &mut self.slots[at as usize];
-                if slot.incarnation != incarnation {
-                    return;
-                }
-                if let Some(node) = slot.node.as_mut() {
-                    node.handle_peer_down(now, peer);
-                    self.after_step(at, observer);
-                }
-            }
-            Action::Wake { node: i } => {
-                let slot = &mut self.slots[i as usize];
-                if slot.wake != Some(now) {
-                    return;
-                }
-                slot.wake = None;
-                // A node whose deadline never moves past `now` would spin here forever.
-                if self.last_wake == (i, now) {
-                    self.wakes_at_once += 1;
-                    assert!(
-                        self.wakes_at_once < WAKES_AT_ONCE_MAX,
-                        "node {i} asked to be woken at {now} {WAKES_AT_ONCE_MAX} times: its poll_timeout does not advance"
-                    );
-                } else {
-                    self.last_wake = (i, now);
-                    self.wakes_at_once = 0;
-                }
-                if let Some(node) = slot.node.as_mut() {
-                    node.handle_timeout(now);
-                    self.after_step(i, observer);
-                }
-            }
-        }
-    }
-
-    /// Drains node `i`'s outputs into the network and the observer, and schedules its wake-up.
-    fn after_step(&mut self, i: NodeIndex, observer: &mut impl Observer) {
-        let now = self.now;
-        loop {
-            let slot = &mut self.slots[i as usize];
-            let Some(node) = slot.node.as_mut() else {
-                return;
-            };
-            if let Some(event) = node.poll_event() {
-                observer.on_event(now, i, &event);
-                continue;
-            }
-            let Some(transmit) = node.poll_transmit() else {
+            let Some(Entry { at, seq, slot }) = self.queue.pop() else {
                 break;
             };
-            self.send(i, transmit.to.id, transmit.message);
+            let Some(action) = self.actions[slot as usize].take() else {
+                continue;
+            };
+            self.free_actions.push(slot);
+            let shard = action.target() as usize / chunk;
+            self.shards[shard].due.push_back((at, seq, action));
+            events += 1;
         }
-        self.schedule_wake(i);
-    }
-
-    fn schedule_wake(&mut self, i: NodeIndex) {
-        let now = self.now;
-        let slot = &mut self.slots[i as usize];
-        let Some(node) = slot.node.as_ref() else {
-            return;
-        };
-        let at = node.poll_timeout().max(now);
-        if slot.wake.is_none_or(|w| at < w) {
-            slot.wake = Some(at);
-            self.push(at, Action::Wake { node: i });
+        for shard in &mut self.shards {
+            // Wake-ups made during the window come after everything queued before it.
+            shard.next_seq = self.seq + 1;
         }
-    }
-
-    fn send(&mut self, from: NodeIndex, to: NodeId, message: Message) {
-        self.stats.sent += 1;
-        *self.sent_by_kind.entry(message.kind()).or_insert(0) += 1;
-        let Some(&to) = self.index.get(&to) else {
-            return;
+        let world = World {
+            machines: &self.machines,
+            index: &self.index,
+            network: &self.network,
+            blocked: &self.blocked,
         };
-        let message = if self.network.check_wire {
-            round_trip(message)
+        let workers = self
+            .nodes
+            .chunks_mut(chunk)
+            .zip(self.shards.iter_mut())
+            .enumerate()
+            .map(|(k, (nodes, shard))| Worker {
+                world,
+                nodes,
+                base: (k * chunk) as NodeIndex,
+                shard,
+                end,
+            });
+        if self.threads > 1 && events >= self.parallel_events_min {
+            std::thread::scope(|scope| {
+                let mut workers = workers;
+                let first = workers.next();
+                for worker in workers {
+                    scope.spawn(move || worker.run());
+                }
+                if let Some(worker) = first {
+                    worker.run();
+                }
+            });
         } else {
-            message
-        };
-        let cut = {
-            let a = self.slots[from as usize].group;
-            let b = self.slots[to as usize].group;
-            !self.blocked.is_empty() && self.blocked.contains(&(a, b))
-        };
-        if cut {
-            self.stats.cut += 1;
-            return;
+            workers.for_each(Worker::run);
         }
-        if self.network.loss > 0.0 && self.rng.chance(self.network.loss) {
-            self.stats.lost += 1;
-            return;
-        }
-        let delay = self.latency(from, to);
-        self.push(self.now + delay, Action::Deliver { from, to, message });
     }
 
-    /// One-way delay of a message from `a` to `b`: the link's base latency plus jitter.
-    fn latency(&mut self, a: NodeIndex, b: NodeIndex) -> Duration {
-        let min = self.network.latency_min.as_micros() as u64;
-        let max = (self.network.latency_max.as_micros() as u64).max(min);
-        let mut pair = u64::from(a.min(b)) << 32 | u64::from(a.max(b));
-        let base = min + splitmix64(&mut pair) % (max - min + 1);
-        let jitter = self.network.jitter.as_micros() as u64;
-        Duration::from_micros(base + self.rng.below(jitter + 1))
+    /// Queues what the shards sent, in shard order, and shows the observer what they saw, in
+    /// order of time (shard order among equal times).
+    fn merge(&mut self, observer: &mut impl Observer) {
+        let mut outgoing = Vec::new();
+        let mut seen = Vec::new();
+        for shard in &mut self.shards {
+            outgoing.append(&mut shard.outgoing);
+            seen.append(&mut shard.seen);
+        }
+        for (at, action) in outgoing {
+            self.push(at, action);
+        }
+        seen.sort_by_key(Seen::at);
+        for item in seen {
+            match item {
+                Seen::Event { at, node, event } => observer.on_event(at, node, &event),
+                Seen::Gossip {
+                    at,
+                    from,
+                    to,
+                    gossip,
+                } => observer.on_gossip(at, from, to, &gossip),
+            }
+        }
+    }
+
+    fn boot(&mut self, i: NodeIndex) {
+        let seed = self.rng.next_u64();
+        let machine = &mut self.machines[i as usize];
+        machine.alive = true;
+        let mut node = Node::new(machine.peer, self.config.clone(), seed, self.now);
+        node.set_resources(machine.resources);
+        node.set_rank_value(self.now, machine.rank_value);
+        self.nodes[i as usize] = NodeSlot {
+            node: Some(node),
+            wake: None,
+        };
+        let mut worker = Worker {
+            world: World {
+                machines: &self.machines,
+                index: &self.index,
+                network: &self.network,
+                blocked: &self.blocked,
+            },
+            nodes: &mut self.nodes,
+            base: 0,
+            shard: &mut self.shards[0],
+            end: self.now,
+        };
+        worker.schedule_wake(self.now, i);
+        let mut outgoing = std::mem::take(&mut self.shards[0].outgoing);
+        for (at, action) in outgoing.drain(..) {
+            self.push(at, action);
+        }
     }
 
     fn push(&mut self, at: Time, action: Action) {
@@ -590,6 +627,288 @@ impl Sim {
     }
 }
 
+/// Something the observer is to see once the window ends.
+enum Seen {
+    Event {
+        at: Time,
+        node: NodeIndex,
+        event: Event,
+    },
+    Gossip {
+        at: Time,
+        from: NodeIndex,
+        to: NodeIndex,
+        gossip: Gossip,
+    },
+}
+
+impl Seen {
+    fn at(&self) -> Time {
+        match self {
+            Seen::Event { at, .. } | Seen::Gossip { at, .. } => *at,
+        }
+    }
+}
+
+/// The state one shard keeps across windows: its own generator (latency jitter, loss), its
+/// counters, and what it produced for the merge.
+struct Shard {
+    rng: Rng,
+    stats: EngineStats,
+    kinds: KindCounts,
+    last_wake: (NodeIndex, Time),
+    wakes_at_once: u32,
+    /// This window's actions from the queue, in queue order (time, then insertion).
+    due: VecDeque<(Time, u64, Action)>,
+    /// Wake-ups made during the window and due in it: `(at, seq, node)`.
+    wakes: BinaryHeap<Reverse<(Time, u64, NodeIndex)>>,
+    next_seq: u64,
+    outgoing: Vec<(Time, Action)>,
+    seen: Vec<Seen>,
+}
+
+impl Shard {
+    fn new(rng: Rng) -> Shard {
+        Shard {
+            rng,
+            stats: EngineStats::default(),
+            kinds: KindCounts::new(),
+            last_wake: (NodeIndex::MAX, Time::MAX),
+            wakes_at_once: 0,
+            due: VecDeque::new(),
+            wakes: BinaryHeap::new(),
+            next_seq: 0,
+            outgoing: Vec::new(),
+            seen: Vec::new(),
+        }
+    }
+}
+
+/// What every shard reads and none changes during a window.
+#[derive(Clone, Copy)]
+struct World<'a> {
+    machines: &'a [Machine],
+    index: &'a HashMap<NodeId, NodeIndex>,
+    network: &'a NetworkConfig,
+    blocked: &'a BTreeSet<(u16, u16)>,
+}
+
+/// One shard at work on its nodes (`nodes[0]` is machine `base`) until `end`.
+struct Worker<'a> {
+    world: World<'a>,
+    nodes: &'a mut [NodeSlot],
+    base: NodeIndex,
+    shard: &'a mut Shard,
+    end: Time,
+}
+
+impl Worker<'_> {
+    fn slot(&mut self, i: NodeIndex) -> &mut NodeSlot {
+        &mut self.nodes[(i - self.base) as usize]
+    }
+
+    fn run(mut self) {
+        loop {
+            let queued = self.shard.due.front().map(|&(at, seq, _)| (at, seq));
+            let woken = self
+                .shard
+                .wakes
+                .peek()
+                .map(|&Reverse((at, seq, _))| (at, seq));
+            let (at, action) = match (queued, woken) {
+                (None, None) => break,
+                (Some(q), Some(w)) if w < q => self.pop_wake(),
+                (None, Some(_)) => self.pop_wake(),
+                _ => match self.shard.due.pop_front() {
+                    Some((at, _, action)) => (at, action),
+                    None => break,
+                },
+            };
+            self.shard.stats.events += 1;
+            self.dispatch(at, action);
+        }
+    }
+
+    fn pop_wake(&mut self) -> (Time, Action) {
+        let Some(Reverse((at, _, node))) = self.shard.wakes.pop() else {
+            unreachable!("peeked before");
+        };
+        (at, Action::Wake { node })
+    }
+
+    fn dispatch(&mut self, now: Time, action: Action) {
+        match action {
+            Action::Deliver { from, to, message } => {
+                if self.slot(to).node.is_none() {
+                    self.shard.stats.to_dead += 1;
+                    // The sender's transport notices the failure one trip later.
+                    let sender = &self.world.machines[from as usize];
+                    if sender.alive {
+                        let action = Action::PeerDown {
+                            at: from,
+                            incarnation: sender.incarnation,
+                            peer: self.world.machines[to as usize].peer.id,
+                        };
+                        let delay = self.latency(from, to);
+                        self.push(now + delay, action);
+                    }
+                    return;
+                }
+                self.shard.stats.delivered += 1;
+                self.see_gossip(now, from, to, &message);
+                let sender = self.world.machines[from as usize].peer;
+                if let Some(node) = self.slot(to).node.as_mut() {
+                    node.handle_message(now, sender, message);
+                }
+                self.after_step(now, to);
+            }
+            Action::PeerDown {
+                at,
+                incarnation,
+                peer,
+            } => {
+                if self.world.machines[at as usize].incarnation != incarnation {
+                    return;
+                }
+                if let Some(node) = self.slot(at).node.as_mut() {
+                    node.handle_peer_down(now, peer);
+                    self.after_step(now, at);
+                }
+            }
+            Action::Wake { node: i } => {
+                let slot = self.slot(i);
+                if slot.wake != Some(now) {
+                    return;
+                }
+                slot.wake = None;
+                // A node whose deadline never moves past `now` would spin here forever.
+                if self.shard.last_wake == (i, now) {
+                    self.shard.wakes_at_once += 1;
+                    assert!(
+                        self.shard.wakes_at_once < WAKES_AT_ONCE_MAX,
+                        "node {i} asked to be woken at {now} {WAKES_AT_ONCE_MAX} times: its poll_timeout does not advance"
+                    );
+                } else {
+                    self.shard.last_wake = (i, now);
+                    self.shard.wakes_at_once = 0;
+                }
+                if let Some(node) = self.slot(i).node.as_mut() {
+                    node.handle_timeout(now);
+                    self.after_step(now, i);
+                }
+            }
+        }
+    }
+
+    /// Keeps, for the observer, every copy of a broadcast payload that reached a node.
+    fn see_gossip(&mut self, at: Time, from: NodeIndex, to: NodeIndex, message: &Message) {
+        let gossips: &[Gossip] = match message {
+            Message::Broadcast(BroadcastMessage::Gossip(gossip)) => std::slice::from_ref(gossip),
+            Message::Broadcast(BroadcastMessage::Repair(list)) => list,
+            _ => return,
+        };
+        for gossip in gossips {
+            self.shard.seen.push(Seen::Gossip {
+                at,
+                from,
+                to,
+                gossip: gossip.clone(),
+            });
+        }
+    }
+
+    /// Drains node `i`'s outputs into the network and the observer, and schedules its wake-up.
+    fn after_step(&mut self, now: Time, i: NodeIndex) {
+        loop {
+            let Some(node) = self.slot(i).node.as_mut() else {
+                return;
+            };
+            if let Some(event) = node.poll_event() {
+                self.shard.seen.push(Seen::Event {
+                    at: now,
+                    node: i,
+                    event,
+                });
+                continue;
+            }
+            let Some(transmit) = node.poll_transmit() else {
+                break;
+            };
+            self.send(now, i, transmit.to.id, transmit.message);
+        }
+        self.schedule_wake(now, i);
+    }
+
+    fn schedule_wake(&mut self, now: Time, i: NodeIndex) {
+        let slot = self.slot(i);
+        let Some(node) = slot.node.as_ref() else {
+            return;
+        };
+        let at = node.poll_timeout().max(now);
+        if slot.wake.is_none_or(|w| at < w) {
+            slot.wake = Some(at);
+            self.push(at, Action::Wake { node: i });
+        }
+    }
+
+    fn send(&mut self, now: Time, from: NodeIndex, to: NodeId, message: Message) {
+        self.shard.stats.sent += 1;
+        *self.shard.kinds.entry(message.kind()).or_insert(0) += 1;
+        let Some(&to) = self.world.index.get(&to) else {
+            return;
+        };
+        let message = if self.world.network.check_wire {
+            round_trip(message)
+        } else {
+            message
+        };
+        let blocked = self.world.blocked;
+        if !blocked.is_empty() {
+            let a = self.world.machines[from as usize].group;
+            let b = self.world.machines[to as usize].group;
+            if blocked.contains(&(a, b)) {
+                self.shard.stats.cut += 1;
+                return;
+            }
+        }
+        let loss = self.world.network.loss;
+        if loss > 0.0 && self.shard.rng.chance(loss) {
+            self.shard.stats.lost += 1;
+            return;
+        }
+        let delay = self.latency(from, to);
+        self.push(now + delay, Action::Deliver { from, to, message });
+    }
+
+    /// One-way delay of a message from `a` to `b`: the link's base latency plus jitter, never
+    /// less than the window (`latency_min`, at least 1 µs).
+    fn latency(&mut self, a: NodeIndex, b: NodeIndex) -> Duration {
+        let network = self.world.network;
+        let min = (network.latency_min.as_micros() as u64).max(1);
+        let max = (network.latency_max.as_micros() as u64).max(min);
+        let mut pair = u64::from(a.min(b)) << 32 | u64::from(a.max(b));
+        let base = min + splitmix64(&mut pair) % (max - min + 1);
+        let jitter = network.jitter.as_micros() as u64;
+        Duration::from_micros(base + self.shard.rng.below(jitter + 1))
+    }
+
+    /// Runs `action` later in this window if it is due before its end (only a node's own
+    /// wake-up can be: messages take at least the window to arrive), or hands it to the merge.
+    fn push(&mut self, at: Time, action: Action) {
+        match action {
+            Action::Wake { node } if at < self.end => {
+                let seq = self.shard.next_seq;
+                self.shard.next_seq += 1;
+                self.shard.wakes.push(Reverse((at, seq, node)));
+            }
+            action => {
+                debug_assert!(at >= self.end, "a message due within its window");
+                self.shard.outgoing.push((at, action));
+            }
+        }
+    }
+}
+
 /// Encodes and decodes `message`, panicking if the wire format does not give it back: a bug in
 /// the core, which the fuzzer must report with its seed.
 fn round_trip(message: Message) -> Message {
@@ -597,4 +916,44 @@ fn round_trip(message: Message) -> Message {
     let decoded = wire::decode(&bytes).expect("an encoded message must decode");
     assert_eq!(decoded, message, "wire round trip changed a message");
     decoded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracker::BroadcastTracker;
+    use crate::workload::grow_overlay;
+
+    /// A run of 200 nodes (join, warm-up, a crash, broadcasts) on `threads` threads, every
+    /// window split between threads: what it sent, and every node's neighbours.
+    fn run(threads: usize) -> (KindCounts, Vec<Vec<NodeId>>, Vec<u32>) {
+        let mut sim = Sim::new(7, Config::default(), NetworkConfig::default());
+        sim.set_threads(threads);
+        sim.parallel_events_min = 0;
+        let mut tracker = BroadcastTracker::new(true);
+        grow_overlay(&mut sim, 200, Duration::from_secs(2), &mut tracker, |sim| {
+            sim.add_node()
+        });
+        sim.run_for(Duration::from_secs(5), &mut tracker);
+        sim.crash(3);
+        for origin in [0, 50, 199] {
+            let id = sim.broadcast(origin, bytes::Bytes::from_static(b"x"), &mut tracker);
+            tracker.track(id.expect("a live node broadcasts"), sim.now(), origin);
+            sim.run_for(Duration::from_secs(1), &mut tracker);
+        }
+        let views = sim
+            .alive()
+            .into_iter()
+            .map(|i| sim.node(i).unwrap().membership().active().ids().collect())
+            .collect();
+        let delivered = tracker.records.iter().map(|r| r.delivered).collect();
+        (sim.sent_by_kind(), views, delivered)
+    }
+
+    #[test]
+    fn a_run_does_not_depend_on_the_number_of_threads() {
+        let one = run(1);
+        assert_eq!(one, run(2));
+        assert_eq!(one.2, vec![199, 199, 199], "every live node delivers");
+    }
 }

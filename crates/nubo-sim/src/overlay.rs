@@ -3,7 +3,7 @@
 use crate::engine::{NodeIndex, Sim};
 
 /// The shape of the overlay formed by the active views of the running nodes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OverlayHealth {
     /// Running nodes.
     pub alive: usize,
@@ -15,6 +15,8 @@ pub struct OverlayHealth {
     pub dead_links: usize,
     /// Active-view entries `a → b` where `b` does not have `a`.
     pub asymmetric_links: usize,
+    /// Those entries, as `(a, b)` in index order.
+    pub asymmetric: Vec<(NodeIndex, NodeIndex)>,
     /// Largest active view seen.
     pub active_len_max: usize,
     /// Largest passive view seen.
@@ -53,6 +55,7 @@ pub fn overlay_health(sim: &Sim) -> OverlayHealth {
             };
             if !other.membership().active().contains(node.id()) {
                 health.asymmetric_links += 1;
+                health.asymmetric.push((i, j));
             }
             union(&mut parent, i, j);
         }

@@ -2,8 +2,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use nubo_proto::broadcast::BroadcastMessage;
-use nubo_proto::{Event, Message, MessageId, Time};
+use nubo_proto::broadcast::Gossip;
+use nubo_proto::{Event, MessageId, Time};
 
 use crate::engine::{NodeIndex, Observer};
 
@@ -105,7 +105,7 @@ impl Observer for BroadcastTracker {
             } else {
                 record.delivered += 1;
                 record.hops_max = record.hops_max.max(delivery.hops);
-                record.last_delivery = now;
+                record.last_delivery = record.last_delivery.max(now);
             }
         }
         if duplicate {
@@ -113,21 +113,9 @@ impl Observer for BroadcastTracker {
         }
     }
 
-    fn on_receive(&mut self, _now: Time, _from: NodeIndex, _to: NodeIndex, message: &Message) {
-        match message {
-            Message::Broadcast(BroadcastMessage::Gossip(gossip)) => {
-                if let Some(record) = self.record_mut(&gossip.id) {
-                    record.payloads_received += 1;
-                }
-            }
-            Message::Broadcast(BroadcastMessage::Repair(list)) => {
-                for gossip in list {
-                    if let Some(record) = self.record_mut(&gossip.id) {
-                        record.payloads_received += 1;
-                    }
-                }
-            }
-            _ => {}
+    fn on_gossip(&mut self, _now: Time, _from: NodeIndex, _to: NodeIndex, gossip: &Gossip) {
+        if let Some(record) = self.record_mut(&gossip.id) {
+            record.payloads_received += 1;
         }
     }
 }

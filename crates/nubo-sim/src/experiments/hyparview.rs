@@ -289,6 +289,11 @@ pub fn run(args: &HyparviewArgs) -> Report {
         .filter_map(|&i| sim.node(i))
         .map(|n| n.broadcast_layer().counters())
         .fold((0, 0), |(r, g), c| (r + c.repaired, g + c.grafts));
+    let escalations: u64 = survivors
+        .iter()
+        .filter_map(|&i| sim.node(i))
+        .map(|n| n.membership().counters().escalations)
+        .sum();
     let wall = started.elapsed().as_secs_f64();
     let stats = sim.stats();
 
@@ -319,6 +324,7 @@ pub fn run(args: &HyparviewArgs) -> Report {
         )
         .add("grafts", grafts)
         .add("repaired_by_anti_entropy", repaired)
+        .add("escalations", escalations)
         .add("components_before", before.components)
         .add("components_after", after.components)
         .add("isolated_after", after.isolated)
