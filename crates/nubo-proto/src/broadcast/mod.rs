@@ -347,6 +347,11 @@ impl Broadcast {
         self.deliveries.drain(..)
     }
 
+    /// Whether deliveries wait to be drained.
+    pub fn has_deliveries(&self) -> bool {
+        !self.deliveries.is_empty()
+    }
+
     /// The next time [`Broadcast::handle_timeout`] has work to do.
     pub fn poll_timeout(&self) -> Time {
         let mut next = self
