@@ -1,8 +1,16 @@
-//! The discrete-event engine: one thread, one event queue, one seeded generator.
+//! The discrete-event engine: one event queue, seeded generators, and windows of simulated
+//! time whose nodes run in parallel shards.
 //!
 //! Nodes are the real [`nubo_proto::Node`] state machines. The engine delivers their transmits
 //! after a sampled latency, drops them on loss or partition, reports `peer down` to a sender
 //! whose message reached a crashed node, and wakes each node at its `poll_timeout`.
+//!
+//! Parallel yet deterministic: no message arrives sooner than `latency_min` after it is sent,
+//! so within a window that short the nodes cannot affect one another (a conservative
+//! "lookahead" window). The machines are dealt to a fixed number of shards, each with its own
+//! nodes, queue and generator; a shard runs its window's events in queue order, queues what
+//! its nodes send each other at once and what they send the other shards' nodes when those
+//! next run, in shard order. Thread scheduling never shows in the result.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
@@ -151,36 +159,34 @@ struct NodeSlot {
     wake: Option<Time>,
 }
 
-/// Logical shards of every window. Fixed, so that a run gives the same result on any machine;
-/// the shards of a window run on as many threads as there are shards and cores.
+/// Logical shards; machine `i` belongs to shard `i % SHARDS`. Fixed, so that a run gives the
+/// same result on any machine; the shards of a window run on as many threads as there are
+/// shards and cores.
 const SHARDS: usize = 2;
 
-/// Fewer events than this in a window are run on one thread (spawning costs more).
-const PARALLEL_EVENTS_MIN: usize = 512;
+/// Smaller simulations run every window on one thread (spawning would cost more).
+const PARALLEL_NODES_MIN: usize = 1_000;
 
 /// A simulation of many nodes on one network.
 ///
 /// Time advances in windows no longer than the smallest latency of the network: nothing a node
 /// does in a window can reach another node in the same window, so the nodes of a window are
-/// independent. Each window's nodes are split into [`SHARDS`] contiguous shards that run in
-/// parallel; what they send and what the observer is to see are merged in shard order.
+/// independent. The machines are dealt to [`SHARDS`] shards, each with its own nodes, event
+/// queue and generator; the shards of a window run in parallel. What a shard sends to another
+/// shard's nodes waits in an outbox until the window ends, and what the observer is to see is
+/// shown once the window ends, in time order.
 pub struct Sim {
     now: Time,
     rng: Rng,
-    seq: u64,
-    queue: CalendarQueue,
-    actions: Vec<Option<Action>>,
-    free_actions: Vec<u32>,
     machines: Vec<Machine>,
-    nodes: Vec<NodeSlot>,
     index: HashMap<NodeId, NodeIndex>,
     config: Config,
     network: NetworkConfig,
     blocked: BTreeSet<(u16, u16)>,
     shards: Vec<Shard>,
     threads: usize,
-    /// Fewer events than this in a window run on one thread (spawning costs more).
-    parallel_events_min: usize,
+    /// Smaller simulations run every window on one thread.
+    parallel_nodes_min: usize,
 }
 
 /// More wake-ups of one node at one instant than any protocol needs: a busy loop.
@@ -190,26 +196,21 @@ impl Sim {
     /// An empty simulation whose every random choice derives from `seed`.
     pub fn new(seed: u64, config: Config, network: NetworkConfig) -> Sim {
         let mut rng = Rng::from_seed(seed);
-        let shards = (0..SHARDS).map(|_| Shard::new(rng.fork())).collect();
+        let shards = (0..SHARDS).map(|k| Shard::new(k, rng.fork())).collect();
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(SHARDS);
         Sim {
             now: Time::ZERO,
             rng,
-            seq: 0,
-            queue: CalendarQueue::default(),
-            actions: Vec::new(),
-            free_actions: Vec::new(),
             machines: Vec::new(),
-            nodes: Vec::new(),
             index: HashMap::new(),
             config,
             network,
             blocked: BTreeSet::new(),
             shards,
             threads,
-            parallel_events_min: PARALLEL_EVENTS_MIN,
+            parallel_nodes_min: PARALLEL_NODES_MIN,
         }
     }
 
@@ -261,7 +262,9 @@ impl Sim {
 
     /// The node running on machine `i`, if it runs.
     pub fn node(&self, i: NodeIndex) -> Option<&Node> {
-        self.nodes[i as usize].node.as_ref()
+        self.shards[i as usize % SHARDS].nodes[i as usize / SHARDS]
+            .node
+            .as_ref()
     }
 
     /// The identity of machine `i`.
@@ -301,7 +304,10 @@ impl Sim {
             group: 0,
             alive: false,
         });
-        self.nodes.push(NodeSlot::default());
+        // Machine `i` sits at `i / SHARDS` in its shard, which holds every SHARDS-th machine.
+        self.shards[index as usize % SHARDS]
+            .nodes
+            .push(NodeSlot::default());
         self.index.insert(id, index);
         self.boot(index);
         index
@@ -385,17 +391,15 @@ impl Sim {
         // Outside any window: everything the node does goes to the queue (`end` is now).
         let mut worker = Worker {
             world,
-            nodes: &mut self.nodes,
-            base: 0,
-            shard: &mut self.shards[0],
+            shard: &mut self.shards[i as usize % SHARDS],
             end: now,
         };
-        let Some(node) = worker.nodes[i as usize].node.as_mut() else {
+        let Some(node) = worker.slot(i).node.as_mut() else {
             return false;
         };
         let started = operation(node, now);
         worker.after_step(now, i);
-        self.merge(observer);
+        self.show(observer);
         started
     }
 
@@ -411,7 +415,7 @@ impl Sim {
     /// Sets the resources machine `i` lends (kept across restarts).
     pub fn set_resources(&mut self, i: NodeIndex, resources: Resources) {
         self.machines[i as usize].resources = resources;
-        if let Some(node) = self.nodes[i as usize].node.as_mut() {
+        if let Some(node) = self.slot(i).node.as_mut() {
             node.set_resources(resources);
         }
     }
@@ -420,7 +424,7 @@ impl Sim {
     pub fn set_rank_value(&mut self, i: NodeIndex, value: f64) {
         let now = self.now;
         self.machines[i as usize].rank_value = value;
-        if let Some(node) = self.nodes[i as usize].node.as_mut() {
+        if let Some(node) = self.slot(i).node.as_mut() {
             node.set_rank_value(now, value);
         }
     }
@@ -433,7 +437,7 @@ impl Sim {
     /// Machine `i` stops at once, losing all its state.
     pub fn crash(&mut self, i: NodeIndex) {
         self.machines[i as usize].alive = false;
-        self.nodes[i as usize] = NodeSlot::default();
+        *self.slot(i) = NodeSlot::default();
     }
 
     /// Machine `i` starts again with the same identity and empty state.
@@ -477,13 +481,15 @@ impl Sim {
         // No message arrives sooner than this after it is sent (see `Worker::latency`).
         let window = self.network.latency_min.max(Duration::from_micros(1));
         let past_until = until + Duration::from_micros(1);
-        while let Some(first) = self.queue.peek().map(|e| e.at) {
-            if first > until {
+        loop {
+            self.deliver_outboxes();
+            let first = self.shards.iter_mut().filter_map(Shard::first).min();
+            let Some(first) = first.filter(|&first| first <= until) else {
                 break;
-            }
+            };
             let end = (first + window).min(past_until);
             self.run_window(end);
-            self.merge(observer);
+            self.show(observer);
         }
         self.now = until;
     }
@@ -494,29 +500,28 @@ impl Sim {
         self.run_until(until, observer);
     }
 
+    fn slot(&mut self, i: NodeIndex) -> &mut NodeSlot {
+        &mut self.shards[i as usize % SHARDS].nodes[i as usize / SHARDS]
+    }
+
+    /// Hands each shard, as its inboxes, what the others sent its nodes (swapping buffers, so
+    /// no entry is copied here). Each shard queues its inboxes, in shard order, when it runs.
+    fn deliver_outboxes(&mut self) {
+        for from in 0..SHARDS {
+            for to in 0..SHARDS {
+                if from == to || self.shards[from].outboxes[to].is_empty() {
+                    continue;
+                }
+                let mut sent = std::mem::take(&mut self.shards[from].outboxes[to]);
+                std::mem::swap(&mut sent, &mut self.shards[to].inboxes[from]);
+                // `sent` is now the drained inbox, kept for its capacity.
+                self.shards[from].outboxes[to] = sent;
+            }
+        }
+    }
+
     /// Runs every event due before `end`, each shard on its own nodes.
     fn run_window(&mut self, end: Time) {
-        let chunk = self.nodes.len().div_ceil(SHARDS).max(1);
-        let mut events = 0;
-        while let Some(entry) = self.queue.peek() {
-            if entry.at >= end {
-                break;
-            }
-            let Some(Entry { at, seq, slot }) = self.queue.pop() else {
-                break;
-            };
-            let Some(action) = self.actions[slot as usize].take() else {
-                continue;
-            };
-            self.free_actions.push(slot);
-            let shard = action.target() as usize / chunk;
-            self.shards[shard].due.push_back((at, seq, action));
-            events += 1;
-        }
-        for shard in &mut self.shards {
-            // Wake-ups made during the window come after everything queued before it.
-            shard.next_seq = self.seq + 1;
-        }
         let world = World {
             machines: &self.machines,
             index: &self.index,
@@ -524,18 +529,10 @@ impl Sim {
             blocked: &self.blocked,
         };
         let workers = self
-            .nodes
-            .chunks_mut(chunk)
-            .zip(self.shards.iter_mut())
-            .enumerate()
-            .map(|(k, (nodes, shard))| Worker {
-                world,
-                nodes,
-                base: (k * chunk) as NodeIndex,
-                shard,
-                end,
-            });
-        if self.threads > 1 && events >= self.parallel_events_min {
+            .shards
+            .iter_mut()
+            .map(|shard| Worker { world, shard, end });
+        if self.threads > 1 && self.machines.len() >= self.parallel_nodes_min {
             std::thread::scope(|scope| {
                 let mut workers = workers;
                 let first = workers.next();
@@ -551,17 +548,12 @@ impl Sim {
         }
     }
 
-    /// Queues what the shards sent, in shard order, and shows the observer what they saw, in
-    /// order of time (shard order among equal times).
-    fn merge(&mut self, observer: &mut impl Observer) {
-        let mut outgoing = Vec::new();
+    /// Shows the observer what the shards saw, in order of time (shard order among equal
+    /// times).
+    fn show(&mut self, observer: &mut impl Observer) {
         let mut seen = Vec::new();
         for shard in &mut self.shards {
-            outgoing.append(&mut shard.outgoing);
             seen.append(&mut shard.seen);
-        }
-        for (at, action) in outgoing {
-            self.push(at, action);
         }
         seen.sort_by_key(Seen::at);
         for item in seen {
@@ -579,12 +571,13 @@ impl Sim {
 
     fn boot(&mut self, i: NodeIndex) {
         let seed = self.rng.next_u64();
+        let now = self.now;
         let machine = &mut self.machines[i as usize];
         machine.alive = true;
-        let mut node = Node::new(machine.peer, self.config.clone(), seed, self.now);
+        let mut node = Node::new(machine.peer, self.config.clone(), seed, now);
         node.set_resources(machine.resources);
-        node.set_rank_value(self.now, machine.rank_value);
-        self.nodes[i as usize] = NodeSlot {
+        node.set_rank_value(now, machine.rank_value);
+        *self.slot(i) = NodeSlot {
             node: Some(node),
             wake: None,
         };
@@ -595,35 +588,10 @@ impl Sim {
                 network: &self.network,
                 blocked: &self.blocked,
             },
-            nodes: &mut self.nodes,
-            base: 0,
-            shard: &mut self.shards[0],
-            end: self.now,
+            shard: &mut self.shards[i as usize % SHARDS],
+            end: now,
         };
-        worker.schedule_wake(self.now, i);
-        let mut outgoing = std::mem::take(&mut self.shards[0].outgoing);
-        for (at, action) in outgoing.drain(..) {
-            self.push(at, action);
-        }
-    }
-
-    fn push(&mut self, at: Time, action: Action) {
-        self.seq += 1;
-        let slot = match self.free_actions.pop() {
-            Some(slot) => {
-                self.actions[slot as usize] = Some(action);
-                slot
-            }
-            None => {
-                self.actions.push(Some(action));
-                (self.actions.len() - 1) as u32
-            }
-        };
-        self.queue.push(Entry {
-            at,
-            seq: self.seq,
-            slot,
-        });
+        worker.schedule_wake(now, i);
     }
 }
 
@@ -650,9 +618,18 @@ impl Seen {
     }
 }
 
-/// The state one shard keeps across windows: its own generator (latency jitter, loss), its
-/// counters, and what it produced for the merge.
+/// One shard: every `SHARDS`-th machine's node, the queue of events for them, its own
+/// generator (latency jitter, loss) and counters, and what it produced for the others.
 struct Shard {
+    /// This shard's number: it holds the machines `i` with `i % SHARDS == number`.
+    number: usize,
+    /// Machine `i` of this shard at `i / SHARDS`.
+    nodes: Vec<NodeSlot>,
+    queue: CalendarQueue,
+    /// The actions the queue's entries point to, and the free places among them.
+    actions: Vec<Option<Action>>,
+    free_actions: Vec<u32>,
+    seq: u64,
     rng: Rng,
     stats: EngineStats,
     kinds: KindCounts,
@@ -662,14 +639,22 @@ struct Shard {
     due: VecDeque<(Time, u64, Action)>,
     /// Wake-ups made during the window and due in it: `(at, seq, node)`.
     wakes: BinaryHeap<Reverse<(Time, u64, NodeIndex)>>,
-    next_seq: u64,
-    outgoing: Vec<(Time, Action)>,
+    /// By shard: what this shard's nodes sent to that shard's nodes in this window.
+    outboxes: Vec<Vec<(Time, Action)>>,
+    /// By shard: what that shard sent here, to be queued when this shard next runs.
+    inboxes: Vec<Vec<(Time, Action)>>,
     seen: Vec<Seen>,
 }
 
 impl Shard {
-    fn new(rng: Rng) -> Shard {
+    fn new(number: usize, rng: Rng) -> Shard {
         Shard {
+            number,
+            nodes: Vec::new(),
+            queue: CalendarQueue::default(),
+            actions: Vec::new(),
+            free_actions: Vec::new(),
+            seq: 0,
             rng,
             stats: EngineStats::default(),
             kinds: KindCounts::new(),
@@ -677,9 +662,61 @@ impl Shard {
             wakes_at_once: 0,
             due: VecDeque::new(),
             wakes: BinaryHeap::new(),
-            next_seq: 0,
-            outgoing: Vec::new(),
+            outboxes: (0..SHARDS).map(|_| Vec::new()).collect(),
+            inboxes: (0..SHARDS).map(|_| Vec::new()).collect(),
             seen: Vec::new(),
+        }
+    }
+
+    /// When the earliest event queued here or waiting in the inboxes is due.
+    fn first(&mut self) -> Option<Time> {
+        let queued = self.queue.peek().map(|e| e.at);
+        let inbound = self.inboxes.iter().flatten().map(|&(at, _)| at).min();
+        match (queued, inbound) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn enqueue(&mut self, at: Time, action: Action) {
+        self.seq += 1;
+        let slot = match self.free_actions.pop() {
+            Some(slot) => {
+                self.actions[slot as usize] = Some(action);
+                slot
+            }
+            None => {
+                self.actions.push(Some(action));
+                (self.actions.len() - 1) as u32
+            }
+        };
+        self.queue.push(Entry {
+            at,
+            seq: self.seq,
+            slot,
+        });
+    }
+
+    /// Queues the inboxes (in shard order), then takes every action due before `end`.
+    fn take_due(&mut self, end: Time) {
+        for from in 0..SHARDS {
+            let mut inbox = std::mem::take(&mut self.inboxes[from]);
+            for (at, action) in inbox.drain(..) {
+                self.enqueue(at, action);
+            }
+            self.inboxes[from] = inbox;
+        }
+        while let Some(entry) = self.queue.peek() {
+            if entry.at >= end {
+                break;
+            }
+            let Some(Entry { at, seq, slot }) = self.queue.pop() else {
+                break;
+            };
+            if let Some(action) = self.actions[slot as usize].take() {
+                self.free_actions.push(slot);
+                self.due.push_back((at, seq, action));
+            }
         }
     }
 }
@@ -693,21 +730,20 @@ struct World<'a> {
     blocked: &'a BTreeSet<(u16, u16)>,
 }
 
-/// One shard at work on its nodes (`nodes[0]` is machine `base`) until `end`.
+/// One shard at work on its nodes until `end`.
 struct Worker<'a> {
     world: World<'a>,
-    nodes: &'a mut [NodeSlot],
-    base: NodeIndex,
     shard: &'a mut Shard,
     end: Time,
 }
 
 impl Worker<'_> {
     fn slot(&mut self, i: NodeIndex) -> &mut NodeSlot {
-        &mut self.nodes[(i - self.base) as usize]
+        &mut self.shard.nodes[i as usize / SHARDS]
     }
 
     fn run(mut self) {
+        self.shard.take_due(self.end);
         loop {
             let queued = self.shard.due.front().map(|&(at, seq, _)| (at, seq));
             let woken = self
@@ -897,13 +933,18 @@ impl Worker<'_> {
     fn push(&mut self, at: Time, action: Action) {
         match action {
             Action::Wake { node } if at < self.end => {
-                let seq = self.shard.next_seq;
-                self.shard.next_seq += 1;
+                self.shard.seq += 1;
+                let seq = self.shard.seq;
                 self.shard.wakes.push(Reverse((at, seq, node)));
             }
             action => {
                 debug_assert!(at >= self.end, "a message due within its window");
-                self.shard.outgoing.push((at, action));
+                let to = action.target() as usize % SHARDS;
+                if to == self.shard.number {
+                    self.shard.enqueue(at, action);
+                } else {
+                    self.shard.outboxes[to].push((at, action));
+                }
             }
         }
     }
@@ -929,7 +970,7 @@ mod tests {
     fn run(threads: usize) -> (KindCounts, Vec<Vec<NodeId>>, Vec<u32>) {
         let mut sim = Sim::new(7, Config::default(), NetworkConfig::default());
         sim.set_threads(threads);
-        sim.parallel_events_min = 0;
+        sim.parallel_nodes_min = 0;
         let mut tracker = BroadcastTracker::new(true);
         grow_overlay(&mut sim, 200, Duration::from_secs(2), &mut tracker, |sim| {
             sim.add_node()

@@ -1,4 +1,4 @@
-//! The nubo simulator: runs many real `nubo-proto` nodes in one thread on a simulated network.
+//! The nubo simulator: runs many real `nubo-proto` nodes on a simulated network.
 //!
 //! Everything derives from one seed, so every run, failing or not, can be replayed exactly.
 //! Experiments are subcommands of the `nubo-sim` binary; each prints a table and, with
