@@ -102,8 +102,8 @@ pub struct Node {
     enabled: Enabled,
     /// Whether the broadcast layer was handed anything since the last flush. Most inputs
     /// (membership shuffles above all) never reach it, and then neither its outputs nor its
-    /// deadline need a look: visiting its state after every input cost a fifth of large
-    /// simulations.
+    /// deadline need a look (its state lies in cache lines of its own, and large simulations
+    /// are bound by memory latency).
     broadcast_touched: bool,
     /// The broadcast layer's deadline as of the last flush that found it touched.
     broadcast_deadline: Time,
@@ -113,7 +113,8 @@ pub struct Node {
 
 /// Which optional layers run (membership and broadcast always do). Kept in the node itself so
 /// that the state of a switched-off layer is never touched: each layer lives in its own cache
-/// lines, and visiting all of them after every input dominated the cost of large simulations.
+/// lines, and visiting all of them after every input was a measurable share of the time of
+/// large simulations, which are bound by memory latency.
 #[derive(Clone, Copy, Debug)]
 struct Enabled {
     aggregation: bool,
