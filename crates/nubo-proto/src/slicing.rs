@@ -69,6 +69,10 @@ pub enum SlicingMessage {
     /// What the sender knows in the buckets that differed: known, not news, so the receiver
     /// does not pass it on.
     Known(Vec<Sample>),
+    /// The answer to a [`SlicingMessage::Digest`] that differed: the answerer's own digest,
+    /// so that the first sender sends back what it knows better (anti-entropy both ways).
+    /// Answered with `Known` only, never with another digest.
+    DigestReply(Vec<(u32, u64)>),
 }
 
 impl SlicingMessage {
@@ -80,7 +84,9 @@ impl SlicingMessage {
             | SlicingMessage::Known(samples) => {
                 samples.len() <= SAMPLES_MAX && samples.iter().all(|s| s.value.is_finite())
             }
-            SlicingMessage::Digest(buckets) => buckets.len() == DIGEST_BUCKETS,
+            SlicingMessage::Digest(buckets) | SlicingMessage::DigestReply(buckets) => {
+                buckets.len() == DIGEST_BUCKETS
+            }
         }
     }
 }
@@ -392,7 +398,16 @@ impl Slicing {
                     self.learn(now, s, false);
                 }
             }
-            SlicingMessage::Digest(theirs) => self.send_differences(now, from, &theirs),
+            SlicingMessage::Digest(theirs) => {
+                if self.send_differences(now, from, &theirs) {
+                    let ours = self.digest().to_vec();
+                    self.transmits
+                        .push((from, SlicingMessage::DigestReply(ours)));
+                }
+            }
+            SlicingMessage::DigestReply(theirs) => {
+                self.send_differences(now, from, &theirs);
+            }
         }
     }
 
@@ -514,13 +529,15 @@ impl Slicing {
         self.gone -= gone;
     }
 
-    /// Sends our own value and every entry in the buckets where `theirs` differs from ours.
-    fn send_differences(&mut self, now: Time, to: Peer, theirs: &[(u32, u64)]) {
+    /// Sends `to` our own sample and what we know in the buckets where its digest differs
+    /// from ours; returns whether any bucket differed.
+    fn send_differences(&mut self, now: Time, to: Peer, theirs: &[(u32, u64)]) -> bool {
         let ours = self.digest();
         let mut differing = [false; DIGEST_BUCKETS];
         for (flag, (a, b)) in differing.iter_mut().zip(ours.iter().zip(theirs)) {
             *flag = a != b;
         }
+        let any = differing.contains(&true);
         let mut batch = vec![self.own_sample(now)];
         for (key, known) in &self.known {
             if !differing[bucket_of(*key)] {
@@ -533,6 +550,7 @@ impl Slicing {
             batch.push(sample(*key, known, now));
         }
         self.transmits.push((to, SlicingMessage::Known(batch)));
+        any
     }
 }
 
@@ -749,7 +767,7 @@ mod tests {
         let digest = SlicingMessage::Digest(a.digest().to_vec());
         b.handle_message(Time::ZERO, Peer::new(NodeId(1)), digest);
         let answer = sent(&mut b);
-        let [SlicingMessage::Known(known)] = &answer[..] else {
+        let [SlicingMessage::Known(known), SlicingMessage::DigestReply(_)] = &answer[..] else {
             panic!("{answer:?}");
         };
         // b's own value and the bucket of node 13 (which holds nothing else here).
@@ -759,6 +777,18 @@ mod tests {
             a.handle_message(Time::ZERO, Peer::new(NodeId(2)), message);
         }
         assert_eq!(a.known(), 5);
+        // The other way: b's digest brings back what a knows that b does not (a's own value),
+        // with no further digest.
+        let back = sent(&mut a);
+        let [SlicingMessage::Known(known)] = &back[..] else {
+            panic!("{back:?}");
+        };
+        assert!(known.iter().any(|s| s.node == node_key(NodeId(1))));
+        for message in back {
+            b.handle_message(Time::ZERO, Peer::new(NodeId(1)), message);
+        }
+        assert!(b.knows(node_key(NodeId(1))));
+        assert!(sent(&mut b).is_empty());
         // What anti-entropy brings is not news: nothing to pass on.
         a.handle_timeout(Time::from_secs(1), Some(PEER));
         let pushed = sent(&mut a);

@@ -86,6 +86,7 @@ impl Message {
                 SlicingMessage::Push(_) => "slice_push",
                 SlicingMessage::Answer(_) => "slice_answer",
                 SlicingMessage::Digest(_) => "slice_digest",
+                SlicingMessage::DigestReply(_) => "slice_digest_reply",
                 SlicingMessage::Known(_) => "slice_known",
             },
             Message::Ring(m) => match m {
