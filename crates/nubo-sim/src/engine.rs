@@ -178,11 +178,8 @@ const PARALLEL_NODES_MIN: usize = 1_000;
 pub struct Sim {
     now: Time,
     rng: Rng,
-    machines: Vec<Machine>,
-    index: HashMap<NodeId, NodeIndex>,
+    world: World,
     config: Config,
-    network: NetworkConfig,
-    blocked: BTreeSet<(u16, u16)>,
     shards: Vec<Shard>,
     threads: usize,
     /// Smaller simulations run every window on one thread.
@@ -203,11 +200,13 @@ impl Sim {
         Sim {
             now: Time::ZERO,
             rng,
-            machines: Vec::new(),
-            index: HashMap::new(),
+            world: World {
+                machines: Vec::new(),
+                index: HashMap::new(),
+                network,
+                blocked: BTreeSet::new(),
+            },
             config,
-            network,
-            blocked: BTreeSet::new(),
             shards,
             threads,
             parallel_nodes_min: PARALLEL_NODES_MIN,
@@ -252,12 +251,12 @@ impl Sim {
 
     /// Number of machines ever added.
     pub fn len(&self) -> usize {
-        self.machines.len()
+        self.world.machines.len()
     }
 
     /// True when no machine was added.
     pub fn is_empty(&self) -> bool {
-        self.machines.is_empty()
+        self.world.machines.is_empty()
     }
 
     /// The node running on machine `i`, if it runs.
@@ -269,22 +268,22 @@ impl Sim {
 
     /// The identity of machine `i`.
     pub fn peer(&self, i: NodeIndex) -> Peer {
-        self.machines[i as usize].peer
+        self.world.machines[i as usize].peer
     }
 
     /// The machine running node `id`.
     pub fn index_of(&self, id: NodeId) -> Option<NodeIndex> {
-        self.index.get(&id).copied()
+        self.world.index.get(&id).copied()
     }
 
     /// Whether machine `i` runs.
     pub fn is_alive(&self, i: NodeIndex) -> bool {
-        self.machines[i as usize].alive
+        self.world.machines[i as usize].alive
     }
 
     /// Indices of the running machines, ascending.
     pub fn alive(&self) -> Vec<NodeIndex> {
-        (0..self.machines.len() as NodeIndex)
+        (0..self.world.machines.len() as NodeIndex)
             .filter(|&i| self.is_alive(i))
             .collect()
     }
@@ -292,11 +291,11 @@ impl Sim {
     /// Starts a new machine with a fresh identity; it does not join anything yet.
     pub fn add_node(&mut self) -> NodeIndex {
         let mut id = NodeId(self.rng.next_u128());
-        while self.index.contains_key(&id) {
+        while self.world.index.contains_key(&id) {
             id = NodeId(self.rng.next_u128());
         }
-        let index = self.machines.len() as NodeIndex;
-        self.machines.push(Machine {
+        let index = self.world.machines.len() as NodeIndex;
+        self.world.machines.push(Machine {
             peer: Peer::new(id),
             resources: Resources::default(),
             rank_value: 0.0,
@@ -308,7 +307,7 @@ impl Sim {
         self.shards[index as usize % SHARDS]
             .nodes
             .push(NodeSlot::default());
-        self.index.insert(id, index);
+        self.world.index.insert(id, index);
         self.boot(index);
         index
     }
@@ -382,15 +381,9 @@ impl Sim {
         operation: impl FnOnce(&mut Node, Time) -> bool,
     ) -> bool {
         let now = self.now;
-        let world = World {
-            machines: &self.machines,
-            index: &self.index,
-            network: &self.network,
-            blocked: &self.blocked,
-        };
         // Outside any window: everything the node does goes to the queue (`end` is now).
         let mut worker = Worker {
-            world,
+            world: &self.world,
             shard: &mut self.shards[i as usize % SHARDS],
             end: now,
         };
@@ -414,7 +407,7 @@ impl Sim {
 
     /// Sets the resources machine `i` lends (kept across restarts).
     pub fn set_resources(&mut self, i: NodeIndex, resources: Resources) {
-        self.machines[i as usize].resources = resources;
+        self.world.machines[i as usize].resources = resources;
         if let Some(node) = self.slot(i).node.as_mut() {
             node.set_resources(resources);
         }
@@ -423,7 +416,7 @@ impl Sim {
     /// Sets the attribute machine `i` is ranked by (kept across restarts).
     pub fn set_rank_value(&mut self, i: NodeIndex, value: f64) {
         let now = self.now;
-        self.machines[i as usize].rank_value = value;
+        self.world.machines[i as usize].rank_value = value;
         if let Some(node) = self.slot(i).node.as_mut() {
             node.set_rank_value(now, value);
         }
@@ -431,55 +424,55 @@ impl Sim {
 
     /// The resources machine `i` lends.
     pub fn resources(&self, i: NodeIndex) -> Resources {
-        self.machines[i as usize].resources
+        self.world.machines[i as usize].resources
     }
 
     /// Machine `i` stops at once, losing all its state.
     pub fn crash(&mut self, i: NodeIndex) {
-        self.machines[i as usize].alive = false;
+        self.world.machines[i as usize].alive = false;
         *self.slot(i) = NodeSlot::default();
     }
 
     /// Machine `i` starts again with the same identity and empty state.
     pub fn restart(&mut self, i: NodeIndex) {
         if !self.is_alive(i) {
-            self.machines[i as usize].incarnation += 1;
+            self.world.machines[i as usize].incarnation += 1;
             self.boot(i);
         }
     }
 
     /// Places machine `i` in partition group `group` (all start in group 0).
     pub fn set_group(&mut self, i: NodeIndex, group: u16) {
-        self.machines[i as usize].group = group;
+        self.world.machines[i as usize].group = group;
     }
 
     /// The partition group of machine `i`.
     pub fn group(&self, i: NodeIndex) -> u16 {
-        self.machines[i as usize].group
+        self.world.machines[i as usize].group
     }
 
     /// Drops every message from group `from` to group `to` (a one-way cut).
     pub fn block(&mut self, from: u16, to: u16) {
-        self.blocked.insert((from, to));
+        self.world.blocked.insert((from, to));
     }
 
     /// Removes every cut and puts every machine back in group 0.
     pub fn heal(&mut self) {
-        self.blocked.clear();
-        for machine in &mut self.machines {
+        self.world.blocked.clear();
+        for machine in &mut self.world.machines {
             machine.group = 0;
         }
     }
 
     /// Sets the probability of losing a message.
     pub fn set_loss(&mut self, loss: f64) {
-        self.network.loss = loss;
+        self.world.network.loss = loss;
     }
 
     /// Runs every event up to and including `until`, then sets the clock to `until`.
     pub fn run_until(&mut self, until: Time, observer: &mut impl Observer) {
         // No message arrives sooner than this after it is sent (see `Worker::latency`).
-        let window = self.network.latency_min.max(Duration::from_micros(1));
+        let window = self.world.network.latency_min.max(Duration::from_micros(1));
         let past_until = until + Duration::from_micros(1);
         loop {
             self.deliver_outboxes();
@@ -501,7 +494,7 @@ impl Sim {
     }
 
     fn slot(&mut self, i: NodeIndex) -> &mut NodeSlot {
-        &mut self.shards[i as usize % SHARDS].nodes[i as usize / SHARDS]
+        self.shards[i as usize % SHARDS].slot(i)
     }
 
     /// Hands each shard, as its inboxes, what the others sent its nodes (swapping buffers, so
@@ -522,17 +515,12 @@ impl Sim {
 
     /// Runs every event due before `end`, each shard on its own nodes.
     fn run_window(&mut self, end: Time) {
-        let world = World {
-            machines: &self.machines,
-            index: &self.index,
-            network: &self.network,
-            blocked: &self.blocked,
-        };
+        let world = &self.world;
         let workers = self
             .shards
             .iter_mut()
             .map(|shard| Worker { world, shard, end });
-        if self.threads > 1 && self.machines.len() >= self.parallel_nodes_min {
+        if self.threads > 1 && self.world.machines.len() >= self.parallel_nodes_min {
             std::thread::scope(|scope| {
                 let mut workers = workers;
                 let first = workers.next();
@@ -572,7 +560,7 @@ impl Sim {
     fn boot(&mut self, i: NodeIndex) {
         let seed = self.rng.next_u64();
         let now = self.now;
-        let machine = &mut self.machines[i as usize];
+        let machine = &mut self.world.machines[i as usize];
         machine.alive = true;
         let mut node = Node::new(machine.peer, self.config.clone(), seed, now);
         node.set_resources(machine.resources);
@@ -582,12 +570,7 @@ impl Sim {
             wake: None,
         };
         let mut worker = Worker {
-            world: World {
-                machines: &self.machines,
-                index: &self.index,
-                network: &self.network,
-                blocked: &self.blocked,
-            },
+            world: &self.world,
             shard: &mut self.shards[i as usize % SHARDS],
             end: now,
         };
@@ -668,14 +651,16 @@ impl Shard {
         }
     }
 
+    /// Machine `i`'s place, which must be in this shard.
+    fn slot(&mut self, i: NodeIndex) -> &mut NodeSlot {
+        &mut self.nodes[i as usize / SHARDS]
+    }
+
     /// When the earliest event queued here or waiting in the inboxes is due.
     fn first(&mut self) -> Option<Time> {
         let queued = self.queue.peek().map(|e| e.at);
-        let inbound = self.inboxes.iter().flatten().map(|&(at, _)| at).min();
-        match (queued, inbound) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let inbound = self.inboxes.iter().flatten().map(|&(at, _)| at);
+        queued.into_iter().chain(inbound).min()
     }
 
     fn enqueue(&mut self, at: Time, action: Action) {
@@ -721,25 +706,24 @@ impl Shard {
     }
 }
 
-/// What every shard reads and none changes during a window.
-#[derive(Clone, Copy)]
-struct World<'a> {
-    machines: &'a [Machine],
-    index: &'a HashMap<NodeId, NodeIndex>,
-    network: &'a NetworkConfig,
-    blocked: &'a BTreeSet<(u16, u16)>,
+/// What every shard reads and none changes during a window: the machines, the network.
+struct World {
+    machines: Vec<Machine>,
+    index: HashMap<NodeId, NodeIndex>,
+    network: NetworkConfig,
+    blocked: BTreeSet<(u16, u16)>,
 }
 
 /// One shard at work on its nodes until `end`.
 struct Worker<'a> {
-    world: World<'a>,
+    world: &'a World,
     shard: &'a mut Shard,
     end: Time,
 }
 
 impl Worker<'_> {
     fn slot(&mut self, i: NodeIndex) -> &mut NodeSlot {
-        &mut self.shard.nodes[i as usize / SHARDS]
+        self.shard.slot(i)
     }
 
     fn run(mut self) {
@@ -898,7 +882,7 @@ impl Worker<'_> {
         } else {
             message
         };
-        let blocked = self.world.blocked;
+        let blocked = &self.world.blocked;
         if !blocked.is_empty() {
             let a = self.world.machines[from as usize].group;
             let b = self.world.machines[to as usize].group;
@@ -919,7 +903,7 @@ impl Worker<'_> {
     /// One-way delay of a message from `a` to `b`: the link's base latency plus jitter, never
     /// less than the window (`latency_min`, at least 1 µs).
     fn latency(&mut self, a: NodeIndex, b: NodeIndex) -> Duration {
-        let network = self.world.network;
+        let network = &self.world.network;
         let min = (network.latency_min.as_micros() as u64).max(1);
         let max = (network.latency_max.as_micros() as u64).max(min);
         let mut pair = u64::from(a.min(b)) << 32 | u64::from(a.max(b));

@@ -13,9 +13,7 @@ pub struct OverlayHealth {
     pub isolated: usize,
     /// Active-view entries naming a node that does not run.
     pub dead_links: usize,
-    /// Active-view entries `a → b` where `b` does not have `a`.
-    pub asymmetric_links: usize,
-    /// Those entries, as `(a, b)` in index order.
+    /// Active-view entries `a → b` where `b` does not have `a`, as `(a, b)` in index order.
     pub asymmetric: Vec<(NodeIndex, NodeIndex)>,
     /// Largest active view seen.
     pub active_len_max: usize,
@@ -54,7 +52,6 @@ pub fn overlay_health(sim: &Sim) -> OverlayHealth {
                 continue;
             };
             if !other.membership().active().contains(node.id()) {
-                health.asymmetric_links += 1;
                 health.asymmetric.push((i, j));
             }
             union(&mut parent, i, j);

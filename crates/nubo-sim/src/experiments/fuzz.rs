@@ -335,7 +335,7 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
             health.dead_links
         ));
     }
-    if health.asymmetric_links > 0 {
+    if !health.asymmetric.is_empty() {
         // A link is one-sided while the messages that make or break it are in flight (an
         // eviction's `Disconnect`, a reply to a request), and a side whose `Disconnect` was
         // lost learns it at its next keepalive, or drops a silent link after `peer_timeout`:

@@ -329,7 +329,7 @@ pub fn run(args: &HyparviewArgs) -> Report {
         .add("components_after", after.components)
         .add("isolated_after", after.isolated)
         .add("dead_links_after", after.dead_links)
-        .add("asymmetric_links_after", after.asymmetric_links)
+        .add("asymmetric_links_after", after.asymmetric.len())
         .add("simulated_seconds", sim.now().as_micros() / 1_000_000)
         .add("events", stats.events)
         .add("messages_delivered", stats.delivered)
