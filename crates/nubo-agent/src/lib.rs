@@ -20,6 +20,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use nubo_net::{JoinToken, NetError, Transport, TransportConfig};
+use nubo_proto::broadcast::BroadcastConfig;
+pub use nubo_proto::broadcast::Dissemination;
 use nubo_proto::{Config, Node, Peer};
 use nubo_store::{DataDir, StoreError};
 use tokio::sync::{mpsc, oneshot};
@@ -63,6 +65,8 @@ pub struct AgentOptions {
     pub instances_max: usize,
     /// Ports given to instances.
     pub ports: std::ops::RangeInclusive<u16>,
+    /// How broadcasts spread.
+    pub dissemination: Dissemination,
 }
 
 /// Why the agent could not start.
@@ -123,7 +127,13 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     let now = clock.now();
     let mut node = Node::new(
         Peer::with_addr(id, advertise),
-        Config::default(),
+        Config {
+            broadcast: BroadcastConfig {
+                dissemination: options.dissemination,
+                ..BroadcastConfig::default()
+            },
+            ..Config::default()
+        },
         u64::from_le_bytes(seed),
         now,
     );

@@ -2,10 +2,12 @@
 //! numbers themselves are measured by the `nubo-sim` subcommands and recorded in
 //! docs/BENCHMARKS.md.
 
+use nubo_proto::broadcast::Dissemination;
 use nubo_sim::experiments::hyparview::{HyparviewArgs, run};
 
-fn args(nodes: u32, fail: f64) -> HyparviewArgs {
+fn args(nodes: u32, fail: f64, dissemination: Dissemination) -> HyparviewArgs {
     HyparviewArgs {
+        dissemination,
         nodes,
         fail,
         seed: 3,
@@ -32,18 +34,33 @@ fn number(report: &serde_json::Value, key: &str) -> f64 {
 
 #[test]
 fn broadcast_reaches_everyone_in_a_stable_overlay_with_little_redundancy() {
-    let report = run(&args(500, 0.0)).to_json();
-    assert_eq!(number(&report, "reliability_min"), 1.0, "{report}");
+    let tree = run(&args(500, 0.0, Dissemination::Tree)).to_json();
+    assert_eq!(number(&tree, "reliability_min"), 1.0, "{tree}");
     // The first broadcast floods (RMR ≈ 3) and builds the tree; the rest follow it.
-    assert!(number(&report, "rmr_avg") < 0.25, "{report}");
-    assert_eq!(number(&report, "components_after"), 1.0);
+    assert!(number(&tree, "rmr_avg") < 0.25, "{tree}");
+    assert_eq!(number(&tree, "components_after"), 1.0);
+
+    let pull = run(&args(500, 0.0, Dissemination::Pull)).to_json();
+    assert_eq!(number(&pull, "reliability_min"), 1.0, "{pull}");
+    // Only the origin's first hop can duplicate.
+    assert!(number(&pull, "rmr_avg") < 0.01, "{pull}");
+    // Paths through the overlay are shorter than paths through a tree.
+    assert!(
+        number(&pull, "ldh_max") <= number(&tree, "ldh_max"),
+        "{pull}\n{tree}"
+    );
 }
 
 #[test]
 fn broadcast_survives_the_loss_of_most_nodes() {
-    let report = run(&args(500, 0.8)).to_json();
-    assert!(number(&report, "reliability_avg") >= 0.99, "{report}");
-    assert_eq!(number(&report, "dead_links_after"), 0.0, "{report}");
+    for dissemination in [Dissemination::Pull, Dissemination::Tree] {
+        let report = run(&args(500, 0.8, dissemination)).to_json();
+        assert!(
+            number(&report, "reliability_avg") >= 0.99,
+            "{dissemination}: {report}"
+        );
+        assert_eq!(number(&report, "dead_links_after"), 0.0, "{report}");
+    }
 }
 
 #[test]

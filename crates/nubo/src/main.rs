@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use nubo_agent::model::{BlobStored, Invite, LocalRecord, NodeInfo, Stats, Status, Written};
-use nubo_agent::{AgentOptions, setup};
+use nubo_agent::{AgentOptions, Dissemination, setup};
 use nubo_net::JoinToken;
 
 use crate::client::{Client, Target, escape_key, read_body};
@@ -235,6 +235,11 @@ struct AgentArgs {
     /// Ports given to service instances, FIRST-LAST.
     #[arg(long, default_value = "20000-29999", value_parser = parse_port_range)]
     port_range: std::ops::RangeInclusive<u16>,
+    /// How broadcasts spread: `pull` (announced, then fetched from the first neighbour that
+    /// has it: fewest hops, no duplicates) or `tree` (pushed along a spanning tree: one
+    /// transmission per hop, paths about twice as long).
+    #[arg(long, default_value_t = Dissemination::default())]
+    dissemination: Dissemination,
     /// Create a new cloud if the data directory belongs to none (instead of `nubo init`).
     #[arg(long, conflicts_with = "join")]
     bootstrap: bool,
@@ -500,6 +505,7 @@ fn agent(args: AgentArgs) -> Result<(), String> {
         },
         instances_max: args.max_instances,
         ports: args.port_range,
+        dissemination: args.dissemination,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,10 +1,19 @@
 //! Broadcast: every message reaches every node, once, quickly and cheaply.
 //!
-//! Dissemination follows Plumtree's split (Leitão, Pereira, Rodrigues, SRDS 2007): payloads
-//! are pushed eagerly along a spanning tree of the overlay and announced lazily (`IHave`) on
-//! the other links; a node that hears of a message it has not received within `graft_timeout`
-//! grafts the announcing link and gets it from there. Two changes, both measured (see
+//! Two ways of spreading a message, chosen by [`Dissemination`] (measured side by side in
 //! docs/BENCHMARKS.md):
+//! - **Pull** (the default): a node that has a message announces it (`IHave`) to each
+//!   neighbour not known to have it, and a node that lacks it grafts the first announcer at
+//!   once. Every node receives each payload once, over the quickest path of the overlay, so
+//!   the hop count is about the overlay's distance; each hop costs an announcement and a graft
+//!   besides the payload. No tree is kept.
+//! - **Tree**: Plumtree's split (Leitão, Pereira, Rodrigues, SRDS 2007). Payloads are pushed
+//!   eagerly along a spanning tree of the overlay and announced lazily on the other links; a
+//!   node that hears of a message it has not received within `graft_timeout` grafts the
+//!   announcing link and gets it from there. One transmission per hop, but paths through a
+//!   tree are about twice as long as overlay distances.
+//!
+//! Two changes to Plumtree, both measured:
 //! - the tree is not shaped by prunes on duplicates but built in epochs as a shortest-hop
 //!   tree ([`tree`]), so it neither drifts into detours nor tears when messages from many
 //!   origins cross;
@@ -144,10 +153,47 @@ impl BroadcastMessage {
     }
 }
 
+/// How a payload travels once it is past its first [`BroadcastConfig::flood_hops`] hops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Dissemination {
+    /// Announced to every neighbour not known to have it; a node that lacks it grafts the
+    /// first announcer at once. Hops as few as the overlay allows (about half a tree's), no
+    /// duplicate payloads, no tree to keep up; each hop costs three transmissions in a row
+    /// (announcement, graft, payload) instead of one.
+    #[default]
+    Pull,
+    /// Pushed along the spanning tree, announced on the other links, grafted only after
+    /// `graft_timeout` (Plumtree). One transmission per hop along longer paths.
+    Tree,
+}
+
+impl core::fmt::Display for Dissemination {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Dissemination::Pull => "pull",
+            Dissemination::Tree => "tree",
+        })
+    }
+}
+
+impl core::str::FromStr for Dissemination {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "pull" => Ok(Dissemination::Pull),
+            "tree" => Ok(Dissemination::Tree),
+            other => Err(format!("unknown dissemination {other:?}: use pull or tree")),
+        }
+    }
+}
+
 /// Tuning of the broadcast protocol.
 #[derive(Clone, Debug)]
 pub struct BroadcastConfig {
-    /// The dissemination tree.
+    /// How payloads travel past the first hops.
+    pub dissemination: Dissemination,
+    /// The dissemination tree (used with [`Dissemination::Tree`] only).
     pub tree: TreeConfig,
     /// A message is pushed over every overlay link for its first `flood_hops` hops, then
     /// along the tree; every node reached at hop `flood_hops` pushes it down the tree from
@@ -155,13 +201,14 @@ pub struct BroadcastConfig {
     /// hop multiplies the extra copies by the active-view size; 1 (the origin tells all its
     /// neighbours) costs a handful of copies at any cloud size.
     pub flood_hops: u16,
-    /// Wait after the first announcement of a missing message before grafting (Plumtree's T1,
-    /// drawn in `[T1, 2·T1)`); above the time a message takes to cross the tree, or healthy
-    /// but slow paths get grafted.
+    /// With [`Dissemination::Tree`], wait after the first announcement of a missing message
+    /// before grafting (Plumtree's T1, drawn in `[T1, 2·T1)`); above the time a message takes
+    /// to cross the tree, or healthy but slow paths get grafted. Pull grafts at once.
     pub graft_timeout: Duration,
     /// Wait for a grafted message before asking the next announcer (T2).
     pub graft_retry: Duration,
-    /// Announcements to the same neighbour within this interval share one `IHave`.
+    /// At most one batch of `IHave`s leaves per interval: the first announcement after a
+    /// quiet spell goes at once, later ones wait for the interval to end and share a message.
     pub ihave_interval: Duration,
     /// Payloads are kept this long after their birth, to answer grafts and anti-entropy.
     /// Ids are kept twice as long, to recognise late duplicates.
@@ -183,6 +230,7 @@ pub struct BroadcastConfig {
 impl Default for BroadcastConfig {
     fn default() -> Self {
         BroadcastConfig {
+            dissemination: Dissemination::default(),
             tree: TreeConfig::default(),
             flood_hops: 1,
             graft_timeout: Duration::from_secs(1),
@@ -258,12 +306,16 @@ pub struct Broadcast {
     rng: Rng,
     next_seq: u64,
     neighbors: Vec<Peer>,
-    tree: SpanningTree,
+    /// Kept with [`Dissemination::Tree`] only.
+    tree: Option<SpanningTree>,
     store: MessageStore,
     missing: BTreeMap<MessageId, Missing>,
     missing_deadlines: BTreeSet<(Time, MessageId)>,
     lazy_queue: BTreeMap<NodeId, (Peer, Vec<Announcement>)>,
     next_flush: Option<Time>,
+    /// Announcements queued before this time wait for it: at most one batch per
+    /// `ihave_interval`, but the first after a quiet spell goes at once.
+    quiet_from: Time,
     next_ae: Time,
     next_expire: Time,
     counters: BroadcastCounters,
@@ -275,7 +327,9 @@ impl Broadcast {
     /// The broadcast layer of node `me`, started at `now`.
     pub fn new(me: Peer, config: BroadcastConfig, mut rng: Rng, now: Time) -> Broadcast {
         let ae_offset = Duration::from_micros(rng.below(micros(config.ae_interval).max(1)));
-        let tree = SpanningTree::new(me, config.tree.clone(), rng.fork(), now);
+        let tree_rng = rng.fork();
+        let tree = (config.dissemination == Dissemination::Tree)
+            .then(|| SpanningTree::new(me, config.tree.clone(), tree_rng, now));
         Broadcast {
             me,
             next_seq: now.as_micros(),
@@ -286,6 +340,7 @@ impl Broadcast {
             missing_deadlines: BTreeSet::new(),
             lazy_queue: BTreeMap::new(),
             next_flush: None,
+            quiet_from: now,
             next_ae: now + ae_offset,
             next_expire: now + expire_interval(&config),
             counters: BroadcastCounters::default(),
@@ -296,16 +351,16 @@ impl Broadcast {
         }
     }
 
-    /// The dissemination tree, for inspection.
-    pub fn tree(&self) -> &SpanningTree {
-        &self.tree
+    /// The dissemination tree, for inspection (`None` unless [`Dissemination::Tree`]).
+    pub fn tree(&self) -> Option<&SpanningTree> {
+        self.tree.as_ref()
     }
 
     /// Neighbours messages are pushed to: our links in the tree.
     pub fn eager(&self) -> impl Iterator<Item = Peer> + '_ {
         self.neighbors
             .iter()
-            .filter(|p| self.tree.is_tree_link(p.id))
+            .filter(|p| self.is_tree_link(p.id))
             .copied()
     }
 
@@ -313,8 +368,12 @@ impl Broadcast {
     pub fn lazy(&self) -> impl Iterator<Item = Peer> + '_ {
         self.neighbors
             .iter()
-            .filter(|p| !self.tree.is_tree_link(p.id))
+            .filter(|p| !self.is_tree_link(p.id))
             .copied()
+    }
+
+    fn is_tree_link(&self, peer: NodeId) -> bool {
+        self.tree.as_ref().is_some_and(|t| t.is_tree_link(peer))
     }
 
     /// What the layer did so far.
@@ -334,11 +393,12 @@ impl Broadcast {
 
     /// Messages to send, in order.
     pub fn drain_transmits(&mut self) -> std::vec::Drain<'_, (Peer, BroadcastMessage)> {
-        let tree = self
-            .tree
-            .drain_transmits()
-            .map(|(to, m)| (to, BroadcastMessage::Tree(m)));
-        self.transmits.extend(tree);
+        if let Some(tree) = &mut self.tree {
+            let built = tree
+                .drain_transmits()
+                .map(|(to, m)| (to, BroadcastMessage::Tree(m)));
+            self.transmits.extend(built);
+        }
         self.transmits.drain(..)
     }
 
@@ -354,10 +414,10 @@ impl Broadcast {
 
     /// The next time [`Broadcast::handle_timeout`] has work to do.
     pub fn poll_timeout(&self) -> Time {
-        let mut next = self
-            .next_ae
-            .min(self.next_expire)
-            .min(self.tree.poll_timeout());
+        let mut next = self.next_ae.min(self.next_expire);
+        if let Some(tree) = &self.tree {
+            next = next.min(tree.poll_timeout());
+        }
         if let Some(flush) = self.next_flush {
             next = next.min(flush);
         }
@@ -371,14 +431,18 @@ impl Broadcast {
     pub fn neighbor_up(&mut self, peer: Peer) {
         self.neighbors.retain(|p| p.id != peer.id);
         self.neighbors.push(peer);
-        self.tree.neighbor_up(peer);
+        if let Some(tree) = &mut self.tree {
+            tree.neighbor_up(peer);
+        }
     }
 
     /// `peer` is no longer a neighbour.
     pub fn neighbor_down(&mut self, now: Time, peer: NodeId) {
         self.neighbors.retain(|p| p.id != peer);
         self.lazy_queue.remove(&peer);
-        self.tree.neighbor_down(now, peer);
+        if let Some(tree) = &mut self.tree {
+            tree.neighbor_down(now, peer);
+        }
     }
 
     /// Broadcasts `payload` to every node; it is also delivered locally, with 0 hops.
@@ -401,7 +465,7 @@ impl Broadcast {
             payload,
         };
         self.deliver(&gossip);
-        self.push(now, &gossip, None);
+        self.push(now, &gossip, None, &[]);
         Ok(id)
     }
 
@@ -411,7 +475,12 @@ impl Broadcast {
             BroadcastMessage::Gossip(gossip) => self.on_gossip(now, from, gossip),
             BroadcastMessage::IHave(announcements) => self.on_ihave(now, from, announcements),
             BroadcastMessage::Graft(ids) => self.on_graft(from, ids),
-            BroadcastMessage::Tree(message) => self.tree.handle_message(now, from, message),
+            BroadcastMessage::Tree(message) => {
+                // A node spreading by pulls keeps no tree and ignores those of its neighbours.
+                if let Some(tree) = &mut self.tree {
+                    tree.handle_message(now, from, message);
+                }
+            }
             BroadcastMessage::Digest {
                 from: start,
                 to: end,
@@ -434,10 +503,12 @@ impl Broadcast {
             self.graft_next(now, id);
         }
         if self.next_flush.is_some_and(|t| t <= now) {
-            self.flush_announcements();
+            self.flush_announcements(now);
         }
-        if self.tree.poll_timeout() <= now {
-            self.tree.handle_timeout(now);
+        if let Some(tree) = &mut self.tree
+            && tree.poll_timeout() <= now
+        {
+            tree.handle_timeout(now);
         }
         if now >= self.next_ae {
             self.next_ae = now + self.config.ae_interval;
@@ -460,8 +531,8 @@ impl Broadcast {
             self.counters.rejected += 1;
             return;
         }
-        self.deliver(&gossip);
-        self.push(now, &gossip, Some(from.id));
+        let holders = self.deliver(&gossip);
+        self.push(now, &gossip, Some(from.id), &holders);
     }
 
     fn on_ihave(&mut self, now: Time, from: Peer, announcements: Vec<Announcement>) {
@@ -480,10 +551,16 @@ impl Broadcast {
             if self.missing.len() >= self.config.missing_max {
                 continue;
             }
-            // Spread over [T, 2T) so that the nodes cut off together do not all graft at once.
-            let spread =
-                Duration::from_micros(self.rng.below(micros(self.config.graft_timeout).max(1)));
-            let deadline = now + self.config.graft_timeout + spread;
+            let deadline = match self.config.dissemination {
+                Dissemination::Pull => now,
+                Dissemination::Tree => {
+                    // Spread over [T, 2T) so that the nodes cut off together do not all graft
+                    // at once.
+                    let timeout = self.config.graft_timeout;
+                    let spread = Duration::from_micros(self.rng.below(micros(timeout).max(1)));
+                    now + timeout + spread
+                }
+            };
             self.missing.insert(
                 id,
                 Missing {
@@ -496,7 +573,9 @@ impl Broadcast {
     }
 
     fn on_graft(&mut self, from: Peer, ids: Vec<MessageId>) {
-        self.tree.mark_repair(from.id);
+        if let Some(tree) = &mut self.tree {
+            tree.mark_repair(from.id);
+        }
         for id in ids {
             if let Some(gossip) = self.store.forwardable(&id) {
                 self.send(from, BroadcastMessage::Gossip(gossip));
@@ -560,7 +639,7 @@ impl Broadcast {
                 continue;
             }
             self.counters.repaired += 1;
-            self.deliver(&gossip);
+            let holders = self.deliver(&gossip);
             // Announce rather than push: most neighbours have it already.
             let announcement = Announcement {
                 id: gossip.id,
@@ -569,7 +648,7 @@ impl Broadcast {
             let targets: Vec<Peer> = self
                 .neighbors
                 .iter()
-                .filter(|p| p.id != from.id)
+                .filter(|p| p.id != from.id && !holders.contains(&p.id))
                 .copied()
                 .collect();
             for peer in targets {
@@ -578,10 +657,11 @@ impl Broadcast {
         }
     }
 
-    /// Forwards `gossip` (as received, or fresh from us), skipping `except`: to every
-    /// neighbour while it is within `flood_hops` of its origin, then pushed to tree links and
-    /// announced on the others.
-    fn push(&mut self, now: Time, gossip: &Gossip, except: Option<NodeId>) {
+    /// Forwards `gossip` (as received, or fresh from us), skipping `except` and the `holders`
+    /// that announced it to us: to every neighbour while it is within `flood_hops` of its
+    /// origin; then pushed to tree links and announced on the others (tree), or announced to
+    /// all (pull).
+    fn push(&mut self, now: Time, gossip: &Gossip, except: Option<NodeId>, holders: &[NodeId]) {
         let flooding = gossip.hops < self.config.flood_hops;
         let forwarded = Gossip {
             hops: gossip.hops.saturating_add(1),
@@ -594,11 +674,11 @@ impl Broadcast {
         let targets: Vec<Peer> = self
             .neighbors
             .iter()
-            .filter(|p| Some(p.id) != except)
+            .filter(|p| Some(p.id) != except && !holders.contains(&p.id))
             .copied()
             .collect();
         for peer in targets {
-            if flooding || self.tree.is_tree_link(peer.id) {
+            if flooding || self.is_tree_link(peer.id) {
                 self.send(peer, BroadcastMessage::Gossip(forwarded.clone()));
             } else {
                 self.announce(now, peer, announcement);
@@ -620,12 +700,13 @@ impl Broadcast {
             self.send(peer, BroadcastMessage::IHave(list));
         }
         if self.next_flush.is_none() {
-            self.next_flush = Some(now + self.config.ihave_interval);
+            self.next_flush = Some(now.max(self.quiet_from));
         }
     }
 
-    fn flush_announcements(&mut self) {
+    fn flush_announcements(&mut self, now: Time) {
         self.next_flush = None;
+        self.quiet_from = now + self.config.ihave_interval;
         let queued = std::mem::take(&mut self.lazy_queue);
         for (_, (peer, list)) in queued {
             if !list.is_empty() {
@@ -644,11 +725,11 @@ impl Broadcast {
             .retain(|(peer, _)| neighbors.iter().any(|p| p.id == peer.id));
         // Prefer an announcer already in the tree (a parent, a child, or grafted for another
         // missing message): several concurrent misses then heal through one link.
-        let tree = &self.tree;
+        let tree = self.tree.as_ref();
         let in_tree = missing
             .announcers
             .iter()
-            .position(|(peer, _)| tree.is_tree_link(peer.id));
+            .position(|(peer, _)| tree.is_some_and(|t| t.is_tree_link(peer.id)));
         let Some((peer, _)) = in_tree
             .and_then(|i| missing.announcers.remove(i))
             .or_else(|| missing.announcers.pop_front())
@@ -660,7 +741,9 @@ impl Broadcast {
         let deadline = now + self.config.graft_retry;
         missing.deadline = deadline;
         self.missing_deadlines.insert((deadline, id));
-        self.tree.mark_repair(peer.id);
+        if let Some(tree) = &mut self.tree {
+            tree.mark_repair(peer.id);
+        }
         self.counters.grafts += 1;
         self.send(peer, BroadcastMessage::Graft(vec![id]));
     }
@@ -690,10 +773,13 @@ impl Broadcast {
         self.store.is_recent(now, born) && born <= now + self.config.clock_skew_max
     }
 
-    fn deliver(&mut self, gossip: &Gossip) {
+    /// Delivers `gossip` and returns the neighbours that announced it (they need no copy).
+    fn deliver(&mut self, gossip: &Gossip) -> Vec<NodeId> {
+        let mut holders = Vec::new();
         if let Some(missing) = self.missing.remove(&gossip.id) {
             self.missing_deadlines
                 .remove(&(missing.deadline, gossip.id));
+            holders.extend(missing.announcers.iter().map(|(peer, _)| peer.id));
         }
         self.store.insert(gossip);
         self.counters.delivered += 1;
@@ -703,6 +789,7 @@ impl Broadcast {
             hops: gossip.hops,
             payload: gossip.payload.clone(),
         });
+        holders
     }
 
     fn send(&mut self, to: Peer, message: BroadcastMessage) {
@@ -726,8 +813,9 @@ mod tests {
         Peer::new(NodeId(n))
     }
 
-    fn config(flood_hops: u16) -> BroadcastConfig {
+    fn config(dissemination: Dissemination, flood_hops: u16) -> BroadcastConfig {
         BroadcastConfig {
+            dissemination,
             flood_hops,
             graft_timeout: Duration::from_millis(100),
             graft_retry: Duration::from_millis(50),
@@ -736,8 +824,18 @@ mod tests {
         }
     }
 
+    /// A node spreading by tree (Plumtree).
     fn node(me: u128, neighbours: &[u128], flood_hops: u16) -> Broadcast {
-        let mut b = Broadcast::new(peer(me), config(flood_hops), Rng::from_seed(7), Time::ZERO);
+        node_with(me, neighbours, config(Dissemination::Tree, flood_hops))
+    }
+
+    /// A node spreading by pulls.
+    fn pull_node(me: u128, neighbours: &[u128], flood_hops: u16) -> Broadcast {
+        node_with(me, neighbours, config(Dissemination::Pull, flood_hops))
+    }
+
+    fn node_with(me: u128, neighbours: &[u128], config: BroadcastConfig) -> Broadcast {
+        let mut b = Broadcast::new(peer(me), config, Rng::from_seed(7), Time::ZERO);
         // Anti-entropy rounds and tree epochs start only where a test asks for them.
         b.next_ae = Time::MAX;
         for &n in neighbours {
@@ -888,22 +986,142 @@ mod tests {
             transmits(&mut b).is_empty(),
             "3 is off the tree and 2 sent them"
         );
-        assert_eq!(b.poll_timeout(), Time::from_millis(10));
-        b.handle_timeout(Time::from_millis(10));
-        let announcements = vec![
-            Announcement {
-                id: gossip(9, 1, 0).id,
-                hops: 2,
-            },
-            Announcement {
-                id: gossip(9, 2, 0).id,
-                hops: 2,
-            },
-        ];
+        // After a quiet spell the batch leaves at once...
+        assert_eq!(b.poll_timeout(), Time::ZERO);
+        b.handle_timeout(Time::ZERO);
+        let announcement = |seq| Announcement {
+            id: gossip(9, seq, 0).id,
+            hops: 2,
+        };
         assert_eq!(
             transmits(&mut b),
-            vec![(NodeId(3), BroadcastMessage::IHave(announcements))]
+            vec![(
+                NodeId(3),
+                BroadcastMessage::IHave(vec![announcement(1), announcement(2)])
+            )]
         );
+        // ...and the next waits for the end of the interval.
+        for seq in [3, 4] {
+            b.handle_message(
+                Time::from_millis(4),
+                peer(2),
+                BroadcastMessage::Gossip(gossip(9, seq, 1)),
+            );
+        }
+        assert_eq!(b.poll_timeout(), Time::from_millis(10));
+        b.handle_timeout(Time::from_millis(10));
+        assert_eq!(
+            transmits(&mut b),
+            vec![(
+                NodeId(3),
+                BroadcastMessage::IHave(vec![announcement(3), announcement(4)])
+            )]
+        );
+    }
+
+    #[test]
+    fn pulling_grafts_the_first_announcer_at_once_and_announces_to_the_others() {
+        let mut b = pull_node(2, &[1, 3, 4], 1);
+        assert!(b.tree().is_none());
+        let id = gossip(9, 1, 0).id;
+        b.handle_message(
+            Time::ZERO,
+            peer(3),
+            BroadcastMessage::IHave(vec![Announcement { id, hops: 3 }]),
+        );
+        assert_eq!(b.poll_timeout(), Time::ZERO);
+        b.handle_timeout(Time::ZERO);
+        assert_eq!(
+            transmits(&mut b),
+            vec![(NodeId(3), BroadcastMessage::Graft(vec![id]))]
+        );
+        // A second announcer is remembered, not asked.
+        b.handle_message(
+            Time::from_millis(1),
+            peer(4),
+            BroadcastMessage::IHave(vec![Announcement { id, hops: 2 }]),
+        );
+        b.handle_timeout(Time::from_millis(1));
+        assert!(transmits(&mut b).is_empty());
+        // The payload arrives: delivered, announced to 1 only (3 sent it, 4 has it).
+        b.handle_message(
+            Time::from_millis(5),
+            peer(3),
+            BroadcastMessage::Gossip(gossip(9, 1, 3)),
+        );
+        assert_eq!(
+            b.drain_deliveries().map(|d| d.hops).collect::<Vec<_>>(),
+            vec![3]
+        );
+        b.handle_timeout(Time::from_millis(5));
+        assert_eq!(
+            transmits(&mut b),
+            vec![(
+                NodeId(1),
+                BroadcastMessage::IHave(vec![Announcement { id, hops: 4 }])
+            )]
+        );
+        assert_eq!(b.eager().count(), 0);
+        assert_eq!(b.counters().grafts, 1);
+    }
+
+    #[test]
+    fn a_pulled_broadcast_is_pushed_by_its_origin_then_announced() {
+        let mut origin = pull_node(1, &[2, 3], 1);
+        let id = origin
+            .broadcast(Time::ZERO, Bytes::from_static(b"hello"))
+            .unwrap();
+        let first = Gossip {
+            id,
+            ..gossip(1, 0, 1)
+        };
+        assert_eq!(
+            transmits(&mut origin),
+            vec![
+                (NodeId(2), BroadcastMessage::Gossip(first.clone())),
+                (NodeId(3), BroadcastMessage::Gossip(first.clone())),
+            ]
+        );
+        let mut next = pull_node(2, &[1, 4, 5], 1);
+        next.handle_message(Time::ZERO, peer(1), BroadcastMessage::Gossip(first));
+        next.handle_timeout(Time::ZERO);
+        let announcement = BroadcastMessage::IHave(vec![Announcement { id, hops: 2 }]);
+        assert_eq!(
+            transmits(&mut next),
+            vec![(NodeId(4), announcement.clone()), (NodeId(5), announcement)]
+        );
+    }
+
+    #[test]
+    fn a_pull_goes_to_the_next_announcer_when_the_first_does_not_answer() {
+        let mut b = pull_node(1, &[2, 3], 1);
+        let id = gossip(9, 1, 0).id;
+        for from in [2, 3] {
+            b.handle_message(
+                Time::ZERO,
+                peer(from),
+                BroadcastMessage::IHave(vec![Announcement { id, hops: 2 }]),
+            );
+        }
+        b.handle_timeout(Time::ZERO);
+        assert_eq!(
+            transmits(&mut b),
+            vec![(NodeId(2), BroadcastMessage::Graft(vec![id]))]
+        );
+        assert_eq!(b.poll_timeout(), Time::from_millis(50));
+        b.handle_timeout(Time::from_millis(50));
+        assert_eq!(
+            transmits(&mut b),
+            vec![(NodeId(3), BroadcastMessage::Graft(vec![id]))]
+        );
+    }
+
+    #[test]
+    fn a_node_spreading_by_pulls_ignores_tree_messages() {
+        let mut b = pull_node(1, &[2], 1);
+        attach(&mut b, 2);
+        assert!(b.drain_transmits().next().is_none());
+        assert!(b.tree().is_none());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use nubo_proto::aggregation::AggregationConfig;
-use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
+use nubo_proto::broadcast::{BroadcastConfig, Dissemination, TreeConfig};
 use nubo_proto::kv::{KvConfig, KvValue};
 use nubo_proto::membership::MembershipConfig;
 use nubo_proto::ring::RingConfig;
@@ -140,6 +140,11 @@ impl Scenario {
                 tree: TreeConfig {
                     interval: cycle * (2 + rng.below(20) as u32),
                     timeout: cycle * (4 + rng.below(40) as u32),
+                },
+                dissemination: if rng.below(2) == 0 {
+                    Dissemination::Pull
+                } else {
+                    Dissemination::Tree
                 },
                 ..BroadcastConfig::default()
             },

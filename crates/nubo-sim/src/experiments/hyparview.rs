@@ -7,7 +7,7 @@ use bytes::Bytes;
 use clap::Args;
 use nubo_proto::Config;
 use nubo_proto::aggregation::AggregationConfig;
-use nubo_proto::broadcast::{BroadcastConfig, TreeConfig};
+use nubo_proto::broadcast::{BroadcastConfig, Dissemination, TreeConfig};
 use nubo_proto::kv::KvConfig;
 use nubo_proto::membership::MembershipConfig;
 use nubo_proto::ring::RingConfig;
@@ -55,7 +55,11 @@ pub struct HyparviewArgs {
     /// Probability that a message is lost.
     #[arg(long, default_value_t = 0.0)]
     pub loss: f64,
-    /// Hops over which a broadcast floods the overlay before following the tree.
+    /// How payloads travel past the first hops: `pull` (announced, then pulled from the first
+    /// announcer) or `tree` (pushed along a spanning tree, Plumtree).
+    #[arg(long, default_value_t = Dissemination::default())]
+    pub dissemination: Dissemination,
+    /// Hops over which a broadcast floods the overlay before being pulled or following the tree.
     #[arg(long, default_value_t = BroadcastConfig::default().flood_hops)]
     pub flood_hops: u16,
     /// Smallest base latency of a link, in milliseconds.
@@ -82,6 +86,7 @@ pub fn experiment_config(args: &HyparviewArgs, cycle: Duration) -> Config {
             retention: cycle * 120,
             graft_timeout: cycle,
             flood_hops: args.flood_hops,
+            dissemination: args.dissemination,
             tree: TreeConfig {
                 interval: cycle * 10,
                 timeout: cycle * 30,
@@ -187,32 +192,7 @@ pub fn run(args: &HyparviewArgs) -> Report {
         }
         let origin = survivors[sim.rng().index(survivors.len())];
         if args.trace {
-            let mut orphans = 0;
-            let mut unacknowledged = 0;
-            let mut epochs = std::collections::BTreeMap::new();
-            for i in sim.alive() {
-                let tree = sim.node(i).unwrap().broadcast_layer().tree();
-                *epochs.entry(tree.epoch().map(|e| e.number)).or_insert(0) += 1;
-                match tree.parent() {
-                    None => orphans += 1,
-                    Some(p) => {
-                        let j = sim.index_of(p).unwrap();
-                        if let Some(parent) = sim.node(j)
-                            && !parent
-                                .broadcast_layer()
-                                .tree()
-                                .children()
-                                .any(|c| c == sim.peer(i).id)
-                        {
-                            unacknowledged += 1;
-                        }
-                    }
-                }
-            }
-            eprintln!(
-                "{}: orphans {orphans} unacknowledged {unacknowledged} epochs {epochs:?}",
-                sim.now()
-            );
+            trace_tree(&sim);
         }
         let payload = Bytes::from_static(b"hyparview experiment");
         if let Some(id) = sim.broadcast(origin, payload, &mut tracker) {
@@ -242,17 +222,7 @@ pub fn run(args: &HyparviewArgs) -> Report {
     let after = overlay_health(&sim);
 
     if args.trace {
-        let mut depth = std::collections::BTreeMap::new();
-        let mut epochs = std::collections::BTreeMap::new();
-        let mut eager_links = 0;
-        for i in sim.alive() {
-            let node = sim.node(i).unwrap();
-            let tree = node.broadcast_layer().tree();
-            *depth.entry(tree.hops()).or_insert(0) += 1;
-            *epochs.entry(tree.epoch().map(|e| e.number)).or_insert(0) += 1;
-            eager_links += node.broadcast_layer().eager().count();
-        }
-        eprintln!("tree depth histogram {depth:?} epochs {epochs:?} eager links {eager_links}");
+        trace_tree(&sim);
         for (i, r) in tracker.records.iter().enumerate() {
             eprintln!(
                 "broadcast {i}: delivered {} hops_max {} rmr {:.3} last_ms {}",
@@ -341,6 +311,38 @@ pub fn run(args: &HyparviewArgs) -> Report {
         .add_f64("wall_seconds", wall)
         .add_f64("peak_rss_mib", peak_rss_mib());
     report
+}
+
+/// Prints the shape of the dissemination tree (nothing when broadcasts are pulled): nodes
+/// without a parent, parents that do not count the node as a child, epochs and depths.
+fn trace_tree(sim: &Sim) {
+    let mut orphans = 0;
+    let mut unacknowledged = 0;
+    let mut epochs = std::collections::BTreeMap::new();
+    let mut depths = std::collections::BTreeMap::new();
+    for i in sim.alive() {
+        let Some(tree) = sim.node(i).unwrap().broadcast_layer().tree() else {
+            return;
+        };
+        *epochs.entry(tree.epoch().map(|e| e.number)).or_insert(0) += 1;
+        *depths.entry(tree.hops()).or_insert(0) += 1;
+        let Some(parent) = tree.parent() else {
+            orphans += 1;
+            continue;
+        };
+        let acknowledged = sim
+            .index_of(parent)
+            .and_then(|j| sim.node(j))
+            .and_then(|p| p.broadcast_layer().tree())
+            .is_some_and(|t| t.children().any(|c| c == sim.peer(i).id));
+        if !acknowledged {
+            unacknowledged += 1;
+        }
+    }
+    eprintln!(
+        "{}: orphans {orphans} unacknowledged {unacknowledged} epochs {epochs:?} depths {depths:?}",
+        sim.now()
+    );
 }
 
 fn mean(values: &[f64]) -> f64 {
