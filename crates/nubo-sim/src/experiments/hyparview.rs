@@ -202,8 +202,14 @@ pub fn run(args: &HyparviewArgs) -> Report {
         while next_check <= until && health_checks < check_cycles_max {
             sim.run_until(next_check, &mut tracker);
             health_checks += 1;
-            if healed_cycles.is_none() && overlay_health(&sim).is_healed() {
-                healed_cycles = Some(health_checks);
+            if healed_cycles.is_none() || args.trace {
+                let health = overlay_health(&sim);
+                if args.trace {
+                    eprintln!("cycle {health_checks} after the failure: {health:?}");
+                }
+                if healed_cycles.is_none() && health.is_healed() {
+                    healed_cycles = Some(health_checks);
+                }
             }
             next_check += cycle;
         }
@@ -244,6 +250,16 @@ pub fn run(args: &HyparviewArgs) -> Report {
     let complete = reliabilities.iter().filter(|&&r| r >= 1.0).count();
     let rmr_avg = mean(&records.iter().map(|r| r.rmr()).collect::<Vec<_>>());
     let ldh_max = records.iter().map(|r| r.hops_max).max().unwrap_or(0);
+    // Broadcasts sent while the overlay was still broken take detours and wait for repairs;
+    // the steady state is what the ones sent after healing see.
+    let healed_at = healed_cycles.map(|c| failed_at + cycle * c);
+    let ldh_max_after_healing = healed_at.and_then(|at| {
+        records
+            .iter()
+            .filter(|r| r.sent_at >= at)
+            .map(|r| r.hops_max)
+            .max()
+    });
     let ldh_avg = mean(
         &records
             .iter()
@@ -268,7 +284,8 @@ pub fn run(args: &HyparviewArgs) -> Report {
     let stats = sim.stats();
 
     let mut report = Report::new(format!(
-        "HyParView + Plumtree: {} nodes, {:.0}% killed, {} broadcasts (seed {})",
+        "HyParView + broadcast by {}: {} nodes, {:.0}% killed, {} broadcasts (seed {})",
+        args.dissemination,
         args.nodes,
         args.fail * 100.0,
         records.len(),
@@ -277,6 +294,7 @@ pub fn run(args: &HyparviewArgs) -> Report {
     report
         .add("nodes", args.nodes)
         .add("fail", args.fail)
+        .add("dissemination", args.dissemination.to_string())
         .add("seed", args.seed)
         .add("survivors", survivors.len())
         .add("broadcasts", records.len());
@@ -286,6 +304,10 @@ pub fn run(args: &HyparviewArgs) -> Report {
         .add("broadcasts_complete", complete)
         .add_f64("rmr_avg", rmr_avg)
         .add("ldh_max", ldh_max)
+        .add(
+            "ldh_max_after_healing",
+            ldh_max_after_healing.map_or(serde_json::Value::Null, |h| h.into()),
+        )
         .add_f64("ldh_avg", ldh_avg)
         .add_f64("last_delivery_ms_avg", mean(&latency_ms))
         .add(
