@@ -356,7 +356,7 @@ impl Broadcast {
         self.tree.as_ref()
     }
 
-    /// Neighbours messages are pushed to: our links in the tree.
+    /// Neighbours messages are pushed to: our links in the tree (none when pulling).
     pub fn eager(&self) -> impl Iterator<Item = Peer> + '_ {
         self.neighbors
             .iter()
@@ -877,10 +877,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_broadcast_floods_its_first_hops_then_follows_the_tree() {
-        // The origin floods to every neighbour.
-        let mut origin = node(1, &[2, 3], 2);
+    /// Broadcasts from node 1, whose neighbours are 2 and 3, checks that both get the payload
+    /// (the first hop always floods) and returns the copy they got.
+    fn broadcast_from_1_to_2_and_3(origin: &mut Broadcast) -> Gossip {
         let id = origin
             .broadcast(Time::ZERO, Bytes::from_static(b"hello"))
             .unwrap();
@@ -889,12 +888,20 @@ mod tests {
             ..gossip(1, 0, 1)
         };
         assert_eq!(
-            transmits(&mut origin),
+            transmits(origin),
             vec![
                 (NodeId(2), BroadcastMessage::Gossip(first.clone())),
-                (NodeId(3), BroadcastMessage::Gossip(first)),
+                (NodeId(3), BroadcastMessage::Gossip(first.clone())),
             ]
         );
+        first
+    }
+
+    #[test]
+    fn a_broadcast_floods_its_first_hops_then_follows_the_tree() {
+        // The origin floods to every neighbour.
+        let mut origin = node(1, &[2, 3], 2);
+        broadcast_from_1_to_2_and_3(&mut origin);
         assert_eq!(
             origin
                 .drain_deliveries()
@@ -1068,20 +1075,8 @@ mod tests {
     #[test]
     fn a_pulled_broadcast_is_pushed_by_its_origin_then_announced() {
         let mut origin = pull_node(1, &[2, 3], 1);
-        let id = origin
-            .broadcast(Time::ZERO, Bytes::from_static(b"hello"))
-            .unwrap();
-        let first = Gossip {
-            id,
-            ..gossip(1, 0, 1)
-        };
-        assert_eq!(
-            transmits(&mut origin),
-            vec![
-                (NodeId(2), BroadcastMessage::Gossip(first.clone())),
-                (NodeId(3), BroadcastMessage::Gossip(first.clone())),
-            ]
-        );
+        let first = broadcast_from_1_to_2_and_3(&mut origin);
+        let id = first.id;
         let mut next = pull_node(2, &[1, 4, 5], 1);
         next.handle_message(Time::ZERO, peer(1), BroadcastMessage::Gossip(first));
         next.handle_timeout(Time::ZERO);
