@@ -237,7 +237,7 @@ struct AgentArgs {
     port_range: std::ops::RangeInclusive<u16>,
     /// How broadcasts spread: `pull` (announced, then fetched from the first neighbour that
     /// has it: fewest hops, no duplicates) or `tree` (pushed along a spanning tree: one
-    /// transmission per hop, paths about twice as long).
+    /// transmission per hop, paths about half again as long).
     #[arg(long, default_value_t = Dissemination::default())]
     dissemination: Dissemination,
     /// Create a new cloud if the data directory belongs to none (instead of `nubo init`).
