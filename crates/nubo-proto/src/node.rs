@@ -476,8 +476,14 @@ impl Node {
                     self.events.push_back(Event::Delivered(delivery));
                 }
                 PAYLOAD_ROSTER if on.roster => {
-                    if let Ok(news) = postcard::from_bytes::<RosterNews>(rest) {
-                        self.roster.handle_news(now, news);
+                    if let Ok(news) = postcard::from_bytes::<RosterNews>(rest)
+                        && let Some(peer) = self.roster.handle_news(now, news)
+                        && on.ring
+                    {
+                        // A node that just started knows few ring neighbours; the roster
+                        // fills in the rest as soon as its news arrives, so that its first
+                        // lookups already find the true owners of keys.
+                        self.ring.hear_of(now, peer, delivery.born);
                     }
                 }
                 PAYLOAD_SUITE if on.suite => {
@@ -549,7 +555,12 @@ impl Node {
         // Lookups of the key-value store go to the ring; their results come back to it, and
         // answering them locally may start more lookups.
         loop {
-            let lookups: Vec<(u64, Position)> = self.kv.drain_lookups().collect();
+            // Until the ring has settled, lookups wait: its view would name wrong replicas.
+            let lookups: Vec<(u64, Position)> = if self.ring.is_settled(now) {
+                self.kv.drain_lookups().collect()
+            } else {
+                Vec::new()
+            };
             for (op, position) in &lookups {
                 if !self.ring.lookup(now, *position, KV_LOOKUP | op) {
                     self.kv.on_lookup(now, *op, &[], 0);

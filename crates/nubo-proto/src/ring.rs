@@ -125,6 +125,9 @@ pub struct RingConfig {
     pub lookups_max: usize,
     /// Hops after which a lookup is dropped (a routing loop while the ring settles).
     pub hops_max: u8,
+    /// A node that has not completed a view exchange counts as settled anyway this long after
+    /// it started (the first node of a cloud has no one to exchange with).
+    pub settle_after: Duration,
 }
 
 impl Default for RingConfig {
@@ -139,6 +142,7 @@ impl Default for RingConfig {
             lookup_attempts: 4,
             lookups_max: 4096,
             hops_max: 64,
+            settle_after: Duration::from_secs(3),
         }
     }
 }
@@ -169,6 +173,18 @@ pub struct LookupResult {
 struct Known {
     peer: Peer,
     heard: Time,
+}
+
+impl Known {
+    /// News of the same node heard at `heard`. A restarted node may listen elsewhere: only
+    /// news at least as fresh as ours may change its address, so that old gossip never sends
+    /// us back to the old one.
+    fn refresh(&mut self, peer: Peer, heard: Time) {
+        if heard >= self.heard && peer.addr.is_some() {
+            self.peer.addr = peer.addr;
+        }
+        self.heard = self.heard.max(heard);
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -221,6 +237,8 @@ pub struct Ring {
     next_id: u64,
     next_cycle: Time,
     next_finger: u8,
+    /// Until when the node is unsettled unless a view exchange completes first.
+    settled_at: Time,
     counters: RingCounters,
     transmits: Vec<(Peer, RingMessage)>,
     results: Vec<LookupResult>,
@@ -242,6 +260,7 @@ impl Ring {
             next_id: now.as_micros(),
             next_cycle: now + offset,
             next_finger: 127,
+            settled_at: now + config.settle_after,
             counters: RingCounters::default(),
             transmits: Vec::new(),
             results: Vec::new(),
@@ -321,10 +340,35 @@ impl Ring {
         deadline.map_or(self.next_cycle, |d| d.min(self.next_cycle))
     }
 
-    /// Learns of `peer`, heard from directly now (a membership neighbour, say).
+    /// Whether this node's view can be trusted to answer lookups: it completed a view
+    /// exchange, or it has been running for `settle_after`. A node that just (re)started
+    /// knows only the few nodes it joined through; answering from that view would name the
+    /// wrong replicas (and a read would find nothing where the key is).
+    pub fn is_settled(&self, now: Time) -> bool {
+        now >= self.settled_at
+    }
+
+    /// Learns of `peer`, heard from directly now (a membership neighbour, say). An unsettled
+    /// node sends it its view at once rather than at the next cycle, to settle sooner.
     pub fn hear(&mut self, now: Time, peer: Peer) {
+        self.hear_of(now, peer, now);
+        if self.config.enabled && !self.is_settled(now) && peer.id != self.me.id {
+            let view = self.view(now);
+            self.transmits.push((
+                peer,
+                RingMessage::View {
+                    entries: view,
+                    answer: false,
+                },
+            ));
+        }
+    }
+
+    /// Learns of `peer`, which was alive at `heard` (it sent news then, say). News older than
+    /// `stale_after` is ignored, like stale entries of views.
+    pub fn hear_of(&mut self, now: Time, peer: Peer, heard: Time) {
         if self.config.enabled {
-            self.consider(now, peer, now);
+            self.consider(now, peer, heard.min(now));
         }
     }
 
@@ -420,7 +464,9 @@ impl Ring {
                 for entry in entries {
                     self.consider(now, entry.peer, heard_at(now, entry.age_ms));
                 }
-                if !answer {
+                if answer {
+                    self.settled_at = self.settled_at.min(now);
+                } else {
                     let view = self.view(now);
                     self.transmits.push((
                         from,
@@ -669,7 +715,7 @@ impl Ring {
             let target = me.wrapping_add(1u128 << k);
             let candidate = distance(target, peer.id.0);
             match self.fingers.get_mut(&k) {
-                Some(finger) if finger.peer.id == peer.id => finger.heard = finger.heard.max(heard),
+                Some(finger) if finger.peer.id == peer.id => finger.refresh(peer, heard),
                 Some(finger) if candidate < distance(target, finger.peer.id.0) => {
                     *finger = Known { peer, heard };
                 }
@@ -766,10 +812,7 @@ fn insert_sorted(
     key: impl Fn(Position) -> u128,
 ) {
     if let Some(known) = list.iter_mut().find(|k| k.peer.id == peer.id) {
-        known.heard = known.heard.max(heard);
-        if peer.addr.is_some() {
-            known.peer.addr = peer.addr;
-        }
+        known.refresh(peer, heard);
         return;
     }
     let d = key(peer.id.0);
@@ -804,9 +847,11 @@ mod tests {
         Peer::new(NodeId(k << 120))
     }
 
+    /// A settled node that knows `knows`.
     fn ring(me: u128, knows: &[u128]) -> Ring {
         let config = RingConfig {
             successors: 3,
+            settle_after: Duration::ZERO,
             ..RingConfig::default()
         };
         let mut ring = Ring::new(peer(me), config, Rng::from_seed(1), Time::ZERO);
@@ -818,6 +863,92 @@ mod tests {
 
     fn ids(peers: impl Iterator<Item = Peer>) -> Vec<u128> {
         peers.map(|p| p.id.0 >> 120).collect()
+    }
+
+    #[test]
+    fn a_new_node_sends_its_view_at_once_and_settles_on_the_first_answer() {
+        let config = RingConfig {
+            successors: 3,
+            ..RingConfig::default()
+        };
+        let mut ring = Ring::new(peer(100), config, Rng::from_seed(1), Time::ZERO);
+        let now = Time::from_millis(5);
+        assert!(!ring.is_settled(now));
+        ring.hear(now, peer(110));
+        let me = ViewEntry {
+            peer: peer(100),
+            age_ms: 0,
+        };
+        let known = ViewEntry {
+            peer: peer(110),
+            age_ms: 0,
+        };
+        assert_eq!(
+            ring.drain_transmits().collect::<Vec<_>>(),
+            vec![(
+                peer(110),
+                RingMessage::View {
+                    entries: vec![me, known],
+                    answer: false
+                }
+            )]
+        );
+        // Views sent to it do not settle it; an answer to its own does.
+        let later = Time::from_millis(20);
+        ring.handle_message(
+            later,
+            peer(120),
+            RingMessage::View {
+                entries: vec![],
+                answer: false,
+            },
+        );
+        assert!(!ring.is_settled(later));
+        ring.handle_message(
+            later,
+            peer(110),
+            RingMessage::View {
+                entries: vec![ViewEntry {
+                    peer: peer(105),
+                    age_ms: 0,
+                }],
+                answer: true,
+            },
+        );
+        assert!(ring.is_settled(later));
+        assert_eq!(ids(ring.successors()), vec![105, 110, 120]);
+        // Once settled, news of a neighbour sends nothing out of cycle.
+        ring.drain_transmits().for_each(drop);
+        ring.hear(later, peer(130));
+        assert_eq!(ring.drain_transmits().count(), 0);
+        // A node alone settles anyway after `settle_after`.
+        let alone = Ring::new(
+            peer(1),
+            RingConfig::default(),
+            Rng::from_seed(1),
+            Time::ZERO,
+        );
+        assert!(!alone.is_settled(Time::from_millis(2_999)));
+        assert!(alone.is_settled(Time::from_secs(3)));
+    }
+
+    #[test]
+    fn a_restarted_node_s_new_address_is_not_undone_by_older_news() {
+        let mut ring = ring(100, &[]);
+        let old = Peer {
+            addr: Some("127.0.0.1:1000".parse().unwrap()),
+            ..peer(110)
+        };
+        let new = Peer {
+            addr: Some("127.0.0.1:2000".parse().unwrap()),
+            ..peer(110)
+        };
+        let now = Time::from_secs(10);
+        ring.hear(now, new);
+        ring.hear_of(now, old, Time::from_secs(9));
+        assert_eq!(ring.successors().next(), Some(new));
+        ring.hear_of(now, old, now);
+        assert_eq!(ring.successors().next(), Some(old));
     }
 
     #[test]
@@ -951,6 +1082,7 @@ mod tests {
             lookup_attempts: 2,
             lookup_timeout: Duration::from_secs(1),
             interval: Duration::from_secs(100),
+            settle_after: Duration::ZERO,
             ..RingConfig::default()
         };
         let mut ring = Ring::new(peer(100), config, Rng::from_seed(1), Time::ZERO);
@@ -994,6 +1126,11 @@ mod tests {
             },
         );
         assert_eq!(ids(ring.successors()), vec![110]);
+        // News told by others counts from when it was sent: old news is ignored too.
+        let now = Time::from_secs(100);
+        ring.hear_of(now, peer(104), now.saturating_sub(Duration::from_secs(21)));
+        ring.hear_of(now, peer(103), now.saturating_sub(Duration::from_secs(19)));
+        assert_eq!(ids(ring.successors()), vec![103, 110]);
         // 110 is never heard from again: after `stale_after` it is gone.
         ring.handle_timeout(Time::from_secs(130), None);
         assert_eq!(ring.successors().count(), 0);

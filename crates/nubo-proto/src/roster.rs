@@ -273,10 +273,12 @@ impl Roster {
         }
     }
 
-    /// News delivered by broadcast.
-    pub fn handle_news(&mut self, now: Time, news: RosterNews) {
+    /// News delivered by broadcast. Returns the member it names when that member just
+    /// became alive here (first heard of, or back after being gone), so that other layers
+    /// can learn of it too.
+    pub fn handle_news(&mut self, now: Time, news: RosterNews) -> Option<Peer> {
         if !self.config.enabled || !news.is_within_bounds() {
-            return;
+            return None;
         }
         match news {
             RosterNews::Alive(announce) => self.on_alive(now, announce),
@@ -284,15 +286,19 @@ impl Roster {
                 id,
                 incarnation,
                 seq,
-            } => self.on_gone(now, id, (incarnation, seq)),
+            } => {
+                self.on_gone(now, id, (incarnation, seq));
+                None
+            }
         }
     }
 
-    fn on_alive(&mut self, now: Time, announce: Announce) {
+    fn on_alive(&mut self, now: Time, announce: Announce) -> Option<Peer> {
         let id = announce.peer.id;
         if id == self.me.peer.id {
-            return;
+            return None;
         }
+        let peer = announce.peer;
         let state = if announce.leaving {
             MemberState::Left
         } else {
@@ -302,18 +308,21 @@ impl Roster {
             Some(member) => {
                 // Only newer news counts: a delayed announcement never revives a member found
                 // dead after it.
-                if announce.order() > member.announce.order() {
-                    if member.state != state {
-                        member.since = now;
-                    }
-                    member.state = state;
-                    member.announce = announce;
-                    member.last_heard = now;
+                if announce.order() <= member.announce.order() {
+                    return None;
                 }
+                let arrived = member.state != MemberState::Alive && state == MemberState::Alive;
+                if member.state != state {
+                    member.since = now;
+                }
+                member.state = state;
+                member.announce = announce;
+                member.last_heard = now;
+                arrived.then_some(peer)
             }
             None => {
                 if self.members.len() >= self.config.members_max {
-                    return;
+                    return None;
                 }
                 self.members.insert(
                     id,
@@ -324,6 +333,7 @@ impl Roster {
                         since: now,
                     },
                 );
+                (state == MemberState::Alive).then_some(peer)
             }
         }
     }
@@ -440,7 +450,8 @@ mod tests {
     fn a_reported_failure_is_broadcast_once_and_undone_only_by_newer_news() {
         let mut r = roster(1);
         let now = Time::from_secs(101);
-        r.handle_news(now, alive(2, 7, 3));
+        let two = Some(Peer::new(NodeId(2)));
+        assert_eq!(r.handle_news(now, alive(2, 7, 3)), two);
         assert_eq!(state(&r, 2), Some(MemberState::Alive));
         assert_eq!(r.alive(), 2);
         r.neighbor_failed(now, NodeId(2));
@@ -455,12 +466,14 @@ mod tests {
         );
         assert_eq!(state(&r, 2), Some(MemberState::Gone));
         // The same announcement, arriving late, does not revive it; a later one does.
-        r.handle_news(now, alive(2, 7, 3));
+        assert_eq!(r.handle_news(now, alive(2, 7, 3)), None);
         assert_eq!(state(&r, 2), Some(MemberState::Gone));
-        r.handle_news(now, alive(2, 7, 4));
+        assert_eq!(r.handle_news(now, alive(2, 7, 4)), two);
         assert_eq!(state(&r, 2), Some(MemberState::Alive));
+        // Newer news of a member already alive is no arrival.
+        assert_eq!(r.handle_news(now, alive(2, 7, 5)), None);
         // A Gone about an older announcement changes nothing.
-        r.handle_news(
+        let gone = r.handle_news(
             now,
             RosterNews::Gone {
                 id: NodeId(2),
@@ -468,6 +481,7 @@ mod tests {
                 seq: 3,
             },
         );
+        assert_eq!(gone, None);
         assert_eq!(state(&r, 2), Some(MemberState::Alive));
     }
 
@@ -523,7 +537,7 @@ mod tests {
             unreachable!()
         };
         a.leaving = true;
-        r.handle_news(now, RosterNews::Alive(a.clone()));
+        assert_eq!(r.handle_news(now, RosterNews::Alive(a.clone())), None);
         assert_eq!(state(&r, 2), Some(MemberState::Left));
         a.peer = Peer::new(NodeId(3));
         a.attributes = vec![("k".into(), "v".repeat(ATTRIBUTE_BYTES_MAX + 1))];

@@ -671,7 +671,10 @@ impl Kv {
         entry.replicas.clear();
         entry.replies.clear();
         let position = key_position(entry.request.key());
-        self.lookups.push((op, position));
+        // The first lookup may still be waiting for the ring to settle.
+        if !self.lookups.iter().any(|(waiting, _)| *waiting == op) {
+            self.lookups.push((op, position));
+        }
     }
 
     /// `peer` is unreachable: it answers nothing in operations waiting on it.

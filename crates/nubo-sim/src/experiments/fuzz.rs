@@ -175,6 +175,7 @@ impl Scenario {
                 lookup_attempts: 4,
                 lookups_max: 1024,
                 hops_max: 64,
+                settle_after: cycle * 3,
             },
             kv: KvConfig {
                 enabled: true,
