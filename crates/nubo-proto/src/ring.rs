@@ -31,6 +31,8 @@ use crate::time::Time;
 pub const VIEW_MAX: usize = 64;
 /// Most replicas a lookup answer carries.
 pub const REPLICAS_MAX: usize = 16;
+/// Most nodes a settling node sends its view to (past that, `settle_after` settles it).
+const SETTLING_ASKS_MAX: usize = 16;
 
 /// A position on the ring.
 pub type Position = u128;
@@ -237,8 +239,11 @@ pub struct Ring {
     next_id: u64,
     next_cycle: Time,
     next_finger: u8,
-    /// Until when the node is unsettled unless a view exchange completes first.
+    /// From when the node is settled: `settle_after` from its start, or earlier once its
+    /// closest neighbours confirmed its view.
     settled_at: Time,
+    /// While unsettled: nodes sent our view to settle, and whether each answered.
+    settling: Vec<(NodeId, bool)>,
     counters: RingCounters,
     transmits: Vec<(Peer, RingMessage)>,
     results: Vec<LookupResult>,
@@ -261,6 +266,7 @@ impl Ring {
             next_cycle: now + offset,
             next_finger: 127,
             settled_at: now + config.settle_after,
+            settling: Vec::new(),
             counters: RingCounters::default(),
             transmits: Vec::new(),
             results: Vec::new(),
@@ -340,10 +346,14 @@ impl Ring {
         deadline.map_or(self.next_cycle, |d| d.min(self.next_cycle))
     }
 
-    /// Whether this node's view can be trusted to answer lookups: it completed a view
-    /// exchange, or it has been running for `settle_after`. A node that just (re)started
-    /// knows only the few nodes it joined through; answering from that view would name the
-    /// wrong replicas (and a read would find nothing where the key is).
+    /// Whether this node's view can be trusted to answer lookups. A node that just
+    /// (re)started knows only the few nodes it joined through; answering from that view
+    /// would name the wrong replicas (and a read would find nothing where the key is). So it
+    /// stabilises at once, Chord's way but without waiting for cycles: it sends its view to
+    /// its closest known successor and predecessor, learns from their answers of closer
+    /// nodes, asks those in turn, and is settled when its first successor and first
+    /// predecessor both answered and still are. A node that never gets there (the first node
+    /// of a cloud, which has no one to ask) counts as settled after `settle_after`.
     pub fn is_settled(&self, now: Time) -> bool {
         now >= self.settled_at
     }
@@ -352,15 +362,49 @@ impl Ring {
     /// node sends it its view at once rather than at the next cycle, to settle sooner.
     pub fn hear(&mut self, now: Time, peer: Peer) {
         self.hear_of(now, peer, now);
-        if self.config.enabled && !self.is_settled(now) && peer.id != self.me.id {
-            let view = self.view(now);
-            self.transmits.push((
-                peer,
-                RingMessage::View {
-                    entries: view,
-                    answer: false,
-                },
-            ));
+        if self.config.enabled && !self.is_settled(now) {
+            self.ask_to_settle(now, peer);
+        }
+    }
+
+    /// Sends our view to `peer`, once, while settling.
+    fn ask_to_settle(&mut self, now: Time, peer: Peer) {
+        if peer.id == self.me.id
+            || self.settling.iter().any(|(id, _)| *id == peer.id)
+            || self.settling.len() >= SETTLING_ASKS_MAX
+        {
+            return;
+        }
+        self.settling.push((peer.id, false));
+        let view = self.view(now);
+        self.transmits.push((
+            peer,
+            RingMessage::View {
+                entries: view,
+                answer: false,
+            },
+        ));
+    }
+
+    /// `from` answered our view: settled if our closest nodes on both sides have answered,
+    /// else ask whichever of them has not been asked yet.
+    fn on_answer_while_settling(&mut self, now: Time, from: NodeId) {
+        if let Some(asked) = self.settling.iter_mut().find(|(id, _)| *id == from) {
+            asked.1 = true;
+        }
+        let closest: Vec<Peer> = [self.successors.first(), self.predecessors.first()]
+            .into_iter()
+            .flatten()
+            .map(|k| k.peer)
+            .collect();
+        let answered = |id: NodeId| self.settling.iter().any(|&(a, yes)| a == id && yes);
+        if !closest.is_empty() && closest.iter().all(|p| answered(p.id)) {
+            self.settled_at = now;
+            self.settling = Vec::new();
+            return;
+        }
+        for peer in closest {
+            self.ask_to_settle(now, peer);
         }
     }
 
@@ -465,7 +509,9 @@ impl Ring {
                     self.consider(now, entry.peer, heard_at(now, entry.age_ms));
                 }
                 if answer {
-                    self.settled_at = self.settled_at.min(now);
+                    if !self.is_settled(now) {
+                        self.on_answer_while_settling(now, from.id);
+                    }
                 } else {
                     let view = self.view(now);
                     self.transmits.push((
@@ -866,7 +912,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_node_sends_its_view_at_once_and_settles_on_the_first_answer() {
+    fn a_new_node_stabilises_at_once_until_its_closest_nodes_confirm_its_view() {
         let config = RingConfig {
             successors: 3,
             ..RingConfig::default()
@@ -893,8 +939,12 @@ mod tests {
                 }
             )]
         );
-        // Views sent to it do not settle it; an answer to its own does.
+        // A view sent to it settles nothing (it answers, and now knows 120).
         let later = Time::from_millis(20);
+        let answer = |entries: Vec<ViewEntry>| RingMessage::View {
+            entries,
+            answer: true,
+        };
         ring.handle_message(
             later,
             peer(120),
@@ -903,22 +953,29 @@ mod tests {
                 answer: false,
             },
         );
-        assert!(!ring.is_settled(later));
-        ring.handle_message(
-            later,
-            peer(110),
-            RingMessage::View {
-                entries: vec![ViewEntry {
-                    peer: peer(105),
-                    age_ms: 0,
-                }],
-                answer: true,
-            },
-        );
-        assert!(ring.is_settled(later));
-        assert_eq!(ids(ring.successors()), vec![105, 110, 120]);
-        // Once settled, news of a neighbour sends nothing out of cycle.
         ring.drain_transmits().for_each(drop);
+        assert!(!ring.is_settled(later));
+        // 110 answers with a node closer than itself: 105 is now the first successor, and
+        // 120 the first predecessor (the ring wraps); neither has confirmed, so both are asked.
+        let closer = ViewEntry {
+            peer: peer(105),
+            age_ms: 0,
+        };
+        ring.handle_message(later, peer(110), answer(vec![closer]));
+        assert!(!ring.is_settled(later));
+        assert_eq!(ids(ring.successors()), vec![105, 110, 120]);
+        let asked: Vec<u128> = ring
+            .drain_transmits()
+            .map(|(to, _)| to.id.0 >> 120)
+            .collect();
+        assert_eq!(asked, vec![105, 120]);
+        // Settled once both closest nodes answered.
+        ring.handle_message(later, peer(105), answer(vec![]));
+        assert!(!ring.is_settled(later));
+        assert_eq!(ring.drain_transmits().count(), 0);
+        ring.handle_message(later, peer(120), answer(vec![]));
+        assert!(ring.is_settled(later));
+        // Once settled, news of a neighbour sends nothing out of cycle.
         ring.hear(later, peer(130));
         assert_eq!(ring.drain_transmits().count(), 0);
         // A node alone settles anyway after `settle_after`.
