@@ -127,8 +127,9 @@ pub struct RingConfig {
     pub lookups_max: usize,
     /// Hops after which a lookup is dropped (a routing loop while the ring settles).
     pub hops_max: u8,
-    /// A node that has not completed a view exchange counts as settled anyway this long after
-    /// it started (the first node of a cloud has no one to exchange with).
+    /// A node whose closest nodes have not confirmed its view counts as settled anyway this
+    /// long after it started (the first node of a cloud has no one to ask; see
+    /// [`Ring::is_settled`]).
     pub settle_after: Duration,
 }
 

@@ -274,8 +274,8 @@ impl Roster {
     }
 
     /// News delivered by broadcast. Returns the member it names when that member just
-    /// became alive here (first heard of, or back after being gone), so that other layers
-    /// can learn of it too.
+    /// became alive here (first heard of, back after being gone, or restarted, perhaps at
+    /// another address), so that other layers can learn of it too.
     pub fn handle_news(&mut self, now: Time, news: RosterNews) -> Option<Peer> {
         if !self.config.enabled || !news.is_within_bounds() {
             return None;
@@ -311,7 +311,9 @@ impl Roster {
                 if announce.order() <= member.announce.order() {
                     return None;
                 }
-                let arrived = member.state != MemberState::Alive && state == MemberState::Alive;
+                let restarted = announce.incarnation != member.announce.incarnation;
+                let arrived = state == MemberState::Alive
+                    && (member.state != MemberState::Alive || restarted);
                 if member.state != state {
                     member.since = now;
                 }
@@ -525,8 +527,12 @@ mod tests {
         let now = Time::from_secs(101);
         r.handle_news(now, alive(2, 7, 900));
         r.neighbor_failed(now, NodeId(2));
-        r.handle_news(now, alive(2, 8, 1));
+        let two = Some(Peer::new(NodeId(2)));
+        assert_eq!(r.handle_news(now, alive(2, 8, 1)), two);
         assert_eq!(state(&r, 2), Some(MemberState::Alive));
+        // Restarted before anyone noticed: still news for the other layers (a new address).
+        assert_eq!(r.handle_news(now, alive(2, 9, 1)), two);
+        assert_eq!(r.handle_news(now, alive(2, 9, 2)), None);
     }
 
     #[test]
