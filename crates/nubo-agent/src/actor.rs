@@ -574,6 +574,7 @@ impl Agent {
             passive: node.membership().passive().len(),
             ring_successor: node.ring().successors().next().map(|p| p.id.short()),
             ring_predecessor: node.ring().predecessors().next().map(|p| p.id.short()),
+            ring_settled: node.ring().is_settled(self.clock.now()),
             kv_records: node.kv().store().len(),
             kv_bytes: node.kv().store().bytes(),
             kv_ops: node.kv().ops_in_progress(),

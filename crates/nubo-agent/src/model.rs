@@ -35,6 +35,10 @@ pub struct Status {
     pub ring_successor: Option<String>,
     /// The ring predecessor.
     pub ring_predecessor: Option<String>,
+    /// Whether the ring view has settled since start; key-value operations wait until it
+    /// has (a second or so after a start).
+    #[serde(default)]
+    pub ring_settled: bool,
     /// Key-value records held here, and their bytes.
     pub kv_records: usize,
     /// Bytes of the records held here.

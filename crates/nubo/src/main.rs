@@ -677,9 +677,14 @@ fn print_status(status: &Status) {
         (
             "ring",
             format!(
-                "predecessor {} successor {}",
+                "predecessor {} successor {}{}",
                 status.ring_predecessor.as_deref().unwrap_or("-"),
-                status.ring_successor.as_deref().unwrap_or("-")
+                status.ring_successor.as_deref().unwrap_or("-"),
+                if status.ring_settled {
+                    ""
+                } else {
+                    " (settling: key-value operations wait)"
+                }
             ),
         ),
         (

@@ -144,4 +144,5 @@ fn eight_agents_converge_notice_a_kill_rereplicate_and_take_back_a_restarted_age
             "reading key-{k} through the restarted agent"
         );
     }
+    assert_eq!(cloud.agents[victim].status()["ring_settled"], true);
 }
