@@ -1244,6 +1244,23 @@ mod tests {
     }
 
     #[test]
+    fn a_lookup_held_back_until_the_ring_settles_is_not_queued_twice_by_a_retry() {
+        let mut a = kv(1);
+        a.get(Time::ZERO, bytes("k"), 1).unwrap();
+        // Nobody takes the lookup (the ring has not settled) and the attempt times out.
+        let ring = Ring::new(
+            peer(1),
+            RingConfig::default(),
+            Rng::from_seed(1),
+            Time::ZERO,
+        );
+        a.handle_timeout(Time::ZERO + KvConfig::default().op_timeout, &ring);
+        let lookups: Vec<_> = a.drain_lookups().collect();
+        assert_eq!(lookups, vec![(1, key_position(b"k"))]);
+        assert_eq!(a.ops_in_progress(), 1);
+    }
+
+    #[test]
     fn refusals_from_full_replicas_fail_the_write_with_the_reason() {
         let mut a = kv(1);
         a.put(Time::ZERO, bytes("k"), Some(bytes("v")), 1).unwrap();
