@@ -12,6 +12,8 @@ use nubo_sim::workload::grow_overlay;
 
 const NODES: u32 = 40;
 const KEYS: usize = 60;
+/// Milliseconds between the rounds of reads through the restarted node (the first at once).
+const PAUSES: [u64; 5] = [0, 50, 200, 500, 1_000];
 
 #[test]
 fn a_restarted_node_reads_every_key_from_its_first_instant() {
@@ -49,7 +51,7 @@ fn a_restarted_node_reads_every_key_from_its_first_instant() {
         sim.join(victim, &[0, 1], &mut ops);
         ops.finished.clear();
         // Reads through it from the instant it joins, and while its view grows.
-        for pause in [0, 50, 200, 500, 1_000] {
+        for pause in PAUSES {
             sim.run_for(Duration::from_millis(pause), &mut ops);
             for key in &keys {
                 let tag = ops.begin(sim.now(), key);
@@ -60,7 +62,7 @@ fn a_restarted_node_reads_every_key_from_its_first_instant() {
 
         assert_eq!(
             ops.finished.len(),
-            5 * KEYS,
+            PAUSES.len() * KEYS,
             "seed {seed}: reads unfinished"
         );
         let wrong: Vec<String> = ops
