@@ -5,6 +5,14 @@ use std::process::ExitCode;
 
 use nubo_sim::experiments::{aggregate, dht, fuzz, hyparview, ring, slicing};
 
+/// Large simulations allocate and free millions of small message buffers per second across
+/// gigabytes of node state, which is touched at random: mimalloc serves the small sizes from
+/// per-thread pages and backs its arenas with transparent huge pages, which cuts both the
+/// allocator's share of the time and the misses of the address translation (about a tenth of
+/// the wall time of a 100,000-node run; docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Deterministic simulator of a nubo cloud. Every run is reproducible from its --seed.
 #[derive(Parser)]
 #[command(name = "nubo-sim", version, about, long_about = None)]
