@@ -329,13 +329,14 @@ impl Membership {
     }
 
     /// Messages to send, in order.
-    pub fn drain_transmits(&mut self) -> std::vec::Drain<'_, (Peer, MembershipMessage)> {
-        self.transmits.drain(..)
+    pub fn drain_transmits(&mut self) -> std::vec::IntoIter<(Peer, MembershipMessage)> {
+        // The buffer goes with the drain (see `Node::poll_transmit` for why).
+        std::mem::take(&mut self.transmits).into_iter()
     }
 
     /// Active-view changes, in order.
-    pub fn drain_events(&mut self) -> std::vec::Drain<'_, MembershipEvent> {
-        self.events.drain(..)
+    pub fn drain_events(&mut self) -> std::vec::IntoIter<MembershipEvent> {
+        std::mem::take(&mut self.events).into_iter()
     }
 
     /// The next time [`Membership::handle_timeout`] has work to do.

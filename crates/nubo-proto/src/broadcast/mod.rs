@@ -392,19 +392,20 @@ impl Broadcast {
     }
 
     /// Messages to send, in order.
-    pub fn drain_transmits(&mut self) -> std::vec::Drain<'_, (Peer, BroadcastMessage)> {
+    pub fn drain_transmits(&mut self) -> std::vec::IntoIter<(Peer, BroadcastMessage)> {
         if let Some(tree) = &mut self.tree {
             let built = tree
                 .drain_transmits()
                 .map(|(to, m)| (to, BroadcastMessage::Tree(m)));
             self.transmits.extend(built);
         }
-        self.transmits.drain(..)
+        // The buffer goes with the drain (see `Node::poll_transmit` for why).
+        std::mem::take(&mut self.transmits).into_iter()
     }
 
     /// Messages delivered, in order.
-    pub fn drain_deliveries(&mut self) -> std::vec::Drain<'_, Delivery> {
-        self.deliveries.drain(..)
+    pub fn drain_deliveries(&mut self) -> std::vec::IntoIter<Delivery> {
+        std::mem::take(&mut self.deliveries).into_iter()
     }
 
     /// Whether deliveries wait to be drained.
