@@ -584,16 +584,12 @@ impl Membership {
                 peers: reply.clone(),
             },
         );
-        for peer in peers {
-            self.add_passive(peer, &reply);
-        }
+        self.add_all_passive(peers, &reply);
     }
 
     fn on_shuffle_reply(&mut self, peers: Vec<Peer>) {
         let sent = std::mem::take(&mut self.last_shuffle);
-        for peer in peers {
-            self.add_passive(peer, &sent);
-        }
+        self.add_all_passive(peers, &sent);
     }
 
     fn on_ping(&mut self, from: Peer) {
@@ -883,24 +879,50 @@ impl Membership {
     /// Adds `peer` to the passive view; when full, evicts one of `prefer_evict` if possible,
     /// else a random entry.
     fn add_passive(&mut self, peer: Peer, prefer_evict: &[Peer]) {
-        if peer.id == self.me.id || self.active.contains(peer.id) {
-            return;
-        }
-        if self.passive.contains(peer.id) {
-            self.passive.insert(peer);
-            return;
-        }
-        if self.passive.is_full() {
-            let victim = prefer_evict
-                .iter()
-                .find(|p| self.passive.contains(p.id))
-                .copied()
-                .or_else(|| self.passive.random_except(&mut self.rng, |_| false));
-            if let Some(victim) = victim {
-                self.passive.remove(victim.id);
+        self.add_all_passive([peer], prefer_evict);
+    }
+
+    /// Adds `peers` to the passive view one after the other (neither ourselves nor
+    /// neighbours). When the view is full, each newcomer replaces the first of `prefer_evict`
+    /// still in the view (the peers just sent away in a shuffle), else a random entry.
+    fn add_all_passive(&mut self, peers: impl IntoIterator<Item = Peer>, prefer_evict: &[Peer]) {
+        // Which of `prefer_evict` the view holds, kept up to date as peers come and go: a
+        // shuffle answer adds several peers, and searching the view again for every candidate
+        // at every eviction was a large share of the time of big simulations.
+        let mut held: Vec<bool> = prefer_evict
+            .iter()
+            .map(|p| self.passive.contains(p.id))
+            .collect();
+        let mark = |held: &mut [bool], id: NodeId, value: bool| {
+            for (held, candidate) in held.iter_mut().zip(prefer_evict) {
+                if candidate.id == id {
+                    *held = value;
+                }
+            }
+        };
+        for peer in peers {
+            if peer.id == self.me.id || self.active.contains(peer.id) {
+                continue;
+            }
+            if self.passive.contains(peer.id) {
+                self.passive.insert(peer);
+                continue;
+            }
+            if self.passive.is_full() {
+                let victim = held
+                    .iter()
+                    .position(|&h| h)
+                    .map(|i| prefer_evict[i])
+                    .or_else(|| self.passive.random_except(&mut self.rng, |_| false));
+                if let Some(victim) = victim {
+                    self.passive.remove(victim.id);
+                    mark(&mut held, victim.id, false);
+                }
+            }
+            if self.passive.insert(peer) {
+                mark(&mut held, peer.id, true);
             }
         }
-        self.passive.insert(peer);
     }
 
     fn send(&mut self, to: Peer, message: MembershipMessage) {
@@ -1244,6 +1266,26 @@ mod tests {
         // The passive view (capacity 4) now holds the offered nodes.
         assert!(m.passive().contains(NodeId(20)) && m.passive().contains(NodeId(21)));
         assert!(m.passive().len() <= 4);
+    }
+
+    #[test]
+    fn a_full_passive_view_evicts_the_peers_sent_away_first_in_their_order() {
+        // Passive view of 4, full: 1, 2, 4, 5 (no neighbours).
+        let mut m = node(100);
+        let ids = |m: &Membership| m.passive.ids().map(|id| id.0).collect::<Vec<_>>();
+        m.add_all_passive([1, 2, 4, 5].map(peer), &[]);
+        assert_eq!(ids(&m), vec![1, 2, 4, 5]);
+        // 9 is not held: 6 replaces 4, then 7 replaces 1.
+        m.add_all_passive([6, 7].map(peer), &[9, 4, 1].map(peer));
+        assert_eq!(ids(&m), vec![2, 5, 6, 7]);
+        // A newcomer that is itself to be evicted first goes first: 3 replaces 2 (3 is not
+        // held yet), then 8 replaces 3; known peers and ourselves change nothing.
+        m.add_all_passive([3, 5, 100, 8].map(peer), &[3, 2].map(peer));
+        assert_eq!(ids(&m), vec![5, 6, 7, 8]);
+        // Nothing to prefer: a random entry makes room.
+        m.add_all_passive([10].map(peer), &[]);
+        assert_eq!(m.passive.len(), 4);
+        assert!(m.passive.contains(NodeId(10)));
     }
 
     #[test]
