@@ -86,6 +86,14 @@ impl Default for MembershipConfig {
     }
 }
 
+/// How many more nodes than the cloud's estimated size a full node must know of before it
+/// suspects a split overlay ([`Membership::set_size_estimate`]): estimates are noisy, and a
+/// few dead entries linger in passive views.
+const SPLIT_SUSPICION_RATIO: f64 = 1.5;
+
+/// Shuffle periods between two requests of a node that suspects a split.
+pub const SPLIT_PROBE_PERIODS: u32 = 10;
+
 /// Priority of a neighbour request: a node with no neighbour asks at high priority and must be
 /// accepted; otherwise the receiver accepts only if it has room.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,6 +222,10 @@ pub struct MembershipCounters {
     pub shuffles: u64,
     /// Neighbour requests sent with high priority because every passive node refused.
     pub escalations: u64,
+    /// High-priority neighbour requests sent by a full node that knows of more nodes than the
+    /// cloud's estimated size holds (a sign that the overlay split; see
+    /// [`Membership::set_size_estimate`]).
+    pub split_probes: u64,
 }
 
 /// The HyParView state machine of one node.
@@ -245,6 +257,10 @@ pub struct Membership {
     refused_rounds: u32,
     /// Times this node escalated to high priority because of refusals.
     escalations: u32,
+    /// The cloud's size as last estimated by the aggregation layer, if it runs.
+    size_estimate: Option<f64>,
+    /// When a full node that suspects a split may next ask a passive node to link.
+    next_split_probe: Time,
     counters: MembershipCounters,
     transmits: Vec<(Peer, MembershipMessage)>,
     events: Vec<MembershipEvent>,
@@ -274,6 +290,8 @@ impl Membership {
             refused_by: Vec::new(),
             refused_rounds: 0,
             escalations: 0,
+            size_estimate: None,
+            next_split_probe: now,
             counters: MembershipCounters::default(),
             transmits: Vec::new(),
             events: Vec::new(),
@@ -653,6 +671,52 @@ impl Membership {
         if self.active.is_empty() && self.pending.is_empty() {
             self.try_join(now);
         }
+        self.probe_for_split(now);
+    }
+
+    /// Sets the cloud's estimated size (from aggregation, when it runs), which lets a node
+    /// notice that the overlay split into pieces that no rule of HyParView joins again.
+    ///
+    /// After faults, a small overlay can settle into pieces whose every active view is full
+    /// (two complete graphs of four nodes, with active views of three): no node is short of a
+    /// neighbour, so none asks anyone, though each one's passive view names nodes of the other
+    /// piece. Such a node knows of more nodes than its piece's estimate counts. When it knows
+    /// of half as many again as the estimate, it asks a random passive node, at most once per
+    /// [`SPLIT_PROBE_PERIODS`] shuffle periods, with high priority, to become a neighbour: the
+    /// link crosses the split if the node is on the other side, and each end drops a random
+    /// link to make room, whose other ends, now short, find new neighbours by the usual rules.
+    /// A node that does not answer moves from the passive view to the lost ones, which purges
+    /// dead entries that would keep the count high. In a large cloud a node knows of far fewer
+    /// nodes than the estimate, and nothing changes.
+    pub fn set_size_estimate(&mut self, size: Option<f64>) {
+        self.size_estimate = size;
+    }
+
+    fn probe_for_split(&mut self, now: Time) {
+        let Some(size) = self.size_estimate else {
+            return;
+        };
+        if !self.active.is_full() || now < self.next_split_probe {
+            return;
+        }
+        let known = 1 + self.active.len() + self.passive.len();
+        if (known as f64) <= size * SPLIT_SUSPICION_RATIO {
+            return;
+        }
+        self.next_split_probe = now
+            + self
+                .config
+                .shuffle_interval
+                .saturating_mul(SPLIT_PROBE_PERIODS);
+        let pending: Vec<NodeId> = self.pending.iter().map(|p| p.peer.id).collect();
+        let Some(candidate) = self
+            .passive
+            .random_except(&mut self.rng, |id| pending.contains(&id))
+        else {
+            return;
+        };
+        self.counters.split_probes += 1;
+        self.request(now, candidate, RequestKind::Neighbor, Priority::High);
     }
 
     fn shuffle(&mut self) {
@@ -1266,6 +1330,61 @@ mod tests {
         // The passive view (capacity 4) now holds the offered nodes.
         assert!(m.passive().contains(NodeId(20)) && m.passive().contains(NodeId(21)));
         assert!(m.passive().len() <= 4);
+    }
+
+    #[test]
+    fn a_full_node_that_knows_of_more_nodes_than_the_cloud_holds_asks_a_passive_one() {
+        let neighbour_requests = |m: &mut Membership| -> Vec<(u128, Priority)> {
+            transmits(m)
+                .into_iter()
+                .filter_map(|(to, msg)| match msg {
+                    MembershipMessage::Neighbor { priority } => Some((to.0, priority)),
+                    _ => None,
+                })
+                .collect()
+        };
+        // Active view full (3 of 3), passive view 10-13: this node knows of 8 nodes.
+        let split = |estimate: Option<f64>| {
+            let mut m = with_active(1, &[2, 3, 4]);
+            m.add_all_passive([10, 11, 12, 13].map(peer), &[]);
+            m.set_size_estimate(estimate);
+            m
+        };
+        let second = Duration::from_secs(1);
+        let at = |t: Duration| Time::ZERO + t;
+        let tick = |m: &mut Membership, now: Time| {
+            for n in [2, 3, 4] {
+                m.heard_from(now, NodeId(n));
+            }
+            m.handle_timeout(now);
+        };
+        // An estimate of 4 nodes: one high-priority request to a passive node...
+        let mut m = split(Some(4.0));
+        tick(&mut m, at(second));
+        let sent = neighbour_requests(&mut m);
+        assert_eq!(sent.len(), 1);
+        assert!((10..=13).contains(&sent[0].0));
+        assert_eq!(sent[0].1, Priority::High);
+        assert_eq!(m.counters().split_probes, 1);
+        // ... then none until SPLIT_PROBE_PERIODS shuffle periods have passed.
+        let period = m.config.shuffle_interval * SPLIT_PROBE_PERIODS;
+        m.handle_message(
+            at(second),
+            peer(sent[0].0),
+            MembershipMessage::NeighborReply { accepted: false },
+        );
+        tick(&mut m, at(second + period / 2));
+        assert!(neighbour_requests(&mut m).is_empty());
+        tick(&mut m, at(second + period));
+        assert_eq!(neighbour_requests(&mut m).len(), 1);
+        // Knowing of no more than half as many again as the estimate, or having no estimate,
+        // a full node asks no one.
+        for estimate in [Some(8.0), Some(6.0), None] {
+            let mut m = split(estimate);
+            tick(&mut m, at(second));
+            assert!(neighbour_requests(&mut m).is_empty(), "{estimate:?}");
+            assert_eq!(m.counters().split_probes, 0);
+        }
     }
 
     #[test]

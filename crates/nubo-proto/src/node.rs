@@ -372,6 +372,9 @@ impl Node {
         if on.aggregation && self.aggregation.poll_timeout() <= now {
             let peer = self.membership.random_peer();
             self.aggregation.handle_timeout(now, peer);
+            // The size estimate lets membership notice an overlay that split for good.
+            let size = self.aggregation.stats().map(|stats| stats.size);
+            self.membership.set_size_estimate(size);
         }
         if on.ring && self.ring.poll_timeout() <= now {
             let random = self.membership.random_peer();
