@@ -302,7 +302,10 @@ impl Local {
             .into_iter()
             .map(|t| {
                 let delta = (value(&theirs.counts, t) - value(&ours.counts, t)) / 2.0;
-                (t, value(&self.counts, t) + delta)
+                // Crossed exchanges can carry a value past the range a COUNT instance keeps
+                // to (its sum over the cloud is 1); past it, the estimates would no longer
+                // be valid to send, so the value stops at the edge, losing a little mass.
+                (t, (value(&self.counts, t) + delta).clamp(-1.0, 1.0))
             })
             .collect();
     }
@@ -688,6 +691,18 @@ mod tests {
         now.apply_answer(&ours, &theirs, 8);
         assert_eq!(now.averages, [2.0; RESOURCE_KINDS]);
         assert_eq!(now.counts, vec![(1, 0.0), (4, 0.25)]);
+    }
+
+    #[test]
+    fn an_answer_never_moves_a_count_out_of_its_range() {
+        // Exchanges that crossed: the answer says the other side gave up half an instance
+        // that we meanwhile hold whole (fuzz seed 2187 sent 1.0625 and could not encode it).
+        let ours = estimates(0.0, vec![(1, 0.0), (2, 1.0)]);
+        let theirs = estimates(0.0, vec![(1, 0.5), (2, -1.0)]);
+        let mut now = local(0.0, vec![(1, 1.0), (2, -0.5)]);
+        now.apply_answer(&ours, &theirs, 8);
+        assert_eq!(now.counts, vec![(1, 1.0), (2, -1.0)]);
+        assert!(now.to_estimates().is_valid());
     }
 
     #[test]

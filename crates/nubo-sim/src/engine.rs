@@ -980,7 +980,8 @@ impl Worker<'_> {
 /// Encodes and decodes `message`, panicking if the wire format does not give it back: a bug in
 /// the core, which the fuzzer must report with its seed.
 fn round_trip(message: Message) -> Message {
-    let bytes = wire::encode(&message).expect("a message the core produced must encode");
+    let bytes = wire::encode(&message)
+        .unwrap_or_else(|e| panic!("a message the core produced must encode: {e:?}: {message:?}"));
     let decoded = wire::decode(&bytes).expect("an encoded message must decode");
     assert_eq!(decoded, message, "wire round trip changed a message");
     decoded
