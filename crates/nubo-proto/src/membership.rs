@@ -1055,6 +1055,17 @@ mod tests {
         m.drain_events().collect()
     }
 
+    /// The neighbour requests among the drained transmits: (to, priority).
+    fn neighbour_requests(m: &mut Membership) -> Vec<(u128, Priority)> {
+        transmits(m)
+            .into_iter()
+            .filter_map(|(to, msg)| match msg {
+                MembershipMessage::Neighbor { priority } => Some((to.0, priority)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// A node whose active view holds exactly `neighbours`, with every output drained.
     fn with_active(me: u128, neighbours: &[u128]) -> Membership {
         let mut m = node(me);
@@ -1334,15 +1345,6 @@ mod tests {
 
     #[test]
     fn a_full_node_that_knows_of_more_nodes_than_the_cloud_holds_asks_a_passive_one() {
-        let neighbour_requests = |m: &mut Membership| -> Vec<(u128, Priority)> {
-            transmits(m)
-                .into_iter()
-                .filter_map(|(to, msg)| match msg {
-                    MembershipMessage::Neighbor { priority } => Some((to.0, priority)),
-                    _ => None,
-                })
-                .collect()
-        };
         // Active view full (3 of 3), passive view 10-13: this node knows of 8 nodes.
         let split = |estimate: Option<f64>| {
             let mut m = with_active(1, &[2, 3, 4]);
@@ -1413,15 +1415,6 @@ mod tests {
         let mut m = with_active(1, &[2, 3]);
         m.add_passive(peer(10), &[]);
         m.add_passive(peer(11), &[]);
-        let neighbour_requests = |m: &mut Membership| -> Vec<(u128, Priority)> {
-            transmits(m)
-                .into_iter()
-                .filter_map(|(to, msg)| match msg {
-                    MembershipMessage::Neighbor { priority } => Some((to.0, priority)),
-                    _ => None,
-                })
-                .collect()
-        };
         let refuse = |m: &mut Membership, from: u128| {
             m.handle_message(
                 Time::ZERO,
