@@ -34,6 +34,9 @@ use crate::time::Time;
 pub const RESOURCE_KINDS: usize = 6;
 /// Most COUNT instances in one exchange.
 pub const COUNT_INSTANCES_MAX: usize = 16;
+/// The values a COUNT instance may take in a message. Its sum over the cloud is 1 and values
+/// start at 0 or 1; answers applied as deltas can leave [0, 1] a little, never this range.
+const COUNT_RANGE: std::ops::RangeInclusive<f64> = -1.0..=1.0;
 /// Pushes remembered while their answers may still come. A push to a node that died is never
 /// answered; the transport's report of it frees its place (see [`Aggregation::peer_down`]).
 const SENT_MAX: usize = 8;
@@ -162,7 +165,7 @@ impl Estimates {
         let counts = self
             .counts
             .iter()
-            .all(|(_, v)| v.is_finite() && (-1.0..=1.0).contains(v))
+            .all(|(_, v)| v.is_finite() && COUNT_RANGE.contains(v))
             && self.counts.windows(2).all(|w| w[0].0 < w[1].0);
         lengths && finite && counts
     }
@@ -305,7 +308,11 @@ impl Local {
                 // Crossed exchanges can carry a value past the range a COUNT instance keeps
                 // to (its sum over the cloud is 1); past it, the estimates would no longer
                 // be valid to send, so the value stops at the edge, losing a little mass.
-                (t, (value(&self.counts, t) + delta).clamp(-1.0, 1.0))
+                (
+                    t,
+                    (value(&self.counts, t) + delta)
+                        .clamp(*COUNT_RANGE.start(), *COUNT_RANGE.end()),
+                )
             })
             .collect();
     }

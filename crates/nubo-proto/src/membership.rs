@@ -348,7 +348,7 @@ impl Membership {
 
     /// Messages to send, in order.
     pub fn drain_transmits(&mut self) -> std::vec::IntoIter<(Peer, MembershipMessage)> {
-        // The buffer goes with the drain (see `Node::poll_transmit` for why).
+        // The buffer goes with the drain (why: `pop_and_free_when_drained` in node.rs).
         std::mem::take(&mut self.transmits).into_iter()
     }
 
@@ -489,7 +489,7 @@ impl Membership {
             return;
         }
         if ttl == self.config.passive_walk_length {
-            self.add_passive(joiner, &[]);
+            self.add_passive(joiner);
         }
         let next = self
             .active
@@ -521,7 +521,7 @@ impl Membership {
             self.passive.remove(from.id);
             self.add_active(now, from);
         } else {
-            self.add_passive(from, &[]);
+            self.add_passive(from);
         }
         self.send(from, MembershipMessage::NeighborReply { accepted: accept });
     }
@@ -536,7 +536,7 @@ impl Membership {
                 }
                 self.refused_by.push(from.id);
             }
-            self.add_passive(from, &[]);
+            self.add_passive(from);
             return;
         }
         self.refused_by.clear();
@@ -547,7 +547,7 @@ impl Membership {
         if request.is_none() && self.active.is_full() {
             // A late acceptance of a request we gave up on: do not evict for it.
             self.send(from, MembershipMessage::Disconnect { leaving: false });
-            self.add_passive(from, &[]);
+            self.add_passive(from);
             return;
         }
         if let Some(Pending {
@@ -564,7 +564,7 @@ impl Membership {
         self.take_pending(from.id);
         if self.remove_active(from.id).is_some() {
             if !leaving {
-                self.add_passive(from, &[]);
+                self.add_passive(from);
             }
             self.refill(now);
         }
@@ -708,10 +708,10 @@ impl Membership {
                 .config
                 .shuffle_interval
                 .saturating_mul(SPLIT_PROBE_PERIODS);
-        let pending: Vec<NodeId> = self.pending.iter().map(|p| p.peer.id).collect();
+        let pending = &self.pending;
         let Some(candidate) = self
             .passive
-            .random_except(&mut self.rng, |id| pending.contains(&id))
+            .random_except(&mut self.rng, |id| pending.iter().any(|p| p.peer.id == id))
         else {
             return;
         };
@@ -918,7 +918,7 @@ impl Membership {
         {
             self.send(evicted, MembershipMessage::Disconnect { leaving: false });
             self.remove_active(evicted.id);
-            self.add_passive(evicted, &[]);
+            self.add_passive(evicted);
         }
         self.passive.remove(peer.id);
         self.lost.retain(|l| l.peer.id != peer.id);
@@ -940,10 +940,9 @@ impl Membership {
         Some(peer)
     }
 
-    /// Adds `peer` to the passive view; when full, evicts one of `prefer_evict` if possible,
-    /// else a random entry.
-    fn add_passive(&mut self, peer: Peer, prefer_evict: &[Peer]) {
-        self.add_all_passive([peer], prefer_evict);
+    /// Adds `peer` to the passive view; when full, evicts a random entry.
+    fn add_passive(&mut self, peer: Peer) {
+        self.add_all_passive([peer], &[]);
     }
 
     /// Adds `peers` to the passive view one after the other (neither ourselves nor
@@ -1413,8 +1412,8 @@ mod tests {
     fn a_node_refused_by_every_passive_node_asks_with_high_priority() {
         // Active view 2 of 3: one neighbour wanted. Passive view: 10, 11.
         let mut m = with_active(1, &[2, 3]);
-        m.add_passive(peer(10), &[]);
-        m.add_passive(peer(11), &[]);
+        m.add_passive(peer(10));
+        m.add_passive(peer(11));
         let refuse = |m: &mut Membership, from: u128| {
             m.handle_message(
                 Time::ZERO,

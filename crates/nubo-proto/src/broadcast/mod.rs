@@ -399,7 +399,7 @@ impl Broadcast {
                 .map(|(to, m)| (to, BroadcastMessage::Tree(m)));
             self.transmits.extend(built);
         }
-        // The buffer goes with the drain (see `Node::poll_transmit` for why).
+        // The buffer goes with the drain (why: `pop_and_free_when_drained` in node.rs).
         std::mem::take(&mut self.transmits).into_iter()
     }
 
