@@ -13,6 +13,9 @@
 //! - [`ring`]: the structured overlay: successors, fingers, lookups of key owners;
 //! - [`kv`]: the replicated key-value store on the ring's replicas;
 //! - [`blob`]: content-addressed chunked blobs stored in the key-value store;
+//! - [`roster`]: every member and what it says of itself, its instances included;
+//! - [`suite`]: every service description, with its history, the same on every node;
+//! - [`service`], [`rollout`]: placement, and how a new version replaces the old one;
 //! - [`node`]: the composition and its driving contract;
 //! - [`wire`]: the versioned, bounded encoding of every message.
 
@@ -20,11 +23,13 @@ pub mod aggregation;
 pub mod blob;
 pub mod broadcast;
 pub mod id;
+pub mod instance;
 pub mod kv;
 pub mod membership;
 pub mod node;
 pub mod ring;
 pub mod rng;
+pub mod rollout;
 pub mod roster;
 pub mod service;
 pub mod slicing;

@@ -284,9 +284,21 @@ impl Node {
         self.flush(now);
     }
 
+    /// Sets the service instances this node reports to the cloud.
+    pub fn set_instances(&mut self, now: Time, instances: Vec<crate::instance::InstanceFact>) {
+        self.roster.set_instances(now, instances);
+        self.flush(now);
+    }
+
     /// The service suite.
     pub fn suite(&self) -> &Suite {
         &self.suite
+    }
+
+    /// The service suite, to restore, forget or confirm entries; what changes is reported
+    /// (`Event::SuiteChanged`) after the next input.
+    pub fn suite_mut(&mut self) -> &mut Suite {
+        &mut self.suite
     }
 
     /// Sets the check every suite entry must pass (signatures, grants).

@@ -29,6 +29,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::id::{NodeId, Peer};
+use crate::instance::{INSTANCE_FACTS_MAX, InstanceFact};
 use crate::time::Time;
 
 /// Most attributes one member may announce.
@@ -75,6 +76,8 @@ pub struct Announce {
     pub seq: u64,
     /// Free-form attributes (architecture, region, capacity), sorted by name.
     pub attributes: Vec<(String, String)>,
+    /// The service instances it runs.
+    pub instances: Vec<InstanceFact>,
     /// The member is leaving the cloud for good.
     pub leaving: bool,
 }
@@ -111,6 +114,11 @@ impl RosterNews {
                     && announce.attributes.iter().all(|(name, value)| {
                         name.len() <= ATTRIBUTE_BYTES_MAX && value.len() <= ATTRIBUTE_BYTES_MAX
                     })
+                    && announce.instances.len() <= INSTANCE_FACTS_MAX
+                    && announce
+                        .instances
+                        .iter()
+                        .all(InstanceFact::is_within_bounds)
             }
             RosterNews::Gone { .. } => true,
         }
@@ -191,6 +199,7 @@ impl Roster {
                 incarnation: now.as_micros() / 1_000,
                 seq: 0,
                 attributes: Vec::new(),
+                instances: Vec::new(),
                 leaving: false,
             },
             next_announce: if config.enabled { now } else { Time::MAX },
@@ -236,6 +245,18 @@ impl Roster {
         attributes.truncate(ATTRIBUTES_MAX);
         self.me.attributes = attributes;
         self.announce_now(now);
+    }
+
+    /// Sets the instances this node reports (bounded: extra ones are cut), announcing them at
+    /// once if they changed.
+    pub fn set_instances(&mut self, now: Time, mut instances: Vec<InstanceFact>) {
+        instances.retain(InstanceFact::is_within_bounds);
+        instances.sort();
+        instances.truncate(INSTANCE_FACTS_MAX);
+        if instances != self.me.instances {
+            self.me.instances = instances;
+            self.announce_now(now);
+        }
     }
 
     /// This node got a neighbour: announce at once if it never did, so a newcomer shows up
@@ -419,6 +440,7 @@ mod tests {
             incarnation,
             seq,
             attributes: vec![("arch".into(), "x86_64".into())],
+            instances: vec![],
             leaving: false,
         })
     }
@@ -442,6 +464,7 @@ mod tests {
                 incarnation: 100_000,
                 seq: 1,
                 attributes: vec![],
+                instances: vec![],
                 leaving: false,
             })]
         );

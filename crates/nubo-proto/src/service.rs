@@ -305,6 +305,94 @@ fn fits(capacity: Demand, demand: Demand) -> bool {
         && capacity.disk_bytes >= demand.disk_bytes
 }
 
+impl fmt::Display for Constraint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let op = match self.op {
+            Op::Eq => "==",
+            Op::Ne => "!=",
+            Op::Lt => "<",
+            Op::Le => "<=",
+            Op::Gt => ">",
+            Op::Ge => ">=",
+            Op::In => "in",
+            Op::NotIn => "not in",
+        };
+        write!(f, "{} {op} ", self.attribute)?;
+        match &self.operand {
+            Operand::Text(text) => write!(f, "{text:?}"),
+            Operand::Number(number) => write!(f, "{number}"),
+            Operand::List(items) => {
+                let quoted: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
+                write!(f, "[{}]", quoted.join(", "))
+            }
+        }
+    }
+}
+
+/// Why nodes cannot take a service: each filter with the number of candidates it rules out
+/// (a node may fail several), in the order placement applies them. Empty when every
+/// candidate qualifies.
+pub fn explain(spec: &PlacementSpec, candidates: &[Candidate<'_>]) -> Vec<String> {
+    let total = candidates.len();
+    let mut reasons = Vec::new();
+    let mut count = |reason: String, filtered: usize| {
+        if filtered > 0 {
+            reasons.push(format!("{reason} filtered {filtered} of {total} nodes"));
+        }
+    };
+    count(
+        "the node's refusal (over its owner's limits, or the service failed there)".into(),
+        candidates.iter().filter(|c| c.refuses).count(),
+    );
+    let demand = spec.demand;
+    count(
+        format!("cpu {} cores", demand.cpu_millis as f64 / 1000.0),
+        candidates
+            .iter()
+            .filter(|c| c.capacity.cpu_millis < demand.cpu_millis)
+            .count(),
+    );
+    count(
+        format!("memory {}", bytes_text(demand.memory_bytes)),
+        candidates
+            .iter()
+            .filter(|c| c.capacity.memory_bytes < demand.memory_bytes)
+            .count(),
+    );
+    count(
+        format!("disk {}", bytes_text(demand.disk_bytes)),
+        candidates
+            .iter()
+            .filter(|c| c.capacity.disk_bytes < demand.disk_bytes)
+            .count(),
+    );
+    for constraint in &spec.constraints {
+        count(
+            format!("constraint {constraint}"),
+            candidates
+                .iter()
+                .filter(|c| !constraint.holds(c.attributes))
+                .count(),
+        );
+    }
+    reasons
+}
+
+/// A size in bytes as operators write it (`64MiB`, `500GiB`).
+pub fn bytes_text(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    match UNITS.iter().find(|(_, size)| bytes >= *size) {
+        Some((unit, size)) if bytes.is_multiple_of(*size) => format!("{}{unit}", bytes / size),
+        Some((unit, size)) => format!("{:.1}{unit}", bytes as f64 / *size as f64),
+        None => format!("{bytes}B"),
+    }
+}
+
 /// The nodes that should run the service `key`, best first. Deterministic: the same
 /// candidates (in any order) give the same answer.
 pub fn place(key: &str, spec: &PlacementSpec, candidates: &[Candidate<'_>]) -> Vec<NodeId> {
@@ -409,6 +497,16 @@ mod tests {
             let constraint = Constraint::parse(text).unwrap();
             assert_eq!(constraint.holds(&node), expected, "{text}");
         }
+        assert_eq!(
+            Constraint::parse("region   in [\"eu\",\"sa\"]")
+                .unwrap()
+                .to_string(),
+            "region in [\"eu\", \"sa\"]"
+        );
+        assert_eq!(
+            Constraint::parse("mem >= 2KiB").unwrap().to_string(),
+            "mem >= 2048"
+        );
         let bad = Constraint::parse("arch ~ \"x\"").unwrap_err();
         assert_eq!(bad.offset, 5);
         assert!(Constraint::parse("memory >= \"big\"").is_err());
@@ -502,6 +600,43 @@ mod tests {
             .collect();
         seen.sort();
         assert_eq!(seen, vec!["eu", "sa", "us"]);
+    }
+
+    #[test]
+    fn an_unplaceable_service_is_explained_filter_by_filter() {
+        let regions: Vec<BTreeMap<String, String>> = (0..6)
+            .map(|i| attrs(&[("region", ["eu", "sa"][i % 2])]))
+            .collect();
+        let mut nodes: Vec<Candidate<'_>> = regions
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Candidate {
+                id: NodeId(i as u128 + 1),
+                attributes: a,
+                capacity: Demand {
+                    cpu_millis: 2000,
+                    memory_bytes: 4 << 30,
+                    disk_bytes: u64::MAX,
+                },
+                refuses: false,
+            })
+            .collect();
+        nodes[0].refuses = true;
+        let mut s = spec(Count::Replicas(2));
+        s.demand.memory_bytes = 500 << 30;
+        s.constraints = vec![Constraint::parse("region == \"mars\"").unwrap()];
+        assert!(place("k", &s, &nodes).is_empty());
+        assert_eq!(
+            explain(&s, &nodes),
+            vec![
+                "the node's refusal (over its owner's limits, or the service failed there) filtered 1 of 6 nodes",
+                "memory 500GiB filtered 6 of 6 nodes",
+                "constraint region == \"mars\" filtered 6 of 6 nodes",
+            ]
+        );
+        assert_eq!(bytes_text(64 << 20), "64MiB");
+        assert_eq!(bytes_text(1536 << 20), "1.5GiB");
+        assert_eq!(bytes_text(100), "100B");
     }
 
     #[test]

@@ -107,7 +107,7 @@ impl Message {
             },
             Message::Suite(m) => match m {
                 SuiteMessage::Digest { .. } => "suite_digest",
-                SuiteMessage::Versions(_) => "suite_versions",
+                SuiteMessage::Versions { .. } => "suite_versions",
                 SuiteMessage::Want(_) => "suite_want",
                 SuiteMessage::Entries(_) => "suite_entries",
             },

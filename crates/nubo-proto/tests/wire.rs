@@ -137,9 +137,17 @@ fn samples() -> Vec<Message> {
             Bytes::from_static(b"key"),
             record().version,
         )])),
-        Message::Suite(SuiteMessage::Digest { count: 2, sum: 99 }),
-        Message::Suite(SuiteMessage::Versions(vec![("web/site".into(), 7)])),
-        Message::Suite(SuiteMessage::Want(vec!["web/site".into()])),
+        Message::Suite(SuiteMessage::Digest {
+            count: 2,
+            sum: 99,
+            provisional: true,
+        }),
+        Message::Suite(SuiteMessage::Versions {
+            from: "web/".into(),
+            to: Some("x".into()),
+            list: vec![("web/site".into(), 7, 42)],
+        }),
+        Message::Suite(SuiteMessage::Want(vec![("web/site".into(), 7)])),
         Message::Suite(SuiteMessage::Entries(vec![SuiteEntry {
             key: "web/site".into(),
             version: 7,

@@ -21,12 +21,17 @@ use nubo_proto::NodeId;
 use nubo_proto::blob;
 use nubo_proto::kv::Record;
 use nubo_proto::kv::version::Version;
+use nubo_proto::suite::SuiteEntry;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const PEERS: TableDefinition<u128, &str> = TableDefinition::new("peers");
 const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
+/// Suite entries by key and version: postcard of ([`SuiteEntry`], provisional).
+const SUITE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("suite");
+/// When the suite was last saved (Unix milliseconds, little endian).
+const SUITE_SAVED_AT: &str = "suite_saved_unix_ms";
 /// Values at least this large of content-addressed keys are kept as files.
 const BLOB_FILE_BYTES_MIN: usize = 4096;
 /// Most peers remembered for rejoining.
@@ -172,6 +177,7 @@ impl StateDb {
         tx.open_table(META).map_err(db_error)?;
         tx.open_table(PEERS).map_err(db_error)?;
         tx.open_table(RECORDS).map_err(db_error)?;
+        tx.open_table(SUITE).map_err(db_error)?;
         tx.commit().map_err(db_error)?;
         Ok(state)
     }
@@ -297,6 +303,61 @@ impl StateDb {
         tx.commit().map_err(db_error)
     }
 
+    /// Replaces the saved versions of each key with the ones given (none: the key is gone),
+    /// and records `now_unix_ms` as the time of the save, durably.
+    pub fn save_suite(
+        &self,
+        keys: &[(String, Vec<(SuiteEntry, bool)>)],
+        now_unix_ms: u64,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut table = tx.open_table(SUITE).map_err(db_error)?;
+            for (key, versions) in keys {
+                table
+                    .extract_from_if((key.as_str(), 0)..=(key.as_str(), u64::MAX), |_, _| true)
+                    .map_err(db_error)?
+                    .for_each(drop);
+                for (entry, provisional) in versions {
+                    let bytes = postcard::to_allocvec(&(entry, *provisional))
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    table
+                        .insert((key.as_str(), entry.version), bytes.as_slice())
+                        .map_err(db_error)?;
+                }
+            }
+            tx.open_table(META)
+                .map_err(db_error)?
+                .insert(SUITE_SAVED_AT, now_unix_ms.to_le_bytes().as_slice())
+                .map_err(db_error)?;
+        }
+        tx.commit().map_err(db_error)
+    }
+
+    /// Every saved suite entry (with its provisional flag), the time of the last save (Unix
+    /// milliseconds, `None` if never), and how many saved entries did not decode.
+    #[allow(clippy::type_complexity)]
+    pub fn suite(&self) -> Result<(Vec<(SuiteEntry, bool)>, Option<u64>, usize), StoreError> {
+        let tx = self.db.begin_read().map_err(db_error)?;
+        let table = tx.open_table(SUITE).map_err(db_error)?;
+        let mut entries = Vec::new();
+        let mut damaged = 0;
+        for row in table.iter().map_err(db_error)? {
+            let (_, bytes) = row.map_err(db_error)?;
+            match postcard::from_bytes::<(SuiteEntry, bool)>(bytes.value()) {
+                Ok(entry) => entries.push(entry),
+                Err(_) => damaged += 1,
+            }
+        }
+        let saved_at = tx
+            .open_table(META)
+            .map_err(db_error)?
+            .get(SUITE_SAVED_AT)
+            .map_err(db_error)?
+            .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes));
+        Ok((entries, saved_at, damaged))
+    }
+
     fn blob_path(&self, key: &[u8]) -> PathBuf {
         let hash = key.strip_prefix(blob::CONTENT_PREFIX).unwrap_or(key);
         let name: String = hash.iter().map(|b| format!("{b:02x}")).collect();
@@ -341,6 +402,51 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn suite_entries_survive_reopening_and_are_replaced_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::create(dir.path()).unwrap();
+        let entry = |key: &str, version: u64| SuiteEntry {
+            key: key.into(),
+            version,
+            document: Bytes::from(format!("{key}@{version}")),
+        };
+        {
+            let state = data.open_state().unwrap();
+            assert_eq!(state.suite().unwrap(), (vec![], None, 0));
+            state
+                .save_suite(
+                    &[
+                        (
+                            "web/a".into(),
+                            vec![(entry("web/a", 1), false), (entry("web/a", 2), false)],
+                        ),
+                        ("web/b".into(), vec![(entry("web/b", 5), true)]),
+                    ],
+                    1_000,
+                )
+                .unwrap();
+            state
+                .save_suite(
+                    &[
+                        ("web/a".into(), vec![(entry("web/a", 3), false)]),
+                        ("web/c".into(), vec![]),
+                    ],
+                    2_000,
+                )
+                .unwrap();
+        }
+        let state = data.open_state().unwrap();
+        assert_eq!(
+            state.suite().unwrap(),
+            (
+                vec![(entry("web/a", 3), false), (entry("web/b", 5), true)],
+                Some(2_000),
+                0
+            )
+        );
     }
 
     #[test]
