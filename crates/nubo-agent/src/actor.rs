@@ -6,12 +6,12 @@
 //! [`Node`], so the core needs no lock and stays the single-threaded state machine the
 //! simulator tests.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use nubo_net::{Admission, JoinToken, NetEvent, Transport};
+use nubo_net::{Admission, Identity, JoinToken, NetEvent, Transport};
 use nubo_proto::kv::{KvError, KvValue, Record, Version};
 use nubo_proto::roster::MemberState;
 use nubo_proto::suite::SuiteEntry;
@@ -20,13 +20,18 @@ use nubo_store::StateDb;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until};
 
+use crate::authority::{Document, Intent, SignedDocument, drain_key};
 use crate::clock::{Clock, unix_now};
+use crate::history::HistoryEntry;
 use crate::host;
+use crate::logs::{AgentMessage, LogFrom, LogReply, LogRequest};
 use crate::model::{Invite, LocalRecord, NodeInfo, Stats, Status, version_text};
 use crate::planner::{ATTR_REFUSES, PlannedService, Planner};
 use crate::runner::{Assignment, InstanceStatus, RunnerReport};
+use crate::status::{DeployStatus, status_key};
 
-/// How often the peers to rejoin through are saved, and resources re-read.
+/// How often the peers to rejoin through are saved, resources re-read, and removals past
+/// their retention forgotten.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
 /// Most contacts in a join token.
 const INVITE_CONTACTS: usize = 8;
@@ -35,13 +40,18 @@ const PLAN_INTERVAL: Duration = Duration::from_millis(500);
 /// How long after start the roster is trusted for placement: until then a node would see
 /// itself nearly alone and start everything.
 const SETTLE: Duration = Duration::from_secs(5);
-/// How often this node's instance list is published to the key-value store.
-const PS_INTERVAL: Duration = Duration::from_secs(2);
-
-/// The key under which a node publishes its instances.
-pub fn ps_key(node: NodeId) -> Bytes {
-    Bytes::from(format!("nubo/ps/{node}"))
-}
+/// How long a removed service is remembered (its removal stops replays of older versions);
+/// a suite saved longer ago than this is provisional when restored.
+pub const REMOVED_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How long a node with provisional suite entries waits for a peer to confirm them before
+/// trusting them on its own (it is alone).
+const PROVISIONAL_WAIT: Duration = Duration::from_secs(30);
+/// How long a log request to another node may go unanswered.
+const LOG_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most log requests this node waits on, and serves, at once.
+const LOG_REQUESTS_MAX: usize = 64;
+/// Longest time-to-live of an invitation.
+pub const INVITE_TTL_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Where an API caller waits for its answer.
 pub type Reply<T> = oneshot::Sender<T>;
@@ -86,7 +96,7 @@ pub enum Command {
         reply: Reply<Invite>,
     },
     /// Publish a signed service document, after checking signature, grant, version and
-    /// quota.
+    /// quota; answered once the document is saved.
     Publish {
         /// The signed document (postcard).
         document: Bytes,
@@ -102,8 +112,41 @@ pub enum Command {
         /// The entry.
         reply: Reply<Option<SuiteEntry>>,
     },
-    /// This node's instances.
-    Instances(Reply<Vec<InstanceStatus>>),
+    /// Every version of a service the suite holds.
+    History {
+        /// `namespace/name`.
+        key: String,
+        /// The versions, oldest first.
+        reply: Reply<Vec<HistoryEntry>>,
+    },
+    /// Every instance of the cloud, as the members report them.
+    Ps(Reply<Vec<InstanceStatus>>),
+    /// The nodes that report instances of a service: their short id, and how to reach them
+    /// (`None`: this node).
+    LogTargets {
+        /// `namespace/name`.
+        key: String,
+        /// The nodes.
+        reply: Reply<Vec<(String, Option<Peer>)>>,
+    },
+    /// Part of a service's logs on one node.
+    LogFetch {
+        /// The node (`None`: this one).
+        node: Option<Peer>,
+        /// The service.
+        service: String,
+        /// Which part.
+        from: LogFrom,
+        /// The answer.
+        reply: Reply<Result<LogReply, String>>,
+    },
+    /// Drain this node (or undo it), signed with the node's own key.
+    Drain {
+        /// Drain, or undo.
+        on: bool,
+        /// Why it was refused, if it was.
+        reply: Reply<Result<(), String>>,
+    },
 }
 
 /// Everything the actor reacts to.
@@ -122,6 +165,9 @@ enum Pending {
     Get(Reply<Result<Option<Record>, KvError>>),
 }
 
+/// Why nothing was saved: the suite could not be written to disk.
+const NOT_SAVED: &str = "the agent cannot write its state to disk (is it full?): it holds the change in memory only, though other nodes may have it; free space, then check with `nubo services`";
+
 /// Facts about this agent fixed at start.
 #[derive(Clone, Debug)]
 pub struct AgentInfo {
@@ -133,6 +179,15 @@ pub struct AgentInfo {
     pub admission: Admission,
     /// Records found damaged on disk at start.
     pub records_damaged_at_start: usize,
+}
+
+/// The node's own key, to sign its drain.
+pub struct NodeKey(pub Identity);
+
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeKey(..)")
+    }
 }
 
 /// The actor's link to the runner.
@@ -160,8 +215,16 @@ pub struct Agent {
     next_plan: Instant,
     settled_at: Instant,
     announced_refusals: String,
-    next_ps: Instant,
-    published_ps: String,
+    key: NodeKey,
+    /// Suite keys changed since the last save.
+    suite_changed: BTreeSet<String>,
+    /// Publications answered once what they changed is saved.
+    pending_publish: Vec<Reply<Result<(), String>>>,
+    started: Instant,
+    /// Log requests sent to other nodes, by id, with their deadline.
+    pending_logs: BTreeMap<u64, (Instant, Reply<Result<LogReply, String>>)>,
+    /// Log requests of other nodes being read now.
+    serving_logs: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Agent {
@@ -173,6 +236,7 @@ impl Agent {
         clock: Clock,
         info: AgentInfo,
         runner: RunnerLink,
+        key: NodeKey,
     ) -> Agent {
         Agent {
             runner,
@@ -181,8 +245,12 @@ impl Agent {
             next_plan: Instant::now(),
             settled_at: Instant::now() + SETTLE,
             announced_refusals: String::new(),
-            next_ps: Instant::now() + PS_INTERVAL,
-            published_ps: String::new(),
+            key,
+            suite_changed: BTreeSet::new(),
+            pending_publish: Vec::new(),
+            started: Instant::now(),
+            pending_logs: BTreeMap::new(),
+            serving_logs: Default::default(),
             node,
             transport,
             state,
@@ -210,7 +278,13 @@ impl Agent {
                 .instant_of(self.node.poll_timeout())
                 .min(self.next_housekeeping)
                 .min(self.next_plan)
-                .min(self.next_ps);
+                .min(
+                    self.pending_logs
+                        .values()
+                        .map(|(deadline, _)| *deadline)
+                        .min()
+                        .unwrap_or(self.next_plan),
+                );
             let input = tokio::select! {
                 _ = &mut shutdown => break,
                 event = net.recv() => match event {
@@ -236,24 +310,26 @@ impl Agent {
     pub fn handle(&mut self, input: Input) {
         let now = self.clock.now();
         match input {
+            Input::Net(NetEvent::Message {
+                from,
+                message: nubo_proto::Message::Agent(bytes),
+            }) => self.on_agent_message(from, &bytes),
             Input::Net(NetEvent::Message { from, message }) => {
                 self.node.handle_message(now, from, message);
             }
             Input::Net(NetEvent::PeerDown(peer)) => self.node.handle_peer_down(now, peer),
             Input::Timer => {
                 self.node.handle_timeout(now);
+                self.expire_log_requests();
                 if Instant::now() >= self.next_housekeeping {
                     self.next_housekeeping = Instant::now() + HOUSEKEEPING_INTERVAL;
                     self.node.set_resources(host::resources());
                     self.save_peers();
+                    self.sweep_suite();
                 }
                 if Instant::now() >= self.next_plan {
                     self.next_plan = Instant::now() + PLAN_INTERVAL;
                     self.replan();
-                }
-                if Instant::now() >= self.next_ps {
-                    self.next_ps = Instant::now() + PS_INTERVAL;
-                    self.publish_instances();
                 }
             }
             Input::Command(command) => self.command(command),
@@ -314,10 +390,15 @@ impl Agent {
                         Err("the suite refused the document".to_string())
                     }
                 });
-                if result.is_ok() {
-                    self.replan();
+                match result {
+                    Ok(()) => {
+                        self.replan();
+                        self.pending_publish.push(reply);
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                    }
                 }
-                let _ = reply.send(result);
             }
             Command::Services(reply) => {
                 let _ = reply.send(self.plan.clone());
@@ -325,9 +406,213 @@ impl Agent {
             Command::SuiteEntry { key, reply } => {
                 let _ = reply.send(self.node.suite().get(&key).cloned());
             }
-            Command::Instances(reply) => {
-                let _ = reply.send(self.runner.report.borrow().instances.clone());
+            Command::History { key, reply } => {
+                let _ = reply.send(self.history(&key));
             }
+            Command::Ps(reply) => {
+                let _ = reply.send(self.ps());
+            }
+            Command::LogTargets { key, reply } => {
+                let mut targets = Vec::new();
+                if self
+                    .node
+                    .roster()
+                    .me()
+                    .instances
+                    .iter()
+                    .any(|f| f.service == key)
+                {
+                    targets.push((self.node.id().short(), None));
+                }
+                targets.extend(
+                    self.node
+                        .roster()
+                        .members()
+                        .filter(|m| m.state == MemberState::Alive)
+                        .filter(|m| m.announce.instances.iter().any(|f| f.service == key))
+                        .map(|m| (m.announce.peer.id.short(), Some(m.announce.peer))),
+                );
+                let _ = reply.send(targets);
+            }
+            Command::LogFetch {
+                node,
+                service,
+                from,
+                reply,
+            } => {
+                let id = self.tag();
+                let request = LogRequest { id, service, from };
+                match node {
+                    None => {
+                        let files = self.runner.report.borrow().logs.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let _ = reply.send(Ok(crate::logs::read(&files, &request)));
+                        });
+                    }
+                    Some(_) if self.pending_logs.len() >= LOG_REQUESTS_MAX => {
+                        let _ = reply.send(Err("too many log requests at once; try again".into()));
+                    }
+                    Some(peer) => {
+                        let message = AgentMessage::LogRequest(request).encode();
+                        self.transport
+                            .send(peer, &nubo_proto::Message::Agent(message));
+                        self.pending_logs
+                            .insert(id, (Instant::now() + LOG_REQUEST_TIMEOUT, reply));
+                    }
+                }
+            }
+            Command::Drain { on, reply } => {
+                let entry = self.drain_document(on);
+                if self.node.publish(now, entry) {
+                    self.replan();
+                    self.pending_publish.push(reply);
+                } else {
+                    let _ = reply.send(Err("the suite refused the drain".into()));
+                }
+            }
+        }
+    }
+
+    /// A message from another agent: a log request to serve, or the answer to one of ours.
+    fn on_agent_message(&mut self, from: Peer, bytes: &[u8]) {
+        match AgentMessage::decode(bytes) {
+            Some(AgentMessage::LogRequest(request)) => {
+                let serving = self.serving_logs.clone();
+                if serving.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= LOG_REQUESTS_MAX {
+                    serving.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    tracing::debug!(peer = %from.id, "too many log requests; one dropped");
+                    return;
+                }
+                let files = self.runner.report.borrow().logs.clone();
+                let transport = self.transport.clone();
+                tokio::task::spawn_blocking(move || {
+                    let reply = AgentMessage::LogReply(crate::logs::read(&files, &request));
+                    transport.send(from, &nubo_proto::Message::Agent(reply.encode()));
+                    serving.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+            Some(AgentMessage::LogReply(reply)) => {
+                if let Some((_, waiting)) = self.pending_logs.remove(&reply.id) {
+                    let _ = waiting.send(Ok(reply));
+                }
+            }
+            None => tracing::debug!(peer = %from.id, "an agent message that does not decode"),
+        }
+    }
+
+    /// Answers log requests that went unanswered too long.
+    fn expire_log_requests(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u64> = self
+            .pending_logs
+            .iter()
+            .filter(|(_, (deadline, _))| *deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some((_, reply)) = self.pending_logs.remove(&id) {
+                let _ = reply.send(Err("the node did not answer in time".into()));
+            }
+        }
+    }
+
+    /// This node's drain (or its undoing), signed with its own key.
+    fn drain_document(&self, on: bool) -> SuiteEntry {
+        let key = drain_key(self.node.id());
+        let previous = self.node.suite().get(&key).map_or(0, |e| e.version);
+        let version = (unix_now().as_millis() as u64).max(previous.saturating_add(1));
+        let identity = &self.key.0;
+        SignedDocument::sign(
+            identity,
+            Document {
+                key,
+                version,
+                intent: if on { Intent::Run } else { Intent::Remove },
+                description: String::new(),
+                signer: identity.public_key(),
+                grant: None,
+            },
+        )
+        .to_entry()
+    }
+
+    /// Every version of `key` the suite holds, with what became of each.
+    fn history(&self, key: &str) -> Vec<HistoryEntry> {
+        let suite = self.node.suite();
+        let documents: Vec<SignedDocument> = suite
+            .history(key)
+            .filter_map(|e| postcard::from_bytes(&e.document).ok())
+            .collect();
+        let status = suite
+            .get(&status_key(key))
+            .and_then(DeployStatus::from_entry)
+            .unwrap_or_default();
+        let running = self
+            .plan
+            .iter()
+            .find(|p| p.key == key && p.intent == "run")
+            .map(|p| p.running_version);
+        crate::history::history(&documents, &status, running, &self.info.admission.admin_key)
+    }
+
+    /// Every instance of the cloud: this node's from the runner, the others' as they report
+    /// them in the roster.
+    fn ps(&self) -> Vec<InstanceStatus> {
+        let mut list = self.runner.report.borrow().instances.clone();
+        for member in self
+            .node
+            .roster()
+            .members()
+            .filter(|m| m.state == MemberState::Alive)
+        {
+            let host = member
+                .announce
+                .peer
+                .addr
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default();
+            list.extend(member.announce.instances.iter().map(|fact| {
+                InstanceStatus::of_fact(fact, member.announce.peer.id.short(), host.clone())
+            }));
+        }
+        list.sort_by(|a, b| {
+            (&a.service, &a.node, a.version).cmp(&(&b.service, &b.node, b.version))
+        });
+        list
+    }
+
+    /// Forgets removals older than [`REMOVED_RETENTION`], trusts provisional entries when no
+    /// peer came to confirm them, and notes that the suite on disk is current.
+    fn sweep_suite(&mut self) {
+        let now_ms = unix_now().as_millis() as u64;
+        let horizon = now_ms.saturating_sub(REMOVED_RETENTION.as_millis() as u64);
+        let expired: Vec<String> = self
+            .node
+            .suite()
+            .entries()
+            .filter(|e| e.version < horizon)
+            .filter(|e| {
+                postcard::from_bytes::<SignedDocument>(&e.document)
+                    .is_ok_and(|s| s.document.intent == Intent::Remove)
+            })
+            .map(|e| e.key.clone())
+            .collect();
+        for key in expired {
+            tracing::info!(service = %key, "forgetting a removal past its retention");
+            self.node.suite_mut().forget(&key);
+        }
+        if self.node.suite().provisional() > 0
+            && self.started.elapsed() >= PROVISIONAL_WAIT
+            && self.node.membership().active().is_empty()
+        {
+            tracing::warn!("no peer confirmed the suite restored from disk; trusting it");
+            self.node.suite_mut().confirm_all();
+        }
+        for key in self.node.suite_mut().drain_changed().collect::<Vec<_>>() {
+            self.suite_changed.insert(key);
+        }
+        if let Err(error) = self.save_suite(true) {
+            tracing::warn!(%error, "cannot save the suite");
         }
     }
 
@@ -351,7 +636,9 @@ impl Agent {
                 entry.version, held.version
             ));
         }
-        if signed.document.intent != crate::authority::Intent::Run {
+        if signed.document.intent != crate::authority::Intent::Run
+            || entry.key.starts_with(crate::authority::DRAIN_PREFIX)
+        {
             return Ok(entry);
         }
         let service =
@@ -388,18 +675,19 @@ impl Agent {
             };
             let demand = service.placement.demand;
             let quota = grant.grant.quota;
+            let total = |used: u64, each: u64| used.saturating_add(n.saturating_mul(each));
             let over = [
                 (
                     "cpu (millicores)",
-                    cpu + n * demand.cpu_millis,
+                    total(cpu, demand.cpu_millis),
                     quota.cpu_millis,
                 ),
                 (
                     "memory (bytes)",
-                    memory + n * demand.memory_bytes,
+                    total(memory, demand.memory_bytes),
                     quota.memory_bytes,
                 ),
-                ("instances", instances + n, quota.instances),
+                ("instances", instances.saturating_add(n), quota.instances),
             ]
             .into_iter()
             .find(|(_, want, allowed)| want > allowed);
@@ -413,12 +701,17 @@ impl Agent {
         Ok(entry)
     }
 
-    /// Recomputes placement; hands this node's part to the runner once the roster settled,
-    /// and announces the services this node refuses.
+    /// Recomputes every rollout; hands this node's part to the runner once the roster
+    /// settled, announces this node's instances and refusals, and records the outcomes this
+    /// node saw.
     fn replan(&mut self) {
-        let (plan, mine) = self.planner.plan(&self.node);
-        self.plan = plan;
+        let now = self.clock.now();
+        let report = self.runner.report.borrow().clone();
+        self.node.set_instances(now, report.facts.clone());
+        let plan = self.planner.plan(&self.node, &report.failures);
+        self.plan = plan.services;
         if Instant::now() >= self.settled_at {
+            let mine: Vec<Assignment> = plan.mine;
             self.runner.desired.send_if_modified(|desired| {
                 let changed = desired.as_ref() != Some(&mine);
                 if changed {
@@ -426,16 +719,17 @@ impl Agent {
                 }
                 changed
             });
+            for entry in plan.writes {
+                tracing::info!(key = %entry.key, version = entry.version, "recording an update's outcome");
+                self.node.publish(now, entry);
+            }
         }
-        let refused: Vec<String> = self
-            .runner
-            .report
-            .borrow()
+        let mut refusals = report
             .refused
             .iter()
             .cloned()
-            .collect();
-        let mut refusals = refused.join(",");
+            .collect::<Vec<String>>()
+            .join(",");
         // Attribute values are bounded; a node refusing that many services is full anyway.
         while refusals.len() > nubo_proto::roster::ATTRIBUTE_BYTES_MAX {
             refusals.truncate(refusals.rfind(',').unwrap_or(0));
@@ -454,35 +748,25 @@ impl Agent {
             if !refusals.is_empty() {
                 attributes.push((ATTR_REFUSES.to_string(), refusals));
             }
-            let now = self.clock.now();
             self.node.set_attributes(now, attributes);
         }
     }
 
-    /// Writes this node's instances (with the end of their logs) to the key-value store, when
-    /// they changed, for `nubo ps` and `nubo logs` on any node.
-    fn publish_instances(&mut self) {
-        let instances = self.runner.report.borrow().instances.clone();
-        let Ok(text) = serde_json::to_string(&instances) else {
-            return;
-        };
-        if text == self.published_ps {
-            return;
+    /// Saves the suite keys changed since the last save (with `touch`, also when none did,
+    /// to note that the copy on disk is current).
+    fn save_suite(&mut self, touch: bool) -> Result<(), nubo_store::StoreError> {
+        if self.suite_changed.is_empty() && !touch {
+            return Ok(());
         }
-        let now = self.clock.now();
-        let tag = self.tag();
-        if self
-            .node
-            .kv_put(
-                now,
-                ps_key(self.node.id()),
-                Some(Bytes::from(text.clone())),
-                tag,
-            )
-            .is_ok()
-        {
-            self.published_ps = text;
-        }
+        let keys: Vec<(String, Vec<(SuiteEntry, bool)>)> = self
+            .suite_changed
+            .iter()
+            .map(|key| (key.clone(), self.node.suite().stored(key)))
+            .collect();
+        self.state
+            .save_suite(&keys, unix_now().as_millis() as u64)?;
+        self.suite_changed.clear();
+        Ok(())
     }
 
     fn tag(&mut self) -> u64 {
@@ -491,37 +775,58 @@ impl Agent {
         self.next_tag & !(1 << 63)
     }
 
-    /// Drains the core after an input.
+    /// Drains the core after an input: what changed is saved first, then messages leave,
+    /// then waiting callers are answered (a deploy is acknowledged only once it is on disk).
     fn drain(&mut self) {
-        while let Some(transmit) = self.node.poll_transmit() {
-            self.transport.send(transmit.to, &transmit.message);
-        }
+        let mut outcomes = Vec::new();
         while let Some(event) = self.node.poll_event() {
             match event {
-                Event::Kv(outcome) => match self.pending.remove(&outcome.tag) {
-                    Some(Pending::Put(reply)) => {
-                        let _ = reply.send(outcome.result.and_then(|value| match value {
-                            KvValue::Written(version) => Ok(version),
-                            KvValue::Read(_) => Err(KvError::Disabled),
-                        }));
-                    }
-                    Some(Pending::Get(reply)) => {
-                        let _ = reply.send(outcome.result.and_then(|value| match value {
-                            KvValue::Read(record) => Ok(record),
-                            KvValue::Written(_) => Err(KvError::Disabled),
-                        }));
-                    }
-                    None => {}
-                },
+                Event::Kv(outcome) => outcomes.push(outcome),
+                Event::SuiteChanged(key) => {
+                    self.suite_changed.insert(key);
+                }
                 Event::NeighborUp(peer) => tracing::debug!(peer = ?peer, "neighbour up"),
                 Event::NeighborDown(peer) => tracing::debug!(peer = ?peer, "neighbour down"),
-                Event::Delivered(_) | Event::Lookup(_) | Event::SuiteChanged(_) => {}
+                Event::Delivered(_) | Event::Lookup(_) => {}
             }
         }
         let changes = self.node.kv_mut().drain_changes();
         if let Err(error) = self.state.save_records(&changes) {
             self.persist_failures += 1;
             tracing::error!(%error, records = changes.len(), "cannot save records; they stay in memory and on their other replicas");
+        }
+        let saved = self.save_suite(false);
+        if let Err(error) = &saved {
+            self.persist_failures += 1;
+            tracing::error!(%error, "cannot save the suite; it stays in memory and on the other nodes");
+        }
+        while let Some(transmit) = self.node.poll_transmit() {
+            self.transport.send(transmit.to, &transmit.message);
+        }
+        for reply in self.pending_publish.drain(..) {
+            let _ = reply.send(
+                saved
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|_| NOT_SAVED.to_string()),
+            );
+        }
+        for outcome in outcomes {
+            match self.pending.remove(&outcome.tag) {
+                Some(Pending::Put(reply)) => {
+                    let _ = reply.send(outcome.result.and_then(|value| match value {
+                        KvValue::Written(version) => Ok(version),
+                        KvValue::Read(_) => Err(KvError::Disabled),
+                    }));
+                }
+                Some(Pending::Get(reply)) => {
+                    let _ = reply.send(outcome.result.and_then(|value| match value {
+                        KvValue::Read(record) => Ok(record),
+                        KvValue::Written(_) => Err(KvError::Disabled),
+                    }));
+                }
+                None => {}
+            }
         }
     }
 

@@ -15,20 +15,17 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use bytes::Bytes;
-use nubo_proto::blob::{self, Assembly, BlobId, Manifest};
+use nubo_proto::blob::BlobId;
 use nubo_proto::kv::{KvError, Record, Version};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
 
-use crate::actor::{Command, Reply, ps_key};
+use crate::actor::{Command, INVITE_TTL_MAX, Reply};
 use crate::authority::SignedDocument;
+use crate::blobs::{self, BlobError};
 use crate::model::{ApiErrorBody, BlobStored, ServiceDocument, Written, version_text};
-use crate::runner::InstanceStatus;
 
 /// Most bytes of a blob uploaded in one request.
 pub const BLOB_BYTES_MAX: usize = 256 * 1024 * 1024;
-/// Chunks moved at once for one blob.
-const CHUNKS_IN_FLIGHT: usize = 8;
 /// How long an API call waits for the actor.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Header carrying a record's version.
@@ -65,6 +62,21 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<BlobError> for ApiError {
+    fn from(error: BlobError) -> ApiError {
+        match error {
+            BlobError::Kv(error) => error.into(),
+            BlobError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "no such blob"),
+            BlobError::Unavailable(_) | BlobError::Agent => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
+            }
+            BlobError::Invalid(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, error.to_string())
+            }
+        }
+    }
+}
+
 impl From<KvError> for ApiError {
     fn from(error: KvError) -> ApiError {
         let status = match error {
@@ -97,7 +109,10 @@ pub fn router(commands: mpsc::Sender<Command>, token: &str) -> Router {
         .route("/v1/blobs/{id}", get(blob_get))
         .route("/v1/services", post(service_publish).get(services))
         .route("/v1/services/{*key}", get(service_document))
+        .route("/v1/history/{*key}", get(history))
         .route("/v1/ps", get(ps))
+        .route("/v1/drain", post(drain))
+        .route("/v1/logs/{*key}", get(logs))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
 }
@@ -169,6 +184,12 @@ async fn invite(
     Query(query): Query<InviteQuery>,
 ) -> Result<Response, ApiError> {
     let ttl = Duration::from_secs(query.ttl_secs.unwrap_or(24 * 3600));
+    if ttl > INVITE_TTL_MAX {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("ttl_secs is at most {} (a year)", INVITE_TTL_MAX.as_secs()),
+        ));
+    }
     let invite = ask(&state, |reply| Command::Invite { ttl, reply }).await?;
     Ok(axum::Json(invite).into_response())
 }
@@ -218,14 +239,14 @@ async fn kv_get(
     State(state): State<ApiState>,
     Path(key): Path<String>,
 ) -> Result<Response, ApiError> {
-    let record = get_value(&state, Bytes::from(key)).await?;
+    let record = get_value(&state, Bytes::from(key.clone())).await?;
     let Some(Record {
         value: Some(value),
         version,
         ..
     }) = record
     else {
-        return Err(not_found("key"));
+        return Err(not_found(&format!("key {key:?}")));
     };
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&version_text(&version)) {
@@ -244,27 +265,9 @@ async fn kv_local(
 }
 
 async fn blob_put(State(state): State<ApiState>, body: Body) -> Result<Response, ApiError> {
-    let (manifest, chunks) = blob::split(&body)
-        .map_err(|e| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()))?;
-    let mut in_flight = JoinSet::new();
-    for (hash, bytes) in chunks {
-        if in_flight.len() >= CHUNKS_IN_FLIGHT
-            && let Some(done) = in_flight.join_next().await
-        {
-            done.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-        }
-        let state = state.clone();
-        in_flight
-            .spawn(async move { put_value(&state, blob::content_key(&hash), Some(bytes)).await });
-    }
-    while let Some(done) = in_flight.join_next().await {
-        done.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    }
-    // The manifest goes last: a blob is readable only once all its chunks are stored.
-    let id = manifest.id();
-    put_value(&state, id.key(), Some(manifest.encode())).await?;
+    let manifest = blobs::store(&state.commands, &body).await?;
     Ok(axum::Json(BlobStored {
-        id: id.to_string(),
+        id: manifest.id().to_string(),
         size: manifest.size,
         chunks: manifest.chunks.len(),
     })
@@ -281,51 +284,7 @@ async fn blob_get(
             "a blob id is 64 hexadecimal digits, as `nubo blob put` prints",
         )
     })?;
-    let Some(Record {
-        value: Some(bytes), ..
-    }) = get_value(&state, id.key()).await?
-    else {
-        return Err(not_found("blob"));
-    };
-    let manifest = Manifest::decode(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    let mut assembly = Assembly::new(manifest.clone());
-    let missing: Vec<usize> = assembly.missing().collect();
-    let mut in_flight = JoinSet::new();
-    let mut next = missing.into_iter();
-    loop {
-        while in_flight.len() < CHUNKS_IN_FLIGHT
-            && let Some(index) = next.next()
-        {
-            let state = state.clone();
-            let key = blob::content_key(&manifest.chunks[index]);
-            in_flight.spawn(async move { (index, get_value(&state, key).await) });
-        }
-        let Some(done) = in_flight.join_next().await else {
-            break;
-        };
-        let (index, record) =
-            done.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        let Some(Record {
-            value: Some(chunk), ..
-        }) = record?
-        else {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("chunk {index} of the blob is not available; try again later"),
-            ));
-        };
-        assembly
-            .add(index, chunk)
-            .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
-    }
-    let content = assembly.finish().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the blob is incomplete; try again later",
-        )
-    })?;
-    Ok(content.into_response())
+    Ok(blobs::fetch(&state.commands, id).await?.into_response())
 }
 
 async fn service_publish(State(state): State<ApiState>, body: Body) -> Result<Response, ApiError> {
@@ -351,7 +310,7 @@ async fn service_document(
         reply,
     })
     .await?
-    .ok_or_else(|| not_found("service (see `nubo services`)"))?;
+    .ok_or_else(|| not_found(&format!("service {key} (see `nubo services`)")))?;
     let signed: SignedDocument = postcard::from_bytes(&entry.document)
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "damaged document"))?;
     let document = signed.document;
@@ -365,28 +324,173 @@ async fn service_document(
     .into_response())
 }
 
-/// Every instance of the cloud: this node's from the runner, the others' from what each node
-/// publishes in the key-value store.
+/// Every instance of the cloud, as its members report them.
 async fn ps(State(state): State<ApiState>) -> Result<Response, ApiError> {
-    let nodes = ask(&state, Command::Nodes).await?;
-    let mut instances: Vec<InstanceStatus> = ask(&state, Command::Instances).await?;
-    let mut reads = JoinSet::new();
-    for node in nodes.iter().filter(|n| !n.this_node && n.state == "alive") {
-        let Ok(id) = node.id.parse() else {
-            continue;
-        };
-        let state = state.clone();
-        reads.spawn(async move { get_value(&state, ps_key(id)).await });
+    Ok(axum::Json(ask(&state, Command::Ps).await?).into_response())
+}
+
+async fn history(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let list = ask(&state, |reply| Command::History {
+        key: key.clone(),
+        reply,
+    })
+    .await?;
+    if list.is_empty() {
+        return Err(not_found(&format!("service {key} (see `nubo services`)")));
     }
-    while let Some(done) = reads.join_next().await {
-        if let Ok(Ok(Some(Record {
-            value: Some(bytes), ..
-        }))) = done
-            && let Ok(list) = serde_json::from_slice::<Vec<InstanceStatus>>(&bytes)
-        {
-            instances.extend(list);
+    Ok(axum::Json(list).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct DrainQuery {
+    undo: Option<bool>,
+}
+
+/// Drains this node (`?undo=true`: undoes it).
+async fn drain(
+    State(state): State<ApiState>,
+    Query(query): Query<DrainQuery>,
+) -> Result<Response, ApiError> {
+    let on = !query.undo.unwrap_or(false);
+    ask(&state, |reply| Command::Drain { on, reply })
+        .await?
+        .map_err(|reason| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, reason))?;
+    Ok(axum::Json(serde_json::json!({"draining": on})).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct LogsQuery {
+    /// The last lines of each instance (default 100, unless `since_secs`).
+    tail: Option<u32>,
+    /// What reached the logs in the last seconds.
+    since_secs: Option<u64>,
+    /// Keep streaming new output.
+    follow: Option<bool>,
+}
+
+/// One line of the `/v1/logs` stream: output of one instance.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct LogLine {
+    /// The node (short id).
+    pub node: String,
+    /// The instance's version.
+    pub version: u64,
+    /// The output, as text (invalid UTF-8 replaced).
+    pub text: String,
+}
+
+/// How often a followed log is asked for more.
+const LOG_POLL: Duration = Duration::from_millis(500);
+/// How often a followed log looks for instances that started since.
+const LOG_TARGETS_REFRESH: Duration = Duration::from_secs(3);
+
+/// A service's logs from every node that runs it, as a stream of JSON lines ([`LogLine`]);
+/// with `follow`, new output keeps coming as it is written, from instances that start later
+/// too.
+async fn logs(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    Query(query): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
+    use crate::logs::LogFrom;
+    let follow = query.follow.unwrap_or(false);
+    let targets = ask(&state, |reply| Command::LogTargets {
+        key: key.clone(),
+        reply,
+    })
+    .await?;
+    if targets.is_empty() && !follow {
+        return Err(not_found(&format!(
+            "instance of {key} that runs now (`nubo services` says where it is placed)"
+        )));
+    }
+    let first = match (query.since_secs, query.tail) {
+        (Some(secs), _) => LogFrom::Since {
+            unix_ms: (crate::clock::unix_now().as_millis() as u64)
+                .saturating_sub(secs.saturating_mul(1000)),
+        },
+        (None, lines) => LogFrom::Tail {
+            lines: lines.unwrap_or(100).min(crate::logs::TAIL_LINES_MAX),
+        },
+    };
+    let (lines, receiver) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        // Where each instance's log was read up to: node -> version -> offset.
+        let mut ends: std::collections::BTreeMap<String, Vec<(u64, u64)>> = Default::default();
+        let mut targets = targets;
+        let mut refreshed = tokio::time::Instant::now();
+        loop {
+            for (node, peer) in &targets {
+                let from = match ends.get(node) {
+                    Some(offsets) => LogFrom::Offsets(offsets.clone()),
+                    None => first.clone(),
+                };
+                let fetched = ask(&state, |reply| Command::LogFetch {
+                    node: *peer,
+                    service: key.clone(),
+                    from,
+                    reply,
+                })
+                .await;
+                let Ok(Ok(reply)) = fetched else {
+                    continue;
+                };
+                let offsets = ends.entry(node.clone()).or_default();
+                for piece in reply.pieces {
+                    offsets.retain(|(v, _)| *v != piece.version);
+                    offsets.push((piece.version, piece.end()));
+                    if piece.data.is_empty() {
+                        continue;
+                    }
+                    let line = LogLine {
+                        node: node.clone(),
+                        version: piece.version,
+                        text: String::from_utf8_lossy(&piece.data).into_owned(),
+                    };
+                    let mut json = serde_json::to_vec(&line).unwrap_or_default();
+                    json.push(b'\n');
+                    if lines.send(Bytes::from(json)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if !follow {
+                return;
+            }
+            tokio::time::sleep(LOG_POLL).await;
+            if lines.is_closed() {
+                return;
+            }
+            if refreshed.elapsed() >= LOG_TARGETS_REFRESH {
+                refreshed = tokio::time::Instant::now();
+                if let Ok(fresh) = ask(&state, |reply| Command::LogTargets {
+                    key: key.clone(),
+                    reply,
+                })
+                .await
+                {
+                    // A node seen for the first time is read from its start.
+                    for (node, _) in &fresh {
+                        ends.entry(node.clone()).or_default();
+                    }
+                    targets = fresh;
+                }
+            }
         }
-    }
-    instances.sort_by(|a, b| (&a.service, &a.node).cmp(&(&b.service, &b.node)));
-    Ok(axum::Json(instances).into_response())
+    });
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver
+            .recv()
+            .await
+            .map(|bytes| (Ok::<_, std::convert::Infallible>(bytes), receiver))
+    });
+    let mut response = axum::body::Body::from_stream(stream).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(response)
 }

@@ -11,13 +11,28 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use nubo_net::{Identity, verify_signature};
+use nubo_net::{Identity, node_id_of, verify_signature};
+use nubo_proto::NodeId;
 use nubo_proto::suite::{SuiteCheck, SuiteEntry};
+
+use crate::status::DeployStatus;
 use serde::{Deserialize, Serialize};
 
 const GRANT_PREFIX: &str = "nubogrant1_";
 const GRANT_CONTEXT: &[u8] = b"nubo grant v1";
 const DOCUMENT_CONTEXT: &[u8] = b"nubo document v1";
+/// Prefix of the suite keys that drain nodes: `@drain/<node id>`.
+pub const DRAIN_PREFIX: &str = "@drain/";
+
+/// The suite key that drains `node`.
+pub fn drain_key(node: NodeId) -> String {
+    format!("{DRAIN_PREFIX}{node}")
+}
+
+/// The node a drain key names.
+pub fn drained_node(key: &str) -> Option<NodeId> {
+    key.strip_prefix(DRAIN_PREFIX)?.parse().ok()
+}
 
 /// The most a namespace may use across all its services.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,7 +220,8 @@ impl SignedDocument {
         Ok(signed)
     }
 
-    /// Checks the signature and the signer's right to deploy this key.
+    /// Checks the signature and the signer's right to write this key: a service's key, the
+    /// administrator or a granted user; a drain key, the administrator or the node itself.
     pub fn verify(&self, admin_key: &[u8; 32], now_unix_secs: u64) -> Result<(), AuthorityError> {
         let document = &self.document;
         let valid = signature_of(&self.signature)
@@ -215,6 +231,15 @@ impl SignedDocument {
         }
         if &document.signer == admin_key {
             return Ok(());
+        }
+        if document.key.starts_with(DRAIN_PREFIX) {
+            return match drained_node(&document.key) {
+                Some(node) if node_id_of(&document.signer) == node => Ok(()),
+                _ => Err(AuthorityError::GrantMismatch {
+                    what: "another node".into(),
+                    target: "drain (only the node itself or the administrator drains a node)",
+                }),
+            };
         }
         let grant = document.grant.as_ref().ok_or(AuthorityError::NoGrant)?;
         if !grant.verify(admin_key) {
@@ -240,7 +265,9 @@ impl SignedDocument {
     }
 }
 
-/// The agent's suite check: only documents that verify enter the suite.
+/// The agent's suite check: only documents that verify enter the suite. Service and drain
+/// documents must be signed by someone allowed to write their key; an update's status (an
+/// annotation, written by the nodes) must be well formed.
 pub struct DocumentCheck {
     /// The administrator's key.
     pub admin_key: [u8; 32],
@@ -248,6 +275,13 @@ pub struct DocumentCheck {
 
 impl SuiteCheck for DocumentCheck {
     fn accepts(&self, entry: &SuiteEntry) -> bool {
+        if nubo_proto::suite::annotated(&entry.key).is_some() {
+            let valid = DeployStatus::from_entry(entry).is_some();
+            if !valid {
+                tracing::warn!(key = %entry.key, "refused a malformed status annotation");
+            }
+            return valid;
+        }
         let now = crate::clock::unix_now().as_secs();
         match SignedDocument::from_entry(entry, &self.admin_key, now) {
             Ok(_) => true,
@@ -256,6 +290,12 @@ impl SuiteCheck for DocumentCheck {
                 false
             }
         }
+    }
+
+    fn ends_history(&self, entry: &SuiteEntry) -> bool {
+        nubo_proto::suite::annotated(&entry.key).is_none()
+            && postcard::from_bytes::<SignedDocument>(&entry.document)
+                .is_ok_and(|s| s.document.intent == Intent::Remove)
     }
 }
 
@@ -324,6 +364,41 @@ mod tests {
             Err(AuthorityError::BadSignature("document's"))
         );
         assert_eq!(SignedGrant::decode(&g.encode()), Ok(g));
+    }
+
+    #[test]
+    fn a_node_drains_itself_the_administrator_any_node_nobody_else() {
+        let admin = Identity::generate().unwrap();
+        let node = Identity::generate().unwrap();
+        let other = Identity::generate().unwrap();
+        let key = drain_key(node.node_id());
+        assert_eq!(drained_node(&key), Some(node.node_id()));
+        for (signer, allowed) in [(&node, true), (&admin, true), (&other, false)] {
+            let signed = SignedDocument::sign(signer, document(&key, signer, None));
+            assert_eq!(
+                signed.verify(&admin.public_key(), 0).is_ok(),
+                allowed,
+                "{:?}",
+                signed.verify(&admin.public_key(), 0)
+            );
+        }
+        let check = DocumentCheck {
+            admin_key: admin.public_key(),
+        };
+        let mut removal = document("web/site", &admin, None);
+        removal.intent = Intent::Remove;
+        let removal = SignedDocument::sign(&admin, removal).to_entry();
+        assert!(check.accepts(&removal) && check.ends_history(&removal));
+        let run = SignedDocument::sign(&admin, document("web/site", &admin, None)).to_entry();
+        assert!(!check.ends_history(&run));
+        let status = crate::status::DeployStatus::default().to_entry("web/site", None);
+        assert!(check.accepts(&status));
+        let garbage = SuiteEntry {
+            key: "web/site#status".into(),
+            version: 1,
+            document: bytes::Bytes::from_static(b"\xff\xff\xff"),
+        };
+        assert!(!check.accepts(&garbage));
     }
 
     #[test]

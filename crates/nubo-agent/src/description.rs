@@ -24,6 +24,15 @@
 //! type = "http"                      # http, tcp or command
 //! port = "http"
 //! interval = "2s"
+//! grace = "2s"                       # first check after this; failures before the first
+//!                                    # success never count as unhealthy
+//!
+//! [update]                           # how a new version replaces the running one
+//! max_parallel = 1                   # nodes updated at once
+//! max_surge = 1                      # of those, how many start the new instance first
+//! min_healthy_time = "10s"           # healthy this long before the next batch
+//! healthy_deadline = "5m"            # not healthy by then: the version failed
+//! auto_revert = true                 # a failed version goes back to the last good one
 //! ```
 //!
 //! Unknown keys are errors. Every error names its line and column and says what would be
@@ -33,6 +42,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Duration;
 
+use nubo_proto::rollout::UpdatePolicy;
 use nubo_proto::service::{Constraint, Count, Demand, PlacementSpec, parse_quantity};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
@@ -41,6 +51,8 @@ use toml::Spanned;
 pub const NAME_BYTES_MAX: usize = 63;
 /// Most ports per service.
 pub const PORTS_MAX: usize = 8;
+/// Longest duration a description may give (30 days): timers stay far from overflow.
+pub const DURATION_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// One problem in a description.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -103,6 +115,9 @@ pub struct Health {
     pub interval: Duration,
     /// How long one check may take.
     pub timeout: Duration,
+    /// How long after a start the first check runs; until the first success, failures do
+    /// not make the instance unhealthy.
+    pub grace: Duration,
 }
 
 /// When to restart an instance that exited.
@@ -145,12 +160,39 @@ pub struct Service {
     pub restart: RestartPolicy,
     /// Free-form attributes for discovery.
     pub discovery: BTreeMap<String, String>,
+    /// How a new version replaces the running one.
+    pub update: UpdatePolicy,
 }
 
 impl Service {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// A hash of everything that shapes a running instance (program, artifact, environment,
+    /// resources, ports, health check, restart policy), and of nothing else: two versions
+    /// with equal fingerprints run the same instance, so changing only placement, discovery
+    /// or update settings restarts nothing.
+    pub fn fingerprint(&self) -> u64 {
+        let shape = (
+            &self.run,
+            self.placement.demand,
+            &self.ports,
+            &self.health,
+            self.restart,
+        );
+        let bytes = postcard::to_allocvec(&shape).unwrap_or_default();
+        let hash = blake3::hash(&bytes);
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&hash.as_bytes()[..8]);
+        u64::from_le_bytes(first)
+    }
+
+    /// Whether a new instance can start beside an old one on the same node: not when a port
+    /// is fixed.
+    pub fn surge_possible(&self) -> bool {
+        self.ports.values().all(|port| *port == 0)
     }
 }
 
@@ -170,6 +212,18 @@ struct RawService {
     restart: RawRestart,
     #[serde(default)]
     discovery: BTreeMap<String, String>,
+    #[serde(default)]
+    update: RawUpdate,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUpdate {
+    max_parallel: Option<Spanned<u32>>,
+    max_surge: Option<Spanned<u32>>,
+    min_healthy_time: Option<Spanned<String>>,
+    healthy_deadline: Option<Spanned<String>>,
+    auto_revert: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -214,6 +268,7 @@ struct RawHealth {
     command: Option<Vec<String>>,
     interval: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+    grace: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -232,7 +287,7 @@ fn position(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// A duration such as `500ms`, `2s`, `1m`.
+/// A duration such as `500ms`, `2s`, `1m`, at most [`DURATION_MAX`].
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
@@ -247,7 +302,10 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         return None;
     };
     let value: f64 = number.trim().parse().ok()?;
-    (value.is_finite() && value >= 0.0).then(|| Duration::from_secs_f64(value * scale))
+    let millis = value * scale * 1000.0;
+    // Checked before converting: a float beyond the range would not fit a Duration.
+    (millis.is_finite() && millis >= 0.0 && millis <= DURATION_MAX.as_millis() as f64)
+        .then(|| Duration::from_millis(millis.round() as u64))
 }
 
 fn valid_name(name: &str) -> bool {
@@ -444,7 +502,7 @@ pub fn parse(text: &str) -> Result<Service, Vec<DescriptionError>> {
             Some(text) => parse_duration(text.get_ref()).unwrap_or_else(|| {
                 problems.at(
                     text.span(),
-                    "expected a duration such as \"2s\" or \"500ms\"",
+                    "expected a duration such as \"2s\" or \"500ms\" (at most 30 days)",
                 );
                 default
             }),
@@ -452,6 +510,10 @@ pub fn parse(text: &str) -> Result<Service, Vec<DescriptionError>> {
         };
         let interval = duration(&h.interval, Duration::from_secs(2), &mut problems);
         let timeout = duration(&h.timeout, Duration::from_secs(1), &mut problems);
+        let grace = duration(&h.grace, Duration::from_secs(2), &mut problems);
+        if interval.is_zero() {
+            problems.at(span.clone(), "interval must be more than 0s");
+        }
         let named_port = |problems: &mut Problems<'_>| match &h.port {
             Some(port) if ports.contains_key(port) => Some(port.clone()),
             Some(port) => {
@@ -494,6 +556,7 @@ pub fn parse(text: &str) -> Result<Service, Vec<DescriptionError>> {
             probe,
             interval,
             timeout,
+            grace,
         })
     });
 
@@ -508,9 +571,55 @@ pub fn parse(text: &str) -> Result<Service, Vec<DescriptionError>> {
         if let Some(text) = field {
             match parse_duration(text.get_ref()) {
                 Some(d) => *target = d,
-                None => problems.at(text.span(), "expected a duration such as \"2s\""),
+                None => problems.at(
+                    text.span(),
+                    "expected a duration such as \"2s\" (at most 30 days)",
+                ),
             }
         }
+    }
+
+    let mut update = UpdatePolicy::default();
+    let u = &raw.update;
+    if let Some(parallel) = &u.max_parallel {
+        match *parallel.get_ref() {
+            1..=1000 => update.max_parallel = *parallel.get_ref(),
+            _ => problems.at(parallel.span(), "max_parallel is 1 to 1000"),
+        }
+    }
+    if let Some(surge) = &u.max_surge {
+        match *surge.get_ref() {
+            0..=1000 => update.max_surge = *surge.get_ref(),
+            _ => problems.at(surge.span(), "max_surge is 0 to 1000"),
+        }
+    }
+    for (field, target) in [
+        (&u.min_healthy_time, &mut update.min_healthy_time),
+        (&u.healthy_deadline, &mut update.healthy_deadline),
+    ] {
+        if let Some(text) = field {
+            match parse_duration(text.get_ref()) {
+                Some(d) => *target = d,
+                None => problems.at(
+                    text.span(),
+                    "expected a duration such as \"10s\" or \"5m\" (at most 30 days)",
+                ),
+            }
+        }
+    }
+    if update.healthy_deadline <= update.min_healthy_time {
+        let span = u
+            .healthy_deadline
+            .as_ref()
+            .or(u.min_healthy_time.as_ref())
+            .map_or(0..0, |s| s.span());
+        problems.at(
+            span,
+            "healthy_deadline must be longer than min_healthy_time",
+        );
+    }
+    if let Some(auto_revert) = u.auto_revert {
+        update.auto_revert = auto_revert;
     }
 
     if !problems.list.is_empty() {
@@ -536,6 +645,7 @@ pub fn parse(text: &str) -> Result<Service, Vec<DescriptionError>> {
         health,
         restart,
         discovery: raw.discovery,
+        update,
     })
 }
 
@@ -631,5 +741,57 @@ interval = "1s"
         );
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_duration("2"), None);
+        assert_eq!(parse_duration("1e30s"), None, "no panic, no overflow");
+        assert_eq!(parse_duration("-1s"), None);
+        assert_eq!(parse_duration("NaNs"), None);
+        assert_eq!(parse_duration("30d"), None);
+        assert_eq!(parse_duration("720h"), Some(DURATION_MAX));
+    }
+
+    #[test]
+    fn update_settings_read_with_defaults_and_checks() {
+        let service = parse(SITE).unwrap();
+        assert_eq!(service.update, UpdatePolicy::default());
+        let custom = format!(
+            "{SITE}\n[update]\nmax_parallel = 2\nmax_surge = 0\nmin_healthy_time = \"1s\"\nhealthy_deadline = \"20s\"\nauto_revert = false\n"
+        );
+        let update = parse(&custom).unwrap().update;
+        assert_eq!(
+            update,
+            UpdatePolicy {
+                max_parallel: 2,
+                max_surge: 0,
+                min_healthy_time: Duration::from_secs(1),
+                healthy_deadline: Duration::from_secs(20),
+                auto_revert: false,
+            }
+        );
+        let backwards =
+            format!("{SITE}\n[update]\nmin_healthy_time = \"1m\"\nhealthy_deadline = \"30s\"\n");
+        let errors = parse(&backwards).unwrap_err();
+        assert!(errors[0].message.contains("longer than"), "{errors:?}");
+        let zero = format!("{SITE}\n[update]\nmax_parallel = 0\n");
+        assert!(parse(&zero).is_err());
+        let huge = SITE.replace("interval = \"1s\"", "interval = \"1e30s\"");
+        assert!(parse(&huge).unwrap_err()[0].message.contains("30 days"));
+    }
+
+    #[test]
+    fn only_what_shapes_an_instance_changes_its_fingerprint() {
+        let base = parse(SITE).unwrap();
+        let more = parse(&SITE.replace("replicas = 3", "replicas = 5")).unwrap();
+        assert_eq!(base.fingerprint(), more.fingerprint());
+        let tuned = parse(&format!("{SITE}\n[update]\nmax_parallel = 3\n")).unwrap();
+        assert_eq!(base.fingerprint(), tuned.fingerprint());
+        let bigger = parse(&SITE.replace("cpu = 0.2", "cpu = 0.25")).unwrap();
+        assert_ne!(base.fingerprint(), bigger.fingerprint());
+        let other = parse(&SITE.replace("http.server", "http.server2")).unwrap();
+        assert_ne!(base.fingerprint(), other.fingerprint());
+        assert!(base.surge_possible());
+        assert!(
+            !parse(&SITE.replace("http = 0", "http = 8080"))
+                .unwrap()
+                .surge_possible()
+        );
     }
 }

@@ -8,13 +8,17 @@
 pub mod actor;
 pub mod api;
 pub mod authority;
+pub mod blobs;
 pub mod clock;
 pub mod description;
+pub mod history;
 pub mod host;
+pub mod logs;
 pub mod model;
 pub mod planner;
 pub mod runner;
 pub mod setup;
+pub mod status;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -26,7 +30,7 @@ use nubo_proto::{Config, Node, Peer};
 use nubo_store::{DataDir, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::actor::{Agent, AgentInfo, RunnerLink};
+use crate::actor::{Agent, AgentInfo, NodeKey, REMOVED_RETENTION, RunnerLink};
 use crate::clock::Clock;
 use crate::runner::{NodeLimits, Runner, RunnerConfig};
 use crate::setup::SetupError;
@@ -146,6 +150,28 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     node.set_suite_check(Box::new(authority::DocumentCheck {
         admin_key: standing.admission.admin_key,
     }));
+    let (suite, saved_at, suite_damaged) = state.suite()?;
+    // A copy older than the removals the cloud remembers may hold a service removed since.
+    let stale = saved_at.is_some_and(|at| {
+        clock::unix_now().as_millis() as u64
+            > at.saturating_add(REMOVED_RETENTION.as_millis() as u64)
+    });
+    let suite_restored = suite.len();
+    for (entry, provisional) in suite {
+        node.suite_mut().restore(entry, provisional || stale);
+    }
+    // Annotations whose service did not come back go too.
+    let orphans: Vec<String> = node
+        .suite()
+        .entries()
+        .filter_map(|e| nubo_proto::suite::annotated(&e.key))
+        .filter(|base| node.suite().get(base).is_none())
+        .map(str::to_string)
+        .collect();
+    for base in orphans {
+        node.suite_mut().forget(&base);
+    }
+    node.suite_mut().drain_changed().for_each(drop);
     let machine = host::resources();
     let limits = NodeLimits {
         cpu_millis: options
@@ -180,7 +206,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     })?;
     data.write_secret(setup::API_ADDR_FILE, api_addr.to_string().as_bytes())?;
     let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_MAX);
-    let app = api::router(commands_tx, &token);
+    let app = api::router(commands_tx.clone(), &token);
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             tracing::error!(%error, "the API stopped");
@@ -196,6 +222,9 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         contacts = standing.contacts.len(),
         records = restored,
         records_damaged = damaged,
+        suite = suite_restored,
+        suite_damaged,
+        suite_stale = stale,
         "agent started"
     );
     let info = AgentInfo {
@@ -219,8 +248,10 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         node: id.short(),
         host: advertise.ip().to_string(),
         root,
+        artifacts: data.file("artifacts"),
         wrapper: std::env::current_exe().map_err(|e| SetupError::Key(e.to_string()))?,
         limits,
+        commands: commands_tx.clone(),
     });
     let (desired_tx, desired_rx) = tokio::sync::watch::channel(None);
     let (report_tx, report_rx) = tokio::sync::watch::channel(Default::default());
@@ -229,7 +260,11 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
         desired: desired_tx,
         report: report_rx,
     };
-    Agent::new(node, transport.clone(), state, clock, info, link)
+    let key = NodeKey(
+        nubo_net::Identity::from_secret(&standing.identity.secret())
+            .map_err(|e| SetupError::Key(e.to_string()))?,
+    );
+    Agent::new(node, transport.clone(), state, clock, info, link, key)
         .run(net_rx, commands_rx, stop_rx)
         .await;
     // The actor dropped the runner's channel: the runner stops the instances and ends.

@@ -1,17 +1,24 @@
-//! The planner: from the suite and the roster, which nodes run which service. Every agent
-//! plans the whole cloud the same way ([`nubo_proto::service::place`]) and runs its own part.
+//! The planner: from the suite, the roster and the instances every member reports, what each
+//! service's rollout stands at and what this node must do. Every agent plans the whole cloud
+//! the same way ([`nubo_proto::rollout::plan`]) and carries out its own part; the first node
+//! placed for a version records in the suite that it completed, and a node whose new instance
+//! failed records that.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use nubo_proto::instance::InstanceFact;
+use nubo_proto::rollout::{self, Phase, Release, RolloutInput};
 use nubo_proto::roster::MemberState;
-use nubo_proto::service::{Candidate, Count, Demand, place};
+use nubo_proto::service::{Candidate, Count, Demand, explain};
+use nubo_proto::suite::SuiteEntry;
 use nubo_proto::{Node, NodeId};
 use serde::{Deserialize, Serialize};
 
-use crate::authority::{Intent, SignedDocument};
+use crate::authority::{DRAIN_PREFIX, Intent, SignedDocument, drained_node};
 use crate::description::{self, Service};
-use crate::runner::Assignment;
+use crate::runner::{Assignment, Failure};
+use crate::status::{DeployStatus, Outcome, status_key};
 
 /// Attribute announcing the cores (in thousandths) a node lends.
 pub const ATTR_CPU: &str = "nubo.cpu_millis";
@@ -20,26 +27,54 @@ pub const ATTR_MEMORY: &str = "nubo.memory_bytes";
 /// Attribute listing the services a node refuses, comma-separated.
 pub const ATTR_REFUSES: &str = "nubo.refuses";
 
-/// One service and where it runs.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// One service: where it runs and how its rollout stands.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PlannedService {
     /// `namespace/name`.
     pub key: String,
-    /// Its document's version.
+    /// The version in force.
     pub version: u64,
     /// `run`, `stop` or `remove`.
     pub intent: String,
-    /// Instances wanted (after constraints; 0 when stopped).
+    /// Instances wanted (0 when stopped).
     pub wanted: usize,
-    /// The nodes chosen, best first.
+    /// The nodes placed, best first (short ids).
     pub nodes: Vec<String>,
-    /// Why it does not run, if it does not.
+    /// Why it does not run as wanted, if it does not.
     pub problem: Option<String>,
+    /// What filtered nodes out, each with how many, when fewer nodes qualify than wanted.
+    #[serde(default)]
+    pub reasons: Vec<String>,
+    /// `steady`, `starting`, `rolling`, `reverting`, `failed` or `stopped`.
+    #[serde(default)]
+    pub phase: String,
+    /// The batch being updated and the batches in all, while rolling.
+    #[serde(default)]
+    pub batch: Option<(u32, u32)>,
+    /// The version instances converge to (the one in force, or the one reverted to).
+    #[serde(default)]
+    pub running_version: u64,
+    /// Placed nodes whose instance of that version is ready.
+    #[serde(default)]
+    pub ready: usize,
 }
 
 struct Parsed {
     signed: SignedDocument,
-    service: Result<Service, String>,
+    service: Result<Arc<Service>, String>,
+}
+
+/// What a planning round decided.
+#[derive(Default)]
+pub struct Plan {
+    /// Every service.
+    pub services: Vec<PlannedService>,
+    /// This node's part.
+    pub mine: Vec<Assignment>,
+    /// Status annotations to publish (outcomes this node records).
+    pub writes: Vec<SuiteEntry>,
+    /// Nodes being drained.
+    pub drained: BTreeSet<NodeId>,
 }
 
 /// Plans, remembering parsed descriptions by key and version.
@@ -57,33 +92,57 @@ fn demand_of(attributes: &BTreeMap<String, String>) -> Demand {
     }
 }
 
+/// A member as planning sees it.
+struct Member {
+    id: NodeId,
+    attributes: BTreeMap<String, String>,
+    instances: Vec<InstanceFact>,
+}
+
+fn unix_ms() -> u64 {
+    crate::clock::unix_now().as_millis() as u64
+}
+
 impl Planner {
-    fn parsed(&mut self, key: &str, version: u64, document: &[u8]) -> Option<Arc<Parsed>> {
-        if let Some(parsed) = self.cache.get(&(key.to_string(), version)) {
+    fn parsed(&mut self, entry: &SuiteEntry) -> Option<Arc<Parsed>> {
+        let id = (entry.key.clone(), entry.version);
+        if let Some(parsed) = self.cache.get(&id) {
             return Some(parsed.clone());
         }
         // Entries were checked when they entered the suite; here they are only read.
-        let signed: SignedDocument = postcard::from_bytes(document).ok()?;
+        let signed: SignedDocument = postcard::from_bytes(&entry.document).ok()?;
         let service = description::parse(&signed.document.description)
             .map_err(|errors| errors.first().map(ToString::to_string).unwrap_or_default())
             .and_then(|s| {
-                if s.key() == key {
-                    Ok(s)
+                if s.key() == entry.key {
+                    Ok(Arc::new(s))
                 } else {
-                    Err(format!("the description names {}, not {key}", s.key()))
+                    Err(format!(
+                        "the description names {}, not {}",
+                        s.key(),
+                        entry.key
+                    ))
                 }
             });
         let parsed = Arc::new(Parsed { signed, service });
-        self.cache.retain(|(k, _), _| k != key);
-        self.cache
-            .insert((key.to_string(), version), parsed.clone());
+        self.cache.insert(id, parsed.clone());
         Some(parsed)
+    }
+
+    /// The description of version `version` of `key`, if the suite holds it and it reads.
+    pub fn service(&mut self, node: &Node, key: &str, version: u64) -> Option<Arc<Service>> {
+        let entry = node
+            .suite()
+            .history(key)
+            .find(|e| e.version == version)?
+            .clone();
+        self.parsed(&entry)?.service.clone().ok()
     }
 
     /// What the namespace's services other than `except` use in `plan`: cores (thousandths),
     /// memory and instances.
     pub fn usage(&self, plan: &[PlannedService], namespace: &str, except: &str) -> (u64, u64, u64) {
-        let mut used = (0, 0, 0);
+        let mut used = (0u64, 0u64, 0u64);
         for planned in plan {
             if planned.key == except || !planned.key.starts_with(&format!("{namespace}/")) {
                 continue;
@@ -96,94 +155,165 @@ impl Planner {
                 continue;
             };
             let n = planned.nodes.len() as u64;
-            used.0 += n * service.placement.demand.cpu_millis;
-            used.1 += n * service.placement.demand.memory_bytes;
-            used.2 += n;
+            let demand = service.placement.demand;
+            used.0 = used.0.saturating_add(n.saturating_mul(demand.cpu_millis));
+            used.1 = used.1.saturating_add(n.saturating_mul(demand.memory_bytes));
+            used.2 = used.2.saturating_add(n);
         }
         used
     }
 
-    /// Plans every service; returns the plan and this node's assignments.
-    pub fn plan(&mut self, node: &Node) -> (Vec<PlannedService>, Vec<Assignment>) {
+    /// Plans every service; `failures` are the versions that failed on this node.
+    pub fn plan(&mut self, node: &Node, failures: &[Failure]) -> Plan {
         let me = node.id();
         let roster = node.roster();
-        let my_attributes: BTreeMap<String, String> =
-            roster.me().attributes.iter().cloned().collect();
-        let members: Vec<(NodeId, BTreeMap<String, String>)> = std::iter::once((me, my_attributes))
-            .chain(
-                roster
-                    .members()
-                    .filter(|m| m.state == MemberState::Alive)
-                    .map(|m| {
-                        (
-                            m.announce.peer.id,
-                            m.announce.attributes.iter().cloned().collect(),
-                        )
-                    }),
-            )
-            .collect();
-        let mut plan = Vec::new();
-        let mut mine = Vec::new();
+        let members: Vec<Member> = std::iter::once(Member {
+            id: me,
+            attributes: roster.me().attributes.iter().cloned().collect(),
+            instances: roster.me().instances.clone(),
+        })
+        .chain(
+            roster
+                .members()
+                .filter(|m| m.state == MemberState::Alive)
+                .map(|m| Member {
+                    id: m.announce.peer.id,
+                    attributes: m.announce.attributes.iter().cloned().collect(),
+                    instances: m.announce.instances.clone(),
+                }),
+        )
+        .collect();
+        let mut plan = Plan::default();
+        let suite = node.suite();
+        for entry in suite.entries().filter(|e| e.key.starts_with(DRAIN_PREFIX)) {
+            if let Some(parsed) = self.parsed(entry)
+                && parsed.signed.document.intent == Intent::Run
+                && let Some(id) = drained_node(&entry.key)
+            {
+                plan.drained.insert(id);
+            }
+        }
+        let mut facts: BTreeMap<&str, Vec<(NodeId, &InstanceFact)>> = BTreeMap::new();
+        for member in &members {
+            for fact in &member.instances {
+                facts
+                    .entry(fact.service.as_str())
+                    .or_default()
+                    .push((member.id, fact));
+            }
+        }
         // Per namespace: (cpu, memory, instances) used so far, services taken in key order.
         let mut used: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
-        let entries: Vec<(String, u64, bytes::Bytes)> = node
-            .suite()
+        let services: Vec<SuiteEntry> = suite
             .entries()
-            .map(|e| (e.key.clone(), e.version, e.document.clone()))
+            .filter(|e| nubo_proto::suite::annotated(&e.key).is_none())
+            .filter(|e| !e.key.starts_with(DRAIN_PREFIX))
+            .cloned()
             .collect();
-        for (key, version, document) in entries {
-            let Some(parsed) = self.parsed(&key, version, &document) else {
+        self.cache
+            .retain(|(key, _), _| suite.history(key).next().is_some());
+        for entry in services {
+            let Some(parsed) = self.parsed(&entry) else {
                 continue;
             };
+            let key = entry.key.clone();
             let intent = parsed.signed.document.intent;
             let mut planned = PlannedService {
                 key: key.clone(),
-                version,
+                version: entry.version,
                 intent: match intent {
                     Intent::Run => "run",
                     Intent::Stop => "stop",
                     Intent::Remove => "remove",
                 }
                 .into(),
-                wanted: 0,
-                nodes: Vec::new(),
-                problem: None,
+                phase: "stopped".into(),
+                ..PlannedService::default()
             };
+            let service_facts = facts.get(key.as_str()).map_or(&[][..], Vec::as_slice);
             if intent != Intent::Run {
                 if intent == Intent::Stop {
-                    plan.push(planned);
+                    plan.services.push(planned);
                 }
                 continue;
             }
             let service = match &parsed.service {
-                Ok(service) => service,
+                Ok(service) => service.clone(),
                 Err(problem) => {
                     planned.problem = Some(problem.clone());
-                    plan.push(planned);
+                    plan.services.push(planned);
                     continue;
                 }
             };
+            // Every version held: what its instances run.
+            let mut versions: BTreeMap<u64, Arc<Service>> = BTreeMap::new();
+            let history: Vec<SuiteEntry> = suite.history(&key).cloned().collect();
+            for old in &history {
+                if let Some(p) = self.parsed(old)
+                    && p.signed.document.intent == Intent::Run
+                    && let Ok(s) = &p.service
+                {
+                    versions.insert(old.version, s.clone());
+                }
+            }
+            let fingerprints: BTreeMap<u64, u64> = versions
+                .iter()
+                .map(|(v, s)| (*v, s.fingerprint()))
+                .collect();
+            let status = suite
+                .get(&status_key(&key))
+                .and_then(DeployStatus::from_entry)
+                .unwrap_or_default();
+            fn release(version: u64, service: &Service) -> Release<'_> {
+                Release {
+                    version,
+                    fingerprint: service.fingerprint(),
+                    placement: &service.placement,
+                    policy: service.update,
+                    surge_possible: service.surge_possible(),
+                }
+            }
+            let target = release(entry.version, &service);
+            let stable = status
+                .stable_below(entry.version)
+                .and_then(|v| versions.get(&v).map(|s| (v, s.clone())));
             let candidates: Vec<Candidate<'_>> = members
                 .iter()
-                .map(|(id, attributes)| Candidate {
-                    id: *id,
-                    attributes,
-                    capacity: demand_of(attributes),
-                    refuses: attributes
+                .filter(|m| !plan.drained.contains(&m.id))
+                .map(|m| Candidate {
+                    id: m.id,
+                    attributes: &m.attributes,
+                    capacity: demand_of(&m.attributes),
+                    refuses: m
+                        .attributes
                         .get(ATTR_REFUSES)
                         .is_some_and(|list| list.split(',').any(|k| k == key)),
                 })
                 .collect();
-            let chosen = place(&key, &service.placement, &candidates);
+            let rollout = rollout::plan(&RolloutInput {
+                key: &key,
+                target,
+                stable: stable.as_ref().map(|(v, s)| release(*v, s)),
+                target_failed: status.failed(entry.version),
+                target_complete: status.completed(entry.version),
+                fingerprints: &fingerprints,
+                facts: service_facts,
+                candidates: &candidates,
+            });
+            let effective = versions.get(&rollout.version).unwrap_or(&service).clone();
             // Quotas count every service of the namespace, in key order; only granted
             // deployers are held to them (the administrator is not).
-            let demand = service.placement.demand;
-            let n = chosen.len() as u64;
-            let entry = used.entry(service.namespace.clone()).or_default();
+            let demand = effective.placement.demand;
+            let n = rollout.placed.len() as u64;
+            let entry_used = used.entry(service.namespace.clone()).or_default();
             let after = (
-                entry.0 + demand.cpu_millis * n,
-                entry.1 + demand.memory_bytes * n,
-                entry.2 + n,
+                entry_used
+                    .0
+                    .saturating_add(demand.cpu_millis.saturating_mul(n)),
+                entry_used
+                    .1
+                    .saturating_add(demand.memory_bytes.saturating_mul(n)),
+                entry_used.2.saturating_add(n),
             );
             if let Some(grant) = &parsed.signed.document.grant {
                 let quota = grant.grant.quota;
@@ -192,32 +322,86 @@ impl Planner {
                     || after.2 > quota.instances
                 {
                     planned.problem = Some("over the namespace's quota".into());
-                    plan.push(planned);
+                    plan.services.push(planned);
                     continue;
                 }
             }
-            *entry = after;
-            planned.wanted = match service.placement.count {
+            *entry_used = after;
+            planned.wanted = match effective.placement.count {
                 Count::Replicas(n) => n as usize,
-                _ => chosen.len(),
+                _ => rollout.placed.len(),
             };
-            if chosen.len() < planned.wanted {
+            if rollout.placed.len() < planned.wanted {
                 planned.problem = Some(format!(
-                    "only {} of {} nodes qualify",
-                    chosen.len(),
+                    "only {} of {} wanted instances can be placed",
+                    rollout.placed.len(),
                     planned.wanted
                 ));
+                planned.reasons = explain(&effective.placement, &candidates);
+                if !plan.drained.is_empty() {
+                    planned
+                        .reasons
+                        .push(format!("{} nodes are draining", plan.drained.len()));
+                }
             }
-            planned.nodes = chosen.iter().map(NodeId::short).collect();
-            if chosen.contains(&me) {
-                mine.push(Assignment {
-                    key: key.clone(),
-                    version,
-                    service: service.clone(),
+            planned.phase = match rollout.phase {
+                Phase::Steady => "steady",
+                Phase::Starting => "starting",
+                Phase::Rolling { .. } => "rolling",
+                Phase::Reverting => "reverting",
+                Phase::Failed => "failed",
+            }
+            .into();
+            if let Phase::Rolling { batch, batches } = rollout.phase {
+                planned.batch = Some((batch, batches));
+            }
+            if rollout.target_failed && planned.problem.is_none() {
+                planned.problem = Some(match status.outcomes.get(&entry.version) {
+                    Some(Outcome::Failed { node, reason, .. }) => {
+                        format!("version {} failed on {node}: {reason}", entry.version)
+                    }
+                    _ => format!("version {} failed", entry.version),
                 });
             }
-            plan.push(planned);
+            planned.running_version = rollout.version;
+            planned.ready = rollout.ready;
+            planned.nodes = rollout.placed.iter().map(NodeId::short).collect();
+            // Outcomes this node records.
+            let previous = suite.get(&status_key(&key)).map(|e| e.version);
+            if rollout.complete
+                && rollout.version == entry.version
+                && rollout.placed.first() == Some(&me)
+                && let Some(next) = status.with(
+                    entry.version,
+                    Outcome::Complete {
+                        at_unix_ms: unix_ms(),
+                    },
+                )
+            {
+                plan.writes.push(next.to_entry(&key, previous));
+            } else if let Some(failure) = failures
+                .iter()
+                .find(|f| f.key == key && f.version == entry.version)
+                && let Some(next) = status.with(
+                    entry.version,
+                    Outcome::Failed {
+                        at_unix_ms: unix_ms(),
+                        node: me.short(),
+                        reason: failure.reason.clone(),
+                    },
+                )
+            {
+                plan.writes.push(next.to_entry(&key, previous));
+            }
+            if let Some(task) = rollout.tasks.get(&me) {
+                plan.mine.push(Assignment {
+                    key: key.clone(),
+                    task: *task,
+                    versions,
+                });
+            }
+            plan.services.push(planned);
         }
-        (plan, mine)
+        plan
     }
 }

@@ -1,38 +1,52 @@
 //! The runner: the task that runs this node's share of the suite.
 //!
-//! The actor computes which services this node should run (placement, from the suite and the
-//! roster) and hands the set over a watch channel; the runner makes it so. It starts what is
-//! missing, within the owner's limits (what exceeds them is refused, and the refusal is
-//! announced so placement picks another node), stops what is no longer wanted, supervises
-//! each instance ([`nubo_fabric::policy::Supervisor`]), probes its health, caps its log, and
-//! reports every instance's state back. Instances are recorded in `instances.json`, so that
-//! after an agent crash the next agent adopts those still running instead of starting them
-//! twice, and cleans up the rest.
+//! The actor decides, service by service, what this node must do ([`Task`]: run a version,
+//! keep what runs, or nothing) and hands the set over a watch channel; the runner makes it so,
+//! again after every tick, since replacing an instance takes several steps. Each version of a
+//! service runs as its own instance, in its own directory with its own artifact (unpacked from
+//! a per-node cache, so each blob is fetched once). To run a new version the runner starts its
+//! instance and stops the old one once the new one is healthy (surge), or stops the old one
+//! first; an old version whose instances would run the same way (same fingerprint) is simply
+//! relabelled, and nothing restarts.
+//!
+//! It supervises each instance ([`Supervisor`]), probes its health after a grace period, caps
+//! its log, and reports every instance as an [`InstanceFact`] (starting, healthy, ready once
+//! healthy for the update's `min_healthy_time`, failed when not healthy within its
+//! `healthy_deadline`), which the actor announces to the cloud. What exceeds the owner's
+//! limits is refused, and the refusal is announced so placement picks another node.
+//! Instances are recorded in `instances.json`, so that after an agent crash the next agent
+//! adopts those still running instead of starting them twice, and cleans up the rest.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nubo_fabric::exec::{self, Launch, Limits};
-use nubo_fabric::health;
 use nubo_fabric::policy::{Action, Phase, Policy, Supervisor};
+use nubo_fabric::{artifact, health};
+use nubo_proto::blob::BlobId;
+use nubo_proto::instance::{InstanceFact, InstanceState};
+use nubo_proto::rollout::Task;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::actor::Command;
 use crate::description::{Probe, Service};
+use crate::logs::{LogFile, add_checkpoint};
 
 /// How often the runner looks at its instances.
 const TICK: Duration = Duration::from_millis(200);
 /// Largest log file of an instance before it is rotated.
 const LOG_BYTES_MAX: u64 = 1 << 20;
-/// Bytes of each instance's log shown by `nubo logs`.
-pub const LOG_TAIL_BYTES: u64 = 4096;
-/// How often logs are capped and their ends read for `nubo logs`.
+/// How often logs are capped.
 const LOG_INTERVAL: Duration = Duration::from_secs(2);
 /// Between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Most bytes an artifact may unpack to, when the service sets no disk size.
+const UNPACK_BYTES_MAX: u64 = 4 << 30;
 
 /// What the node's owner lends to the cloud.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,15 +61,16 @@ pub struct NodeLimits {
     pub ports: std::ops::RangeInclusive<u16>,
 }
 
-/// One service this node should run.
+/// What this node must do about one service.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Assignment {
     /// `namespace/name`.
     pub key: String,
-    /// The document's version.
-    pub version: u64,
-    /// The service.
-    pub service: Service,
+    /// The task.
+    pub task: Task,
+    /// The description of every version the suite holds, by version: what an instance of any
+    /// of them runs (to supervise an instance kept from an older version).
+    pub versions: BTreeMap<u64, Arc<Service>>,
 }
 
 /// An instance as reported by `nubo ps`.
@@ -63,11 +78,11 @@ pub struct Assignment {
 pub struct InstanceStatus {
     /// `namespace/name`.
     pub service: String,
-    /// The node running it.
+    /// The node running it (short id).
     pub node: String,
-    /// starting, running, restarting, stopping, stopped, failed.
+    /// starting, healthy, ready, unhealthy, restarting, stopping or failed.
     pub state: String,
-    /// healthy, unhealthy, or unknown (no check yet or none configured).
+    /// healthy, unhealthy, or unknown (starting, or stopped).
     pub health: String,
     /// Named ports and their numbers.
     pub ports: BTreeMap<String, u16>,
@@ -75,47 +90,134 @@ pub struct InstanceStatus {
     pub host: String,
     /// Restarts so far.
     pub restarts: u32,
-    /// The process id on its node.
+    /// The process id on its node (known on that node only).
+    #[serde(default)]
     pub pid: Option<u32>,
-    /// How limits are enforced.
+    /// How limits are enforced (known on that node only).
+    #[serde(default)]
     pub limits: String,
     /// The version of the description it runs.
     pub version: u64,
-    /// The end of its log.
-    pub log_tail: String,
+}
+
+impl InstanceStatus {
+    /// The status of an instance a node reports, at `host`.
+    pub fn of_fact(fact: &InstanceFact, node: String, host: String) -> InstanceStatus {
+        InstanceStatus {
+            service: fact.service.clone(),
+            node,
+            state: fact.state.name().to_string(),
+            health: match fact.state {
+                state if state.is_healthy() => "healthy",
+                InstanceState::Unhealthy => "unhealthy",
+                _ => "unknown",
+            }
+            .to_string(),
+            ports: fact.ports.iter().cloned().collect(),
+            host,
+            restarts: fact.restarts,
+            pid: None,
+            limits: String::new(),
+            version: fact.version,
+        }
+    }
+}
+
+/// A version that failed on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// The service.
+    pub key: String,
+    /// The version.
+    pub version: u64,
+    /// Why.
+    pub reason: String,
 }
 
 /// What the runner reports to the actor.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RunnerReport {
-    /// Every instance on this node.
+    /// Every instance on this node, in detail.
     pub instances: Vec<InstanceStatus>,
+    /// Every instance on this node, as the cloud is told.
+    pub facts: Vec<InstanceFact>,
     /// Services this node will not run (over its limits, or failing here).
     pub refused: BTreeSet<String>,
+    /// Versions that failed here.
+    pub failures: Vec<Failure>,
+    /// Each instance's log file.
+    pub logs: Vec<LogFile>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Record {
     key: String,
     version: u64,
+    id: String,
     pid: u32,
     start_ticks: u64,
     ports: BTreeMap<String, u16>,
 }
 
 struct Instance {
-    assignment: Assignment,
+    key: String,
+    version: u64,
+    service: Arc<Service>,
+    id: String,
+    dir: PathBuf,
     supervisor: Supervisor,
     pid: Option<u32>,
     start_ticks: u64,
     exit: Option<oneshot::Receiver<i32>>,
     ports: BTreeMap<String, u16>,
-    dir: PathBuf,
     enforcement: &'static str,
     next_probe: Instant,
     probing: bool,
-    /// The end of its log, refreshed with the log housekeeping.
-    log_tail: String,
+    created: Instant,
+    healthy_since: Option<Instant>,
+    ever_healthy: bool,
+    failed: Option<String>,
+    retiring: bool,
+    prepared: bool,
+    preparing: bool,
+    /// When output reached the log: (Unix milliseconds, size).
+    checkpoints: Vec<(u64, u64)>,
+}
+
+impl Instance {
+    fn fact_state(&self) -> InstanceState {
+        if self.failed.is_some() {
+            return InstanceState::Failed;
+        }
+        match self.supervisor.phase() {
+            Phase::Stopping | Phase::Stopped => InstanceState::Stopping,
+            Phase::Backoff => InstanceState::Restarting,
+            Phase::Failed => InstanceState::Failed,
+            Phase::Starting => InstanceState::Starting,
+            Phase::Running => match self.healthy_since {
+                Some(since) if since.elapsed() >= self.service.update.min_healthy_time => {
+                    InstanceState::Ready
+                }
+                Some(_) => InstanceState::Healthy,
+                None if self.ever_healthy && self.supervisor.healthy() == Some(false) => {
+                    InstanceState::Unhealthy
+                }
+                None => InstanceState::Starting,
+            },
+        }
+    }
+
+    fn is_healthy(&self) -> bool {
+        self.healthy_since.is_some() && self.supervisor.phase() == Phase::Running
+    }
+
+    fn is_gone(&self) -> bool {
+        matches!(self.supervisor.phase(), Phase::Stopped)
+    }
+
+    fn holds_resources(&self) -> bool {
+        !matches!(self.supervisor.phase(), Phase::Stopped | Phase::Failed)
+    }
 }
 
 /// The runner's fixed facts.
@@ -127,22 +229,30 @@ pub struct RunnerConfig {
     pub host: String,
     /// `DATA_DIR/instances`.
     pub root: PathBuf,
+    /// `DATA_DIR/artifacts`: blobs fetched once, by id.
+    pub artifacts: PathBuf,
     /// The `nubo` executable (for the wrapper).
     pub wrapper: PathBuf,
     /// The owner's limits.
     pub limits: NodeLimits,
+    /// The actor, to fetch artifacts through.
+    pub commands: mpsc::Sender<Command>,
 }
 
 /// The runner task's state.
 pub struct Runner {
     config: RunnerConfig,
+    wanted: BTreeMap<String, Assignment>,
     instances: BTreeMap<String, Instance>,
-    refused: BTreeSet<String>,
+    refused: BTreeMap<String, u64>,
     adopted: BTreeMap<String, Record>,
     origin: Instant,
-    /// Health answers (service key, healthy) from the probe tasks.
+    /// Health answers (instance id, healthy) from the probe tasks.
     probe_tx: mpsc::Sender<(String, bool)>,
     probe_rx: mpsc::Receiver<(String, bool)>,
+    /// Artifacts prepared (instance id, outcome) by the preparing tasks.
+    prepared_tx: mpsc::Sender<(String, Result<(), String>)>,
+    prepared_rx: mpsc::Receiver<(String, Result<(), String>)>,
     next_log_cap: Instant,
 }
 
@@ -156,8 +266,8 @@ fn policy_of(service: &Service) -> Policy {
     }
 }
 
-fn instance_id(node: &str, key: &str) -> String {
-    format!("{}-{node}", key.replace('/', "."))
+fn instance_id(key: &str, version: u64) -> String {
+    format!("{}-{version}", key.replace('/', "."))
 }
 
 /// `${NAME}` in `text` replaced by the value of NAME in `env`.
@@ -180,21 +290,25 @@ impl Runner {
         let mut adopted = BTreeMap::new();
         for record in records {
             if exec::is_same_process(record.pid, record.start_ticks) {
-                tracing::info!(service = %record.key, pid = record.pid, "found a running instance of the previous agent");
-                adopted.insert(record.key.clone(), record);
+                tracing::info!(service = %record.key, version = record.version, pid = record.pid, "found a running instance of the previous agent");
+                adopted.insert(record.id.clone(), record);
             } else {
-                exec::remove_cgroup(&instance_id(&config.node, &record.key));
+                exec::remove_cgroup(&format!("{}-{}", record.id, config.node));
             }
         }
         let (probe_tx, probe_rx) = mpsc::channel(256);
+        let (prepared_tx, prepared_rx) = mpsc::channel(64);
         Runner {
             config,
+            wanted: BTreeMap::new(),
             instances: BTreeMap::new(),
-            refused: BTreeSet::new(),
+            refused: BTreeMap::new(),
             adopted,
             origin: Instant::now(),
             probe_tx,
             probe_rx,
+            prepared_tx,
+            prepared_rx,
             next_log_cap: Instant::now(),
         }
     }
@@ -210,6 +324,7 @@ impl Runner {
         report: watch::Sender<RunnerReport>,
     ) {
         let mut ticker = tokio::time::interval(TICK);
+        let mut settled = false;
         loop {
             tokio::select! {
                 changed = desired.changed() => {
@@ -218,18 +333,19 @@ impl Runner {
                     }
                     let wanted = desired.borrow_and_update().clone();
                     if let Some(wanted) = wanted {
-                        self.reconcile(wanted);
+                        settled = true;
+                        self.wanted = wanted.into_iter().map(|a| (a.key.clone(), a)).collect();
+                        self.reconcile();
                     }
                 }
-                Some((key, ok)) = self.probe_rx.recv() => {
-                    let now = self.now();
-                    if let Some(instance) = self.instances.get_mut(&key) {
-                        instance.probing = false;
-                        let actions = instance.supervisor.health(now, ok);
-                        self.perform(&key, actions);
+                Some((id, ok)) = self.probe_rx.recv() => self.on_probe(&id, ok),
+                Some((id, outcome)) = self.prepared_rx.recv() => self.on_prepared(&id, outcome),
+                _ = ticker.tick() => {
+                    self.tick();
+                    if settled {
+                        self.reconcile();
                     }
                 }
-                _ = ticker.tick() => self.tick(),
             }
             let _ = report.send_if_modified(|r| {
                 let fresh = self.report();
@@ -239,108 +355,189 @@ impl Runner {
             });
         }
         let now = self.now();
-        let keys: Vec<String> = self.instances.keys().cloned().collect();
-        for key in keys {
-            if let Some(instance) = self.instances.get_mut(&key) {
+        let ids: Vec<String> = self.instances.keys().cloned().collect();
+        for id in ids {
+            if let Some(instance) = self.instances.get_mut(&id) {
                 let actions = instance.supervisor.stop(now);
-                self.perform(&key, actions);
+                self.perform(&id, actions);
             }
         }
     }
 
-    /// Makes the running set match `wanted`.
-    fn reconcile(&mut self, wanted: Vec<Assignment>) {
+    /// Makes the instances match what is wanted, one step at a time.
+    fn reconcile(&mut self) {
         let now = self.now();
-        let wanted: BTreeMap<String, Assignment> =
-            wanted.into_iter().map(|a| (a.key.clone(), a)).collect();
-        // Stop what is no longer wanted here, or wanted at another version.
-        let stale: Vec<String> = self
+        // Adopt the survivors of a previous agent that something still wants here.
+        let adopted: Vec<Record> = self.adopted.values().cloned().collect();
+        for record in adopted {
+            self.adopted.remove(&record.id);
+            let service = self
+                .wanted
+                .get(&record.key)
+                .filter(|a| a.task != Task::Stop)
+                .and_then(|a| a.versions.get(&record.version).cloned());
+            match service {
+                Some(service) => self.adopt(record, service),
+                None => {
+                    tracing::info!(service = %record.key, pid = record.pid, "stopping an instance of the previous agent that is no longer wanted here");
+                    exec::signal_group(record.pid, Signal::SIGTERM);
+                }
+            }
+        }
+        // Refusals hold for the version refused only.
+        self.refused.retain(|key, version| {
+            matches!(self.wanted.get(key), Some(Assignment { task: Task::Run { version: v, .. }, .. }) if v == version)
+        });
+        let mut retire = Vec::new();
+        let mut start = Vec::new();
+        let keys: BTreeSet<String> = self
             .instances
-            .iter()
-            .filter(|(key, i)| {
-                wanted
-                    .get(*key)
-                    .is_none_or(|a| a.version != i.assignment.version)
-            })
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in stale {
-            if let Some(instance) = self.instances.get_mut(&key) {
-                let actions = instance.supervisor.stop(now);
-                self.perform(&key, actions);
-            }
-        }
-        // Adopted processes that are no longer wanted are stopped.
-        let orphans: Vec<Record> = self
-            .adopted
             .values()
-            .filter(|r| wanted.get(&r.key).is_none_or(|a| a.version != r.version))
-            .cloned()
+            .map(|i| i.key.clone())
+            .chain(self.wanted.keys().cloned())
             .collect();
-        for record in orphans {
-            tracing::info!(service = %record.key, pid = record.pid, "stopping an instance of the previous agent that is no longer wanted here");
-            exec::signal_group(record.pid, Signal::SIGTERM);
-            self.adopted.remove(&record.key);
-        }
-        self.refused.retain(|key| wanted.contains_key(key));
-        // Start what is missing, within the owner's limits.
-        let (mut cpu, mut memory) = self.committed();
-        for (key, assignment) in wanted {
-            if self.instances.contains_key(&key) || self.refused.contains(&key) {
+        for key in keys {
+            let live: Vec<String> = self
+                .instances
+                .iter()
+                .filter(|(_, i)| i.key == key && !i.retiring)
+                .map(|(id, _)| id.clone())
+                .collect();
+            let Some(assignment) = self.wanted.get(&key) else {
+                retire.extend(live);
                 continue;
-            }
-            let demand = assignment.service.placement.demand;
-            let count = self.instances.len();
-            if cpu + demand.cpu_millis > self.config.limits.cpu_millis
-                || memory + demand.memory_bytes > self.config.limits.memory_bytes
-                || count >= self.config.limits.instances_max
+            };
+            let (version, surge) = match assignment.task {
+                Task::Stop => {
+                    retire.extend(live);
+                    continue;
+                }
+                Task::Keep => continue,
+                Task::Run { version, surge } => (version, surge),
+            };
+            let Some(service) = assignment.versions.get(&version).cloned() else {
+                continue;
+            };
+            // The instance of the wanted version, or one that runs the same way (relabelled).
+            let fingerprint = service.fingerprint();
+            let current = live
+                .iter()
+                .find(|id| self.instances[*id].version == version)
+                .or_else(|| {
+                    live.iter()
+                        .find(|id| self.instances[*id].service.fingerprint() == fingerprint)
+                })
+                .cloned();
+            if let Some(id) = &current
+                && let Some(instance) = self.instances.get_mut(id)
+                && instance.version != version
             {
-                tracing::info!(service = %key, "refusing: it would exceed this node's limits");
-                self.refused.insert(key);
-                continue;
+                tracing::info!(service = %key, from = instance.version, to = version, "the new version runs as the old one does: relabelled, not restarted");
+                instance.version = version;
+                instance.service = service.clone();
             }
-            cpu += demand.cpu_millis;
-            memory += demand.memory_bytes;
-            self.begin(assignment);
+            let current_healthy = current
+                .as_ref()
+                .is_some_and(|id| self.instances[id].is_healthy());
+            for id in live.iter().filter(|id| Some(*id) != current.as_ref()) {
+                if !surge || current_healthy {
+                    retire.push(id.clone());
+                }
+            }
+            if current.is_none() && self.refused.get(&key) != Some(&version) {
+                let others_running = self
+                    .instances
+                    .values()
+                    .any(|i| i.key == key && !i.is_gone());
+                if surge || !others_running {
+                    start.push((key.clone(), version, service));
+                }
+            }
+        }
+        for id in retire {
+            if let Some(instance) = self.instances.get_mut(&id) {
+                tracing::info!(service = %instance.key, version = instance.version, "stopping an instance");
+                instance.retiring = true;
+                let actions = instance.supervisor.stop(now);
+                self.perform(&id, actions);
+            }
+        }
+        for (key, version, service) in start {
+            self.begin(key, version, service);
         }
         self.save();
     }
 
+    /// Cores and memory held by instances that are not stopped.
     fn committed(&self) -> (u64, u64) {
         self.instances
             .values()
-            .filter(|i| !matches!(i.supervisor.phase(), Phase::Stopped | Phase::Failed))
+            .filter(|i| i.holds_resources())
             .fold((0, 0), |(c, m), i| {
-                let d = i.assignment.service.placement.demand;
-                (c + d.cpu_millis, m + d.memory_bytes)
+                let d = i.service.placement.demand;
+                (
+                    c.saturating_add(d.cpu_millis),
+                    m.saturating_add(d.memory_bytes),
+                )
             })
     }
 
-    fn begin(&mut self, assignment: Assignment) {
-        let key = assignment.key.clone();
-        let now = self.now();
-        let dir = self.config.root.join(instance_id(&self.config.node, &key));
-        let policy = policy_of(&assignment.service);
-        if let Some(record) = self.adopted.remove(&key) {
-            tracing::info!(service = %key, pid = record.pid, "adopted a running instance");
-            self.instances.insert(
-                key,
-                Instance {
-                    assignment,
-                    supervisor: Supervisor::adopt(policy, now),
-                    pid: Some(record.pid),
-                    start_ticks: record.start_ticks,
-                    exit: None,
-                    ports: record.ports,
-                    dir,
-                    enforcement: "adopted",
-                    next_probe: Instant::now(),
-                    probing: false,
-                    log_tail: String::new(),
-                },
-            );
+    /// Starts an instance of `version` of `key`, within the owner's limits; a surge that does
+    /// not fit beside the old instance becomes a replacement (the old one stops first).
+    fn begin(&mut self, key: String, version: u64, service: Arc<Service>) {
+        let demand = service.placement.demand;
+        let (cpu, memory) = self.committed();
+        let limits = &self.config.limits;
+        let fits = |cpu: u64, memory: u64, count: usize| {
+            cpu.saturating_add(demand.cpu_millis) <= limits.cpu_millis
+                && memory.saturating_add(demand.memory_bytes) <= limits.memory_bytes
+                && count < limits.instances_max
+        };
+        let running = self
+            .instances
+            .values()
+            .filter(|i| i.holds_resources())
+            .count();
+        if !fits(cpu, memory, running) {
+            let (own_cpu, own_memory, own) = self
+                .instances
+                .values()
+                .filter(|i| i.key == key && i.holds_resources())
+                .fold((0u64, 0u64, 0usize), |(c, m, n), i| {
+                    let d = i.service.placement.demand;
+                    (c + d.cpu_millis, m + d.memory_bytes, n + 1)
+                });
+            if own > 0 && fits(cpu - own_cpu, memory - own_memory, running - own) {
+                tracing::info!(service = %key, "no room for the new instance beside the old: stopping the old one first");
+                let now = self.now();
+                let ids: Vec<String> = self
+                    .instances
+                    .iter()
+                    .filter(|(_, i)| i.key == key && !i.retiring)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in ids {
+                    if let Some(instance) = self.instances.get_mut(&id) {
+                        instance.retiring = true;
+                        let actions = instance.supervisor.stop(now);
+                        self.perform(&id, actions);
+                    }
+                }
+            } else {
+                tracing::info!(service = %key, "refusing: it would exceed this node's limits");
+                self.refused.insert(key, version);
+            }
             return;
         }
+        let id = instance_id(&key, version);
+        let dir = self.config.root.join(&id);
+        // A fresh directory: nothing of an earlier instance of this version is reused.
+        let _ = std::fs::remove_dir_all(&dir);
+        let taken: BTreeSet<u16> = self
+            .instances
+            .values()
+            .flat_map(|i| i.ports.values().copied())
+            .collect();
         // Each node starts its search elsewhere, so agents sharing a machine rarely race for
         // one port.
         let hint = nubo_proto::service::score(
@@ -348,44 +545,93 @@ impl Runner {
             nubo_proto::NodeId(0),
         );
         let mut ports = BTreeMap::new();
-        for (i, (name, wanted)) in assignment.service.ports.iter().enumerate() {
+        for (i, (name, wanted)) in service.ports.iter().enumerate() {
             let port = if *wanted != 0 {
                 *wanted
             } else {
-                exec::free_port(self.config.limits.ports.clone(), hint + i as u64 * 7919)
-                    .unwrap_or(0)
+                exec::free_port(
+                    self.config.limits.ports.clone(),
+                    hint.wrapping_add(i as u64 * 7919),
+                    &taken,
+                )
+                .unwrap_or(0)
             };
             ports.insert(name.clone(), port);
         }
-        let (supervisor, actions) = Supervisor::start(policy);
+        let (supervisor, actions) = Supervisor::start(policy_of(&service));
+        tracing::info!(service = %key, version, "starting an instance");
         self.instances.insert(
-            key.clone(),
+            id.clone(),
             Instance {
-                assignment,
+                key,
+                version,
+                prepared: service.run.artifact.is_none(),
+                service,
+                id: id.clone(),
+                dir,
                 supervisor,
                 pid: None,
                 start_ticks: 0,
                 exit: None,
                 ports,
-                dir,
                 enforcement: "",
                 next_probe: Instant::now(),
                 probing: false,
-                log_tail: String::new(),
+                created: Instant::now(),
+                healthy_since: None,
+                ever_healthy: false,
+                failed: None,
+                retiring: false,
+                preparing: false,
+                checkpoints: Vec::new(),
             },
         );
-        self.perform(&key, actions);
+        self.perform(&id, actions);
+    }
+
+    fn adopt(&mut self, record: Record, service: Arc<Service>) {
+        tracing::info!(service = %record.key, version = record.version, pid = record.pid, "adopted a running instance");
+        let now = self.now();
+        let dir = self.config.root.join(&record.id);
+        let healthy_since = service.health.is_none().then(Instant::now);
+        self.instances.insert(
+            record.id.clone(),
+            Instance {
+                key: record.key,
+                version: record.version,
+                supervisor: Supervisor::adopt(policy_of(&service), now),
+                service,
+                id: record.id,
+                dir,
+                pid: Some(record.pid),
+                start_ticks: record.start_ticks,
+                exit: None,
+                ports: record.ports,
+                enforcement: "adopted",
+                next_probe: Instant::now(),
+                probing: false,
+                created: Instant::now(),
+                healthy_since,
+                ever_healthy: true,
+                failed: None,
+                retiring: false,
+                prepared: true,
+                preparing: false,
+                checkpoints: Vec::new(),
+            },
+        );
     }
 
     fn environment(&self, instance: &Instance) -> Vec<(String, String)> {
-        let service = &instance.assignment.service;
+        let service = &instance.service;
         let mut env: Vec<(String, String)> = vec![
             ("NUBO_SERVICE".into(), service.name.clone()),
             ("NUBO_NAMESPACE".into(), service.namespace.clone()),
             (
                 "NUBO_INSTANCE".into(),
-                instance_id(&self.config.node, &instance.assignment.key),
+                format!("{}-{}", instance.id, self.config.node),
             ),
+            ("NUBO_VERSION".into(), instance.version.to_string()),
             ("NUBO_NODE".into(), self.config.node.clone()),
             ("NUBO_HOST".into(), self.config.host.clone()),
         ];
@@ -409,17 +655,89 @@ impl Runner {
         env
     }
 
-    fn perform(&mut self, key: &str, actions: Vec<Action>) {
+    /// Fetches (once per node) and unpacks the instance's artifact, in a task of its own.
+    fn prepare(&mut self, id: &str) {
+        let Some(instance) = self.instances.get_mut(id) else {
+            return;
+        };
+        let Some(blob) = instance.service.run.artifact.clone() else {
+            return;
+        };
+        instance.preparing = true;
+        let dir = instance.dir.clone();
+        let disk = instance.service.placement.demand.disk_bytes;
+        let limit = if disk > 0 { disk } else { UNPACK_BYTES_MAX };
+        let cache = self.config.artifacts.clone();
+        let commands = self.config.commands.clone();
+        let done = self.prepared_tx.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let outcome = prepare_artifact(&blob, &cache, &dir, limit, &commands).await;
+            let _ = done.send((id, outcome)).await;
+        });
+    }
+
+    fn on_prepared(&mut self, id: &str, outcome: Result<(), String>) {
+        let now = self.now();
+        let Some(instance) = self.instances.get_mut(id) else {
+            return;
+        };
+        instance.preparing = false;
+        match outcome {
+            Ok(()) => {
+                instance.prepared = true;
+                if instance.supervisor.phase() == Phase::Starting {
+                    self.perform(id, vec![Action::Spawn]);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(service = %instance.key, %error, "cannot prepare the artifact");
+                let _ = std::fs::write(
+                    exec::log_path(&instance.dir),
+                    format!("nubo: cannot prepare the artifact: {error}\n"),
+                );
+                let more = instance.supervisor.spawn_failed(now);
+                self.perform(id, more);
+            }
+        }
+    }
+
+    fn on_probe(&mut self, id: &str, ok: bool) {
+        let now = self.now();
+        let Some(instance) = self.instances.get_mut(id) else {
+            return;
+        };
+        instance.probing = false;
+        let actions = instance.supervisor.health(now, ok);
+        if ok {
+            instance.ever_healthy = true;
+            instance.healthy_since.get_or_insert_with(Instant::now);
+        } else if instance.supervisor.healthy() == Some(false) {
+            instance.healthy_since = None;
+        }
+        self.perform(id, actions);
+    }
+
+    fn perform(&mut self, id: &str, actions: Vec<Action>) {
         for action in actions {
-            let Some(instance) = self.instances.get(key) else {
+            let Some(instance) = self.instances.get(id) else {
                 return;
             };
             match action {
                 Action::Spawn => {
+                    if !instance.prepared {
+                        if !instance.preparing {
+                            if let Err(error) = std::fs::create_dir_all(&instance.dir) {
+                                tracing::warn!(%error, "cannot make the instance directory");
+                            }
+                            self.prepare(id);
+                        }
+                        continue;
+                    }
                     let env = self.environment(instance);
-                    let service = &instance.assignment.service;
+                    let service = &instance.service;
                     let launch = Launch {
-                        id: instance_id(&self.config.node, key),
+                        id: format!("{}-{}", instance.id, self.config.node),
                         dir: instance.dir.clone(),
                         command: service.run.command.clone(),
                         args: service
@@ -434,36 +752,35 @@ impl Runner {
                             cpu_millis: service.placement.demand.cpu_millis,
                         },
                         wrapper: self.config.wrapper.clone(),
-                        artifact: service.run.artifact.clone().map(|blob| {
-                            (
-                                blob,
-                                self.config
-                                    .root
-                                    .parent()
-                                    .map(Path::to_path_buf)
-                                    .unwrap_or_default(),
-                            )
-                        }),
                     };
                     let now = self.now();
                     let result = exec::spawn(&launch);
-                    let Some(instance) = self.instances.get_mut(key) else {
+                    let Some(instance) = self.instances.get_mut(id) else {
                         return;
                     };
                     match result {
                         Ok(started) => {
-                            tracing::info!(service = %key, pid = started.pid, "started an instance");
+                            tracing::info!(service = %instance.key, version = instance.version, pid = started.pid, "started an instance");
                             instance.pid = Some(started.pid);
                             instance.start_ticks = started.start_ticks;
                             instance.exit = Some(started.exit);
                             instance.enforcement = started.enforcement;
-                            instance.next_probe = Instant::now() + Duration::from_millis(300);
                             instance.supervisor.spawned(now);
+                            match &instance.service.health {
+                                Some(check) => {
+                                    instance.healthy_since = None;
+                                    instance.next_probe = Instant::now() + check.grace;
+                                }
+                                None => {
+                                    instance.ever_healthy = true;
+                                    instance.healthy_since = Some(Instant::now());
+                                }
+                            }
                         }
                         Err(error) => {
-                            tracing::warn!(service = %key, %error, "cannot start an instance");
+                            tracing::warn!(service = %instance.key, %error, "cannot start an instance");
                             let more = instance.supervisor.spawn_failed(now);
-                            self.perform(key, more);
+                            self.perform(id, more);
                         }
                     }
                     self.save();
@@ -484,9 +801,9 @@ impl Runner {
 
     fn tick(&mut self) {
         let now = self.now();
-        let keys: Vec<String> = self.instances.keys().cloned().collect();
-        for key in keys {
-            let Some(instance) = self.instances.get_mut(&key) else {
+        let ids: Vec<String> = self.instances.keys().cloned().collect();
+        for id in ids {
+            let Some(instance) = self.instances.get_mut(&id) else {
                 continue;
             };
             // Exits: from our own children's reapers, or (adopted) by the pid going away.
@@ -504,24 +821,44 @@ impl Runner {
             }
             let mut actions = Vec::new();
             if let Some(code) = status {
-                tracing::info!(service = %key, code, "an instance exited");
+                tracing::info!(service = %instance.key, version = instance.version, code, "an instance exited");
                 instance.exit = None;
                 instance.pid = None;
+                instance.healthy_since = None;
                 actions.extend(instance.supervisor.exited(now, code));
             }
             actions.extend(instance.supervisor.tick(now));
+            // A version that does not become healthy in time fails here.
+            if instance.failed.is_none() && !instance.ever_healthy && !instance.retiring {
+                let deadline = instance.service.update.healthy_deadline;
+                if instance.supervisor.phase() == Phase::Failed {
+                    instance.failed = Some(format!(
+                        "it exited {} times without becoming healthy (last status {})",
+                        instance.supervisor.restarts() + 1,
+                        instance.supervisor.last_exit().unwrap_or(-1)
+                    ));
+                } else if instance.created.elapsed() >= deadline {
+                    instance.failed = Some(format!(
+                        "not healthy within the healthy_deadline of {}s",
+                        deadline.as_secs()
+                    ));
+                }
+                if let Some(reason) = &instance.failed {
+                    tracing::warn!(service = %instance.key, version = instance.version, %reason, "the version failed on this node");
+                }
+            }
             // Health probes.
             if instance.supervisor.phase() == Phase::Running
                 && !instance.probing
                 && Instant::now() >= instance.next_probe
-                && let Some(check) = instance.assignment.service.health.clone()
+                && let Some(check) = instance.service.health.clone()
             {
                 instance.probing = true;
                 instance.next_probe = Instant::now() + check.interval;
                 let ports = instance.ports.clone();
                 let dir = instance.dir.clone();
                 let sender = self.probe_tx.clone();
-                let probe_key = key.clone();
+                let probe_id = id.clone();
                 tokio::spawn(async move {
                     let ok = match &check.probe {
                         Probe::Http { port, path } => {
@@ -533,72 +870,91 @@ impl Runner {
                         }
                         Probe::Command { argv } => health::command(argv, &dir, check.timeout).await,
                     };
-                    let _ = sender.send((probe_key, ok)).await;
+                    let _ = sender.send((probe_id, ok)).await;
                 });
             }
-            self.perform(&key, actions);
-            let Some(instance) = self.instances.get(&key) else {
+            self.perform(&id, actions);
+            let Some(instance) = self.instances.get(&id) else {
                 continue;
             };
             match instance.supervisor.phase() {
                 Phase::Stopped => {
-                    exec::remove_cgroup(&instance_id(&self.config.node, &key));
-                    self.instances.remove(&key);
+                    exec::remove_cgroup(&format!("{}-{}", instance.id, self.config.node));
+                    if instance.retiring {
+                        let _ = std::fs::remove_dir_all(&instance.dir);
+                    }
+                    self.instances.remove(&id);
                     self.save();
                 }
                 // It keeps failing here: let another node try.
-                Phase::Failed if self.refused.insert(key.clone()) => {
-                    tracing::warn!(service = %key, "an instance failed too often; refusing the service here");
+                Phase::Failed if !instance.retiring => {
+                    let (key, version) = (instance.key.clone(), instance.version);
+                    if self.refused.insert(key.clone(), version).is_none() {
+                        tracing::warn!(service = %key, "an instance failed too often; refusing the service here");
+                    }
                 }
                 _ => {}
             }
         }
         if Instant::now() >= self.next_log_cap {
             self.next_log_cap = Instant::now() + LOG_INTERVAL;
+            let now_ms = crate::clock::unix_now().as_millis() as u64;
             for instance in self.instances.values_mut() {
-                let _ = exec::cap_log(&exec::log_path(&instance.dir), LOG_BYTES_MAX);
-                instance.log_tail = exec::log_tail(&instance.dir, LOG_TAIL_BYTES);
+                let path = exec::log_path(&instance.dir);
+                let _ = exec::cap_log(&path, LOG_BYTES_MAX);
+                if let Ok(meta) = std::fs::metadata(&path) {
+                    add_checkpoint(&mut instance.checkpoints, now_ms, meta.len());
+                }
             }
         }
     }
 
     fn report(&self) -> RunnerReport {
-        RunnerReport {
-            instances: self
-                .instances
-                .iter()
-                .map(|(key, i)| InstanceStatus {
-                    service: key.clone(),
-                    node: self.config.node.clone(),
-                    state: i.supervisor.phase().name().to_string(),
-                    health: match (i.supervisor.healthy(), &i.assignment.service.health) {
-                        (_, None) => "none".into(),
-                        (Some(true), _) => "healthy".into(),
-                        (Some(false), _) => "unhealthy".into(),
-                        (None, _) => "unknown".into(),
-                    },
-                    ports: i.ports.clone(),
-                    host: self.config.host.clone(),
-                    restarts: i.supervisor.restarts(),
-                    pid: i.pid,
-                    limits: i.enforcement.to_string(),
-                    version: i.assignment.version,
-                    log_tail: i.log_tail.clone(),
-                })
-                .collect(),
-            refused: self.refused.clone(),
+        let mut report = RunnerReport {
+            refused: self.refused.keys().cloned().collect(),
+            ..RunnerReport::default()
+        };
+        for instance in self.instances.values() {
+            let fact = InstanceFact {
+                service: instance.key.clone(),
+                version: instance.version,
+                state: instance.fact_state(),
+                restarts: instance.supervisor.restarts(),
+                ports: instance.ports.clone().into_iter().collect(),
+            };
+            let mut status =
+                InstanceStatus::of_fact(&fact, self.config.node.clone(), self.config.host.clone());
+            status.pid = instance.pid;
+            status.limits = instance.enforcement.to_string();
+            report.instances.push(status);
+            report.facts.push(fact);
+            if let Some(reason) = &instance.failed {
+                report.failures.push(Failure {
+                    key: instance.key.clone(),
+                    version: instance.version,
+                    reason: reason.clone(),
+                });
+            }
+            report.logs.push(LogFile {
+                key: instance.key.clone(),
+                version: instance.version,
+                path: exec::log_path(&instance.dir),
+                checkpoints: instance.checkpoints.clone(),
+            });
         }
+        report
     }
 
     /// Records running instances for the next agent to adopt.
     fn save(&self) {
         let records: Vec<Record> = self
             .instances
-            .iter()
-            .filter_map(|(key, i)| {
+            .values()
+            .filter_map(|i| {
                 i.pid.map(|pid| Record {
-                    key: key.clone(),
-                    version: i.assignment.version,
+                    key: i.key.clone(),
+                    version: i.version,
+                    id: i.id.clone(),
                     pid,
                     start_ticks: i.start_ticks,
                     ports: i.ports.clone(),
@@ -614,4 +970,48 @@ impl Runner {
             let _ = std::fs::rename(&temporary, &path);
         }
     }
+}
+
+/// Puts blob `blob` (hex id) in `dir`, unpacked, fetching it into `cache` first unless it is
+/// there already.
+async fn prepare_artifact(
+    blob: &str,
+    cache: &std::path::Path,
+    dir: &std::path::Path,
+    limit: u64,
+    commands: &mpsc::Sender<Command>,
+) -> Result<(), String> {
+    let id: BlobId = blob
+        .parse()
+        .map_err(|_| format!("{blob} is not a blob id"))?;
+    let cached = cache.join(blob);
+    let bytes = match tokio::fs::read(&cached).await {
+        Ok(bytes) if nubo_proto::blob::id_of(&bytes) == Some(id) => bytes,
+        _ => {
+            let bytes = crate::blobs::fetch(commands, id)
+                .await
+                .map_err(|e| format!("cannot fetch artifact {blob}: {e}"))?;
+            tokio::fs::create_dir_all(cache)
+                .await
+                .map_err(|e| format!("{}: {e}", cache.display()))?;
+            let temporary = cache.join(format!(".{blob}.partial"));
+            tokio::fs::write(&temporary, &bytes)
+                .await
+                .map_err(|e| format!("{}: {e}", temporary.display()))?;
+            tokio::fs::rename(&temporary, &cached)
+                .await
+                .map_err(|e| format!("{}: {e}", cached.display()))?;
+            tracing::info!(artifact = %blob, bytes = bytes.len(), "fetched an artifact");
+            bytes.to_vec()
+        }
+    };
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir)?;
+        artifact::unpack(&bytes, &dir, limit)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map(|_| ())
+    .map_err(|e| format!("cannot unpack the artifact: {e}"))
 }

@@ -49,10 +49,6 @@ pub struct Launch {
     pub limits: Limits,
     /// The `nubo` executable, to run the wrapper.
     pub wrapper: PathBuf,
-    /// A blob the wrapper fetches into the working directory as `artifact` (and unpacks if it
-    /// is a tar archive) before starting the program, with the agent's data directory (to
-    /// reach its API).
-    pub artifact: Option<(String, PathBuf)>,
 }
 
 /// A started instance.
@@ -111,13 +107,6 @@ pub fn spawn(launch: &Launch) -> io::Result<Started> {
         .arg(launch.limits.memory_bytes.to_string());
     if let Some(group) = &cgroup {
         command.arg("--cgroup").arg(group);
-    }
-    if let Some((blob, agent_dir)) = &launch.artifact {
-        command
-            .arg("--artifact")
-            .arg(blob)
-            .arg("--agent-dir")
-            .arg(agent_dir);
     }
     command
         .arg("--")
@@ -225,13 +214,20 @@ pub fn log_tail(dir: &Path, max_bytes: u64) -> String {
     String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
 
-/// A free TCP port in `range`, starting the search at `hint` (so each instance tends to get
-/// a stable port).
-pub fn free_port(range: std::ops::RangeInclusive<u16>, hint: u64) -> Option<u16> {
+/// A free TCP port in `range` and not in `taken` (ports given to instances that may not
+/// listen yet), starting the search at `hint` (so each instance tends to get a stable port).
+pub fn free_port(
+    range: std::ops::RangeInclusive<u16>,
+    hint: u64,
+    taken: &std::collections::BTreeSet<u16>,
+) -> Option<u16> {
     let (lo, hi) = (*range.start() as u64, *range.end() as u64);
     let span = hi - lo + 1;
     (0..span.min(2000)).find_map(|i| {
-        let port = (lo + (hint + i) % span) as u16;
+        let port = (lo + hint.wrapping_add(i) % span) as u16;
+        if taken.contains(&port) {
+            return None;
+        }
         std::net::TcpListener::bind(("0.0.0.0", port))
             .ok()
             .map(|_| port)

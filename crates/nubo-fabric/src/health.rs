@@ -7,16 +7,30 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-/// Whether `GET path` on 127.0.0.1:`port` answers 2xx or 3xx within `limit`.
+/// Bytes of an answer read before a probe gives up reading (and closes the connection).
+pub const HTTP_ANSWER_BYTES_MAX: usize = 1 << 20;
+
+/// Whether `GET path` on 127.0.0.1:`port` answers 2xx or 3xx within `limit`. The whole
+/// answer is read (up to [`HTTP_ANSWER_BYTES_MAX`]) before the connection closes, so the
+/// server never sees its answer cut off.
 pub async fn http(port: u16, path: &str, limit: Duration) -> bool {
     let probe = async {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        let request =
-            format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nUser-Agent: nubo-health\r\n\r\n");
+        let request = format!(
+            "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nUser-Agent: nubo-health\r\nConnection: close\r\n\r\n"
+        );
         stream.write_all(request.as_bytes()).await.ok()?;
-        let mut head = [0u8; 64];
-        let n = stream.read(&mut head).await.ok()?;
-        let line = std::str::from_utf8(&head[..n]).ok()?;
+        let mut answer = Vec::new();
+        let mut buffer = [0u8; 8192];
+        while answer.len() < HTTP_ANSWER_BYTES_MAX {
+            let n = stream.read(&mut buffer).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buffer[..n]);
+        }
+        let line = answer.split(|b| *b == b'\n').next()?;
+        let line = std::str::from_utf8(line).ok()?;
         let code: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some((200..400).contains(&code))
     };

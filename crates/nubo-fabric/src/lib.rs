@@ -2,6 +2,7 @@
 //! without processes), the exec driver with its limits and logs ([`exec`]) and health probes
 //! ([`health`]). The agent decides *what* runs here; this crate knows *how*.
 
+pub mod artifact;
 pub mod exec;
 pub mod health;
 pub mod policy;

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Failed health checks in a row after which a running instance is restarted.
+/// Failed health checks in a row after which a running instance that was healthy is
+/// restarted. Checks of an instance that was never healthy since its start do not count:
+/// it is starting, and an update's deadline judges it.
 pub const UNHEALTHY_MAX: u32 = 3;
 
 /// Where an instance is in its life.
@@ -179,7 +181,7 @@ impl Supervisor {
 
     /// A health check answered.
     pub fn health(&mut self, now: Duration, ok: bool) -> Vec<Action> {
-        if self.phase != Phase::Running {
+        if self.phase != Phase::Running || (!ok && self.healthy.is_none()) {
             return Vec::new();
         }
         self.healthy = Some(ok);
@@ -294,6 +296,11 @@ mod tests {
     fn unhealthy_instances_are_restarted() {
         let (mut s, _) = Supervisor::start(POLICY);
         s.spawned(secs(0));
+        for t in 1..10 {
+            assert_eq!(s.health(secs(t), false), vec![], "still starting");
+        }
+        assert_eq!(s.healthy(), None);
+        assert_eq!(s.health(secs(10), true), vec![]);
         assert_eq!(s.health(secs(1), false), vec![]);
         assert_eq!(s.health(secs(2), false), vec![]);
         assert_eq!(s.health(secs(3), false), vec![Action::Terminate]);

@@ -159,6 +159,23 @@ impl Manifest {
     }
 }
 
+/// The id `content` has as a blob (what [`split`] would give), without copying it; `None`
+/// if it is too large to be one.
+pub fn id_of(content: &[u8]) -> Option<BlobId> {
+    if content.len() > CHUNK_BYTES * CHUNKS_MAX {
+        return None;
+    }
+    let manifest = Manifest {
+        size: content.len() as u64,
+        chunk_bytes: CHUNK_BYTES as u32,
+        chunks: content
+            .chunks(CHUNK_BYTES)
+            .map(|piece| *blake3::hash(piece).as_bytes())
+            .collect(),
+    };
+    Some(manifest.id())
+}
+
 /// Splits `content` into chunks: the manifest, and each distinct chunk with its hash.
 pub fn split(content: &[u8]) -> Result<(Manifest, Vec<(Hash, Bytes)>), BlobError> {
     let max = (CHUNK_BYTES * CHUNKS_MAX) as u64;

@@ -85,6 +85,9 @@ pub struct RolloutInput<'a> {
     pub stable: Option<Release<'a>>,
     /// Whether the target's failure is recorded.
     pub target_failed: bool,
+    /// Whether the target's completion is recorded: it can fail no more (an instance that
+    /// fails later is a node's trouble, not the version's).
+    pub target_complete: bool,
     /// The fingerprint of every version known, by version.
     pub fingerprints: &'a BTreeMap<u64, u64>,
     /// The service's instances that live members report.
@@ -156,11 +159,11 @@ pub fn plan(input: &RolloutInput<'_>) -> Rollout {
     let equivalent_to = |release: &Release<'_>, version: u64| {
         version == release.version || input.fingerprints.get(&version) == Some(&release.fingerprint)
     };
-    let target_failed = input.target_failed
-        || input
-            .facts
-            .iter()
-            .any(|(_, f)| f.state == InstanceState::Failed && equivalent_to(&target, f.version));
+    let target_failed = !input.target_complete
+        && (input.target_failed
+            || input.facts.iter().any(|(_, f)| {
+                f.state == InstanceState::Failed && equivalent_to(&target, f.version)
+            }));
     let (release, reverting) = match input.stable {
         Some(stable) if target_failed && target.policy.auto_revert => (stable, true),
         _ => (target, false),
@@ -322,6 +325,7 @@ mod tests {
                 target,
                 stable,
                 target_failed: failed,
+                target_complete: false,
                 fingerprints: &self.fingerprints,
                 facts: &facts,
                 candidates: &candidates,

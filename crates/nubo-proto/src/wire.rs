@@ -37,6 +37,9 @@ pub enum Message {
     Kv(KvMessage),
     /// Anti-entropy of the service suite.
     Suite(SuiteMessage),
+    /// A message between two agents that the core does not read (a request for an instance's
+    /// log and its answer); the driver handles it, bounded by the frame size.
+    Agent(bytes::Bytes),
 }
 
 impl Message {
@@ -50,6 +53,7 @@ impl Message {
             Message::Ring(m) => m.is_within_bounds(),
             Message::Kv(m) => m.is_within_bounds(),
             Message::Suite(m) => m.is_within_bounds(),
+            Message::Agent(_) => true,
         }
     }
 
@@ -111,6 +115,7 @@ impl Message {
                 SuiteMessage::Want(_) => "suite_want",
                 SuiteMessage::Entries(_) => "suite_entries",
             },
+            Message::Agent(_) => "agent",
         }
     }
 }

@@ -148,6 +148,7 @@ fn samples() -> Vec<Message> {
             list: vec![("web/site".into(), 7, 42)],
         }),
         Message::Suite(SuiteMessage::Want(vec![("web/site".into(), 7)])),
+        Message::Agent(Bytes::from_static(b"opaque to the core")),
         Message::Suite(SuiteMessage::Entries(vec![SuiteEntry {
             key: "web/site".into(),
             version: 7,

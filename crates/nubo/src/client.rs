@@ -17,6 +17,8 @@ pub struct Client {
     base: String,
     token: String,
     agent: ureq::Agent,
+    /// For answers that stream as long as the caller reads (`--follow`): no overall timeout.
+    streaming: ureq::Agent,
 }
 
 /// How the CLI finds the agent.
@@ -32,6 +34,12 @@ pub struct Target<'a> {
 impl Client {
     /// A client of the agent named by `target`.
     pub fn connect(target: &Target<'_>) -> Result<Client, String> {
+        if target.api.is_none() && !target.data_dir.join("state.redb").exists() {
+            let dir = target.data_dir.display();
+            return Err(format!(
+                "no nubo data directory at {dir}: create a cloud with `nubo init --data-dir {dir}` and run its agent with `nubo agent --data-dir {dir}` (or join one: `nubo agent --data-dir {dir} --join TOKEN`), or pass the --data-dir of a running agent"
+            ));
+        }
         let read = |name: &str| {
             std::fs::read_to_string(target.data_dir.join(name))
                 .map(|s| s.trim().to_string())
@@ -55,10 +63,14 @@ impl Client {
             .timeout_connect(Duration::from_secs(3))
             .timeout(Duration::from_secs(120))
             .build();
+        let streaming = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(3))
+            .build();
         Ok(Client {
             base: format!("http://{api}"),
             token,
             agent,
+            streaming,
         })
     }
 
@@ -66,6 +78,15 @@ impl Client {
         self.agent
             .request(method, &format!("{}{path}", self.base))
             .set("Authorization", &format!("Bearer {}", self.token))
+    }
+
+    /// A GET whose answer streams for as long as it is read.
+    pub fn stream(&self, path: &str) -> Result<ureq::Response, String> {
+        let request = self
+            .streaming
+            .request("GET", &format!("{}{path}", self.base))
+            .set("Authorization", &format!("Bearer {}", self.token));
+        answer(&self.base, request.call())
     }
 
     /// Sends a request; a non-2xx answer becomes its error message.
@@ -80,20 +101,7 @@ impl Client {
             Some(bytes) => request.send_bytes(bytes),
             None => request.call(),
         };
-        match result {
-            Ok(response) => Ok(response),
-            Err(ureq::Error::Status(code, response)) => {
-                let text = response.into_string().unwrap_or_default();
-                let message = serde_json::from_str::<ApiErrorBody>(&text)
-                    .map(|b| b.error)
-                    .unwrap_or(text);
-                Err(format!("{message} (HTTP {code})"))
-            }
-            Err(error) => Err(format!(
-                "cannot reach the agent at {}: {error}. Is it running?",
-                self.base
-            )),
-        }
+        answer(&self.base, result)
     }
 
     /// Sends a request and reads a JSON answer.
@@ -105,6 +113,26 @@ impl Client {
     ) -> Result<T, String> {
         let bytes = read_body(self.send(method, path, body)?)?;
         serde_json::from_slice(&bytes).map_err(|e| format!("unexpected answer from the agent: {e}"))
+    }
+}
+
+/// A successful answer, or the agent's error message.
+fn answer(
+    base: &str,
+    result: Result<ureq::Response, ureq::Error>,
+) -> Result<ureq::Response, String> {
+    match result {
+        Ok(response) => Ok(response),
+        Err(ureq::Error::Status(code, response)) => {
+            let text = response.into_string().unwrap_or_default();
+            let message = serde_json::from_str::<ApiErrorBody>(&text)
+                .map(|b| b.error)
+                .unwrap_or(text);
+            Err(format!("{message} (HTTP {code})"))
+        }
+        Err(error) => Err(format!(
+            "cannot reach the agent at {base}: {error}. Is it running?"
+        )),
     }
 }
 

@@ -195,8 +195,8 @@ fn deploy_sample(
         }
         std::thread::sleep(Duration::from_millis(250));
     };
-    println!();
-    println!("The sample site web/site runs {wanted} replicas:");
+    outln!();
+    outln!("The sample site web/site runs {wanted} replicas:");
     crate::table::print(
         &["SERVICE", "NODE", "URL"],
         &instances
@@ -275,9 +275,9 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(250));
     };
 
-    println!();
-    println!("nubo demo: a cloud of {n} agents on loopback");
-    println!();
+    outln!();
+    outln!("nubo demo: a cloud of {n} agents on loopback");
+    outln!();
     crate::table::print(
         &["NODE", "ID", "LISTEN", "DATA DIR"],
         &statuses
@@ -298,21 +298,21 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "nubo".into());
     deploy_sample(&root, &dirs[0], n, deadline)?;
-    println!();
-    println!("Try, in another terminal:");
-    println!("  export NUBO_DATA_DIR={}", dirs[0].display());
-    println!("  {exe} nodes                      # every member, alive or not");
-    println!("  {exe} kv put greeting hello      # replicated on 3 nodes");
-    println!(
+    outln!();
+    outln!("Try, in another terminal:");
+    outln!("  export NUBO_DATA_DIR={}", dirs[0].display());
+    outln!("  {exe} nodes                      # every member, alive or not");
+    outln!("  {exe} kv put greeting hello      # replicated on 3 nodes");
+    outln!(
         "  {exe} kv get greeting --data-dir {}",
         dirs[n - 1].display()
     );
-    println!("  {exe} stats                      # the cloud's size and resources");
-    println!("  {exe} ps                         # the sample site's instances");
-    println!("  {exe} logs web/site");
-    println!("  kill -9 <pid of an agent hosting the site>, then `{exe} ps` again");
-    println!();
-    println!(
+    outln!("  {exe} stats                      # the cloud's size and resources");
+    outln!("  {exe} ps                         # the sample site's instances");
+    outln!("  {exe} logs web/site");
+    outln!("  kill -9 <pid of an agent hosting the site>, then `{exe} ps` again");
+    outln!();
+    outln!(
         "Agent logs: {}/node*/agent.log. Press Ctrl-C to stop.",
         root.display()
     );

@@ -1,11 +1,14 @@
 //! `nubo`: run an agent, create and join clouds, and talk to the local agent.
 
+#[macro_use]
+mod output;
 mod client;
 mod demo;
+mod deploy;
 mod services;
 mod table;
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -115,13 +118,60 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Sign a service description and deploy it to the cloud.
-    #[command(after_help = "Example:\n  nubo deploy site.toml")]
+    /// Sign a service description and deploy it; waits until every wanted instance is ready
+    /// (a new version replaces the running one a few instances at a time, see `[update]`).
+    #[command(
+        after_help = "Examples:\n  nubo deploy site.toml\n  nubo deploy site.toml --wait 5m\n  nubo deploy site.toml --detach\n\nExit status: 0 once every wanted instance is ready; 1 if the version failed (and was\nreverted), cannot be placed, or is not ready within --wait."
+    )]
     Deploy {
         /// The description.
         file: PathBuf,
         #[command(flatten)]
         signing: services::Signing,
+        #[command(flatten)]
+        follow: deploy::Follow,
+        #[command(flatten)]
+        target: AgentTarget,
+    },
+    /// Deploy an earlier version's description again, as a new version.
+    #[command(
+        after_help = "Examples:\n  nubo rollback web/site                 # the last version that ran well\n  nubo rollback web/site --to 1764547200000"
+    )]
+    Rollback {
+        /// The service.
+        service: String,
+        /// The version to go back to (`nubo history` lists them).
+        #[arg(long)]
+        to: Option<u64>,
+        #[command(flatten)]
+        signing: services::Signing,
+        #[command(flatten)]
+        follow: deploy::Follow,
+        #[command(flatten)]
+        target: AgentTarget,
+    },
+    /// Every version of a service: who signed it, what it changed, how its update ended.
+    #[command(after_help = "Example:\n  nubo history web/site")]
+    History {
+        /// The service.
+        service: String,
+        #[command(flatten)]
+        target: AgentTarget,
+    },
+    /// Move every instance off a node without an outage, and keep new ones away.
+    #[command(
+        after_help = "Examples:\n  nubo drain                  # this agent's node\n  nubo drain 3f2a9c1e         # another node (administrator only)\n  nubo drain --undo"
+    )]
+    Drain {
+        /// The node (an id or its first digits; default: this agent's).
+        node: Option<String>,
+        /// Take instances again.
+        #[arg(long)]
+        undo: bool,
+        #[command(flatten)]
+        signing: services::Signing,
+        #[command(flatten)]
+        follow: deploy::Follow,
         #[command(flatten)]
         target: AgentTarget,
     },
@@ -136,14 +186,13 @@ enum Command {
         #[command(flatten)]
         target: AgentTarget,
     },
-    /// The end of the output of every instance of a service.
-    #[command(after_help = "Example:\n  nubo logs web/site --follow")]
+    /// The output of every instance of a service, from the nodes that run them.
+    #[command(
+        after_help = "Examples:\n  nubo logs web/site\n  nubo logs web/site -f --tail 20\n  nubo logs web/site --since 10m --node 3f2a"
+    )]
     Logs {
-        /// The service.
-        service: String,
-        /// Keep printing new output.
-        #[arg(long, short)]
-        follow: bool,
+        #[command(flatten)]
+        args: services::LogsArgs,
         #[command(flatten)]
         target: AgentTarget,
     },
@@ -186,12 +235,6 @@ enum Command {
         /// A cgroup to enter first.
         #[arg(long)]
         cgroup: Option<PathBuf>,
-        /// A blob to fetch into the working directory as `artifact` first.
-        #[arg(long, requires = "agent_dir")]
-        artifact: Option<String>,
-        /// The agent's data directory (to fetch the artifact through its API).
-        #[arg(long)]
-        agent_dir: Option<PathBuf>,
         /// The program and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -359,7 +402,7 @@ fn main() -> ExitCode {
 
 pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> Result<(), String> {
     let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
 }
 
@@ -371,15 +414,15 @@ fn run(command: Command) -> Result<(), String> {
             if json {
                 return print_json(&report);
             }
-            println!("Created cloud {}", report.cloud_id);
-            println!("  first node   {}", report.node_id);
-            println!("  data dir     {}", report.data_dir);
-            println!(
+            outln!("Created cloud {}", report.cloud_id);
+            outln!("  first node   {}", report.node_id);
+            outln!("  data dir     {}", report.data_dir);
+            outln!(
                 "  admin key    {} (secret in admin.key)",
                 report.admin_public_key
             );
-            println!();
-            println!("Next: nubo agent --data-dir {}", report.data_dir);
+            outln!();
+            outln!("Next: nubo agent --data-dir {}", report.data_dir);
             Ok(())
         }
         Command::Invite { target, ttl_secs } => {
@@ -390,7 +433,7 @@ fn run(command: Command) -> Result<(), String> {
             if target.json {
                 return print_json(&invite);
             }
-            println!("{}", invite.token);
+            outln!("{}", invite.token);
             eprintln!(
                 "Join with: nubo agent --data-dir DIR --join <token above>   (contacts: {}; valid {} s)",
                 invite.contacts.join(", "),
@@ -408,15 +451,27 @@ fn run(command: Command) -> Result<(), String> {
         Command::Deploy {
             file,
             signing,
-            target,
-        } => services::deploy(&file, &signing, &target),
-        Command::Services(target) => services::services(&target),
-        Command::Ps { service, target } => services::ps(&target, service.as_deref()),
-        Command::Logs {
-            service,
             follow,
             target,
-        } => services::logs(&target, &service, follow),
+        } => deploy::deploy(&file, &signing, &target, &follow),
+        Command::Rollback {
+            service,
+            to,
+            signing,
+            follow,
+            target,
+        } => deploy::rollback(&service, to, &signing, &target, &follow),
+        Command::History { service, target } => deploy::history(&target, &service),
+        Command::Drain {
+            node,
+            undo,
+            signing,
+            follow,
+            target,
+        } => services::drain(&target, node.as_deref(), undo, &signing, &follow),
+        Command::Services(target) => services::services(&target),
+        Command::Ps { service, target } => services::ps(&target, service.as_deref()),
+        Command::Logs { args, target } => services::logs(&target, &args),
         Command::Stop {
             service,
             signing,
@@ -442,14 +497,9 @@ fn run(command: Command) -> Result<(), String> {
         Command::InstanceExec {
             memory_bytes,
             cgroup,
-            artifact,
-            agent_dir,
             command,
         } => {
             let (program, args) = command.split_first().ok_or("no program given")?;
-            if let (Some(blob), Some(agent_dir)) = (artifact, agent_dir) {
-                services::fetch_artifact(&blob, &agent_dir)?;
-            }
             let error =
                 nubo_fabric::exec::exec_limited(memory_bytes, cgroup.as_deref(), program, args);
             Err(format!("cannot run {program}: {error}"))
@@ -478,6 +528,8 @@ fn agent(args: AgentArgs) -> Result<(), String> {
                 .map_err(|e| format!("--log {}: {e}", args.log))?,
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal: log files stay plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let join = match &args.join {
         Some(text) => Some(
@@ -542,7 +594,7 @@ fn kv(command: KvCommand) -> Result<(), String> {
             if target.json {
                 return print_json(&written);
             }
-            println!("stored {} at version {}", written.key, written.version);
+            outln!("stored {} at version {}", written.key, written.version);
             Ok(())
         }
         KvCommand::Get { key, target } => {
@@ -562,11 +614,9 @@ fn kv(command: KvCommand) -> Result<(), String> {
                     "version": version,
                 }));
             }
-            std::io::stdout()
-                .write_all(&bytes)
-                .map_err(|e| e.to_string())?;
+            output::write_bytes(&bytes);
             if !bytes.ends_with(b"\n") && !bytes.is_empty() {
-                println!();
+                outln!();
             }
             Ok(())
         }
@@ -578,7 +628,7 @@ fn kv(command: KvCommand) -> Result<(), String> {
             if target.json {
                 return print_json(&written);
             }
-            println!("deleted {} at version {}", written.key, written.version);
+            outln!("deleted {} at version {}", written.key, written.version);
             Ok(())
         }
         KvCommand::Local { key, target } => {
@@ -591,13 +641,13 @@ fn kv(command: KvCommand) -> Result<(), String> {
                 return print_json(&local);
             }
             match (local.held, local.deleted) {
-                (false, _) => println!("this node holds no replica of {}", local.key),
-                (true, true) => println!(
+                (false, _) => outln!("this node holds no replica of {}", local.key),
+                (true, true) => outln!(
                     "this node holds a deletion of {} at {}",
                     local.key,
                     local.version.unwrap_or_default()
                 ),
-                (true, false) => println!(
+                (true, false) => outln!(
                     "this node holds {} at {}",
                     local.key,
                     local.version.unwrap_or_default()
@@ -621,7 +671,7 @@ fn blob(command: BlobCommand) -> Result<(), String> {
             if target.json {
                 return print_json(&stored);
             }
-            println!("{}", stored.id);
+            outln!("{}", stored.id);
             eprintln!("stored {} bytes in {} chunks", stored.size, stored.chunks);
             Ok(())
         }
@@ -641,9 +691,7 @@ fn blob(command: BlobCommand) -> Result<(), String> {
                     }
                     eprintln!("wrote {} bytes to {}", bytes.len(), path.display());
                 }
-                None => std::io::stdout()
-                    .write_all(&bytes)
-                    .map_err(|e| e.to_string())?,
+                None => output::write_bytes(&bytes),
             }
             Ok(())
         }
@@ -709,7 +757,7 @@ fn print_status(status: &Status) {
         ("disk", format!("{} failed saves", status.persist_failures)),
     ];
     for (name, value) in rows {
-        println!("{name:<13} {value}");
+        outln!("{name:<13} {value}");
     }
 }
 
@@ -743,25 +791,26 @@ fn print_nodes(nodes: &[NodeInfo]) {
 }
 
 fn print_stats(stats: &Stats) {
-    println!("members alive (roster)   {}", stats.members_alive);
+    outln!("members alive (roster)   {}", stats.members_alive);
     match (stats.size_estimate, stats.totals, stats.epoch) {
         (Some(size), Some(totals), Some(epoch)) => {
-            println!("size estimate            {size:.1} nodes (aggregation epoch {epoch})");
-            println!(
+            outln!("size estimate            {size:.1} nodes (aggregation epoch {epoch})");
+            outln!(
                 "cpu cores                {:.0} total, {:.0} free",
-                totals.cores, totals.cores_free
+                totals.cores,
+                totals.cores_free
             );
-            println!(
+            outln!(
                 "memory                   {} total, {} free",
                 bytes_text(totals.memory_bytes),
                 bytes_text(totals.memory_free_bytes)
             );
         }
-        _ => println!(
+        _ => outln!(
             "size estimate            not yet (the first aggregation epoch takes about 30 s)"
         ),
     }
-    println!("this node's rank         {:.2}", stats.rank);
+    outln!("this node's rank         {:.2}", stats.rank);
 }
 
 fn bytes_text(bytes: f64) -> String {

@@ -11,9 +11,17 @@ use nubo_agent::model::ServiceDocument;
 use nubo_agent::planner::PlannedService;
 use nubo_agent::runner::InstanceStatus;
 use nubo_net::Identity;
+
 use nubo_proto::service::parse_quantity;
 
 use crate::{AgentTarget, print_json, table};
+
+/// A signing key's public half, as the CLI prints it.
+#[derive(serde::Serialize)]
+struct KeyCreated {
+    public_key: String,
+    secret_file: String,
+}
 
 /// `nubo key ...`
 #[derive(Subcommand)]
@@ -29,6 +37,9 @@ pub enum KeyCommand {
         /// Replace an existing key.
         #[arg(long)]
         force: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -56,6 +67,9 @@ pub struct GrantArgs {
     /// The administrator's data directory (holding admin.key).
     #[arg(long, env = "NUBO_DATA_DIR", default_value_os_t = crate::default_data_dir())]
     data_dir: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// How a deploy is signed.
@@ -108,7 +122,7 @@ fn unix_millis() -> u64 {
 
 /// `nubo key new`.
 pub fn key(command: KeyCommand) -> Result<(), String> {
-    let KeyCommand::New { out, force } = command;
+    let KeyCommand::New { out, force, json } = command;
     if out.exists() && !force {
         return Err(format!(
             "{} exists; pass --force to replace it (deploys signed with it will need the new key's grant)",
@@ -125,7 +139,13 @@ pub fn key(command: KeyCommand) -> Result<(), String> {
     store
         .write_secret(name, &identity.secret())
         .map_err(|e| e.to_string())?;
-    println!("{}", hex(&identity.public_key()));
+    if json {
+        return print_json(&KeyCreated {
+            public_key: hex(&identity.public_key()),
+            secret_file: out.display().to_string(),
+        });
+    }
+    outln!("{}", hex(&identity.public_key()));
     eprintln!(
         "secret key in {}; ask the administrator for a grant: nubo grant --namespace NAME --key {}",
         out.display(),
@@ -142,7 +162,17 @@ pub fn grant(args: GrantArgs) -> Result<(), String> {
     let user_key: [u8; 32] = unhex(&args.key)
         .and_then(|b| b.try_into().ok())
         .ok_or("--key is a public key of 64 hexadecimal digits, as `nubo key new` prints")?;
-    let memory = parse_quantity(&args.memory).ok_or("--memory is a size such as 4GiB")?;
+    let memory = parse_quantity(&args.memory)
+        .filter(|m| (0.0..1e19).contains(m))
+        .ok_or("--memory is a size such as 4GiB")?;
+    if !(args.cpu.is_finite() && args.cpu >= 0.0 && args.cpu <= 1e6) {
+        return Err("--cpu is a number of cores, such as 2 or 0.5".into());
+    }
+    let expires = args
+        .days
+        .checked_mul(86_400)
+        .and_then(|s| s.checked_add(nubo_agent::clock::unix_now().as_secs()))
+        .ok_or("--days is too large")?;
     let grant = SignedGrant::sign(
         &admin,
         Grant {
@@ -153,10 +183,17 @@ pub fn grant(args: GrantArgs) -> Result<(), String> {
                 memory_bytes: memory as u64,
                 instances: args.instances,
             },
-            expires_unix_secs: nubo_agent::clock::unix_now().as_secs() + args.days * 86_400,
+            expires_unix_secs: expires,
         },
     );
-    println!("{}", grant.encode());
+    if args.json {
+        return print_json(&serde_json::json!({
+            "grant": grant.encode(),
+            "namespace": grant.grant.namespace,
+            "expires_unix_secs": grant.grant.expires_unix_secs,
+        }));
+    }
+    outln!("{}", grant.encode());
     eprintln!("give this grant to the user; they deploy with --grant <text or file>");
     Ok(())
 }
@@ -169,7 +206,7 @@ pub fn validate(file: &Path, json: bool) -> Result<(), String> {
             if json {
                 return print_json(&service);
             }
-            println!("{}: valid ({})", file.display(), service.key());
+            outln!("{}: valid ({})", file.display(), service.key());
             Ok(())
         }
         Err(errors) => {
@@ -227,15 +264,16 @@ fn current(target: &AgentTarget, key: &str) -> Result<Option<ServiceDocument>, S
     }
 }
 
-fn publish(
+/// Signs a document for `key` with the next version and publishes it; returns the version.
+pub fn publish(
     target: &AgentTarget,
     signing: &Signing,
     key: String,
     intent: Intent,
     description: String,
 ) -> Result<u64, String> {
-    let (identity, grant) = signer(signing, target)?;
     let previous = current(target, &key)?;
+    let (identity, grant) = signer(signing, target)?;
     let version = unix_millis().max(previous.map_or(0, |p| p.version + 1));
     let signed = SignedDocument::sign(
         &identity,
@@ -274,22 +312,27 @@ pub fn deploy_quietly(
     Ok((key, version))
 }
 
-/// `nubo deploy`.
-pub fn deploy(file: &Path, signing: &Signing, target: &AgentTarget) -> Result<(), String> {
-    let (key, version) = deploy_quietly(file, signing, target)?;
-    if target.json {
-        return print_json(&serde_json::json!({"service": key, "version": version}));
-    }
-    println!("deployed {key} (version {version}); `nubo ps` shows its instances");
-    Ok(())
-}
-
-fn service_key(name: &str) -> String {
+/// The key of the service `name`: `namespace/name` as given, or `default/name`; a name found
+/// only in another namespace is suggested.
+pub fn resolve_key(target: &AgentTarget, name: &str) -> Result<String, String> {
     if name.contains('/') {
-        name.to_string()
-    } else {
-        format!("default/{name}")
+        return Ok(name.to_string());
     }
+    let key = format!("default/{name}");
+    let plan: Vec<PlannedService> = target.client()?.json("GET", "/v1/services", None)?;
+    if plan.iter().any(|p| p.key == key) {
+        return Ok(key);
+    }
+    let similar: Vec<&str> = plan
+        .iter()
+        .map(|p| p.key.as_str())
+        .filter(|k| k.rsplit('/').next() == Some(name))
+        .collect();
+    Err(match similar.as_slice() {
+        [] => format!("no service {key}; `nubo services` lists them (name them namespace/name)"),
+        [one] => format!("no service {key}; did you mean {one}?"),
+        many => format!("no service {key}; did you mean one of {}?", many.join(", ")),
+    })
 }
 
 /// `nubo stop` and `nubo rm`.
@@ -299,7 +342,7 @@ pub fn change(
     signing: &Signing,
     target: &AgentTarget,
 ) -> Result<(), String> {
-    let key = service_key(name);
+    let key = resolve_key(target, name)?;
     let document = current(target, &key)?
         .ok_or_else(|| format!("no service {key}; `nubo services` lists them"))?;
     let version = publish(target, signing, key.clone(), intent, document.description)?;
@@ -311,7 +354,7 @@ pub fn change(
     } else {
         "removed"
     };
-    println!("{verb} {key} (version {version})");
+    outln!("{verb} {key} (version {version})");
     Ok(())
 }
 
@@ -324,16 +367,31 @@ pub fn services(target: &AgentTarget) -> Result<(), String> {
     let rows: Vec<Vec<String>> = plan
         .iter()
         .map(|p| {
+            let phase = match p.batch {
+                Some((batch, batches)) => format!("{} {batch}/{batches}", p.phase),
+                None => p.phase.clone(),
+            };
+            let mut problem = p.problem.clone().unwrap_or_default();
+            if !p.reasons.is_empty() {
+                problem.push_str(&format!(": {}", p.reasons.join("; ")));
+            }
             vec![
                 p.key.clone(),
+                p.version.to_string(),
                 p.intent.clone(),
-                format!("{}/{}", p.nodes.len(), p.wanted),
+                phase,
+                format!("{}/{}", p.ready, p.wanted),
                 p.nodes.join(","),
-                p.problem.clone().unwrap_or_default(),
+                problem,
             ]
         })
         .collect();
-    table::print(&["SERVICE", "INTENT", "PLACED", "NODES", "PROBLEM"], &rows);
+    table::print(
+        &[
+            "SERVICE", "VERSION", "INTENT", "PHASE", "READY", "NODES", "PROBLEM",
+        ],
+        &rows,
+    );
     Ok(())
 }
 
@@ -341,7 +399,7 @@ fn instances(target: &AgentTarget, name: Option<&str>) -> Result<Vec<InstanceSta
     let all: Vec<InstanceStatus> = target.client()?.json("GET", "/v1/ps", None)?;
     Ok(match name {
         Some(name) => {
-            let key = service_key(name);
+            let key = resolve_key(target, name)?;
             all.into_iter().filter(|i| i.service == key).collect()
         }
         None => all,
@@ -350,11 +408,8 @@ fn instances(target: &AgentTarget, name: Option<&str>) -> Result<Vec<InstanceSta
 
 /// `nubo ps`.
 pub fn ps(target: &AgentTarget, name: Option<&str>) -> Result<(), String> {
-    let mut list = instances(target, name)?;
+    let list = instances(target, name)?;
     if target.json {
-        for instance in &mut list {
-            instance.log_tail.clear();
-        }
         return print_json(&list);
     }
     let rows: Vec<Vec<String>> = list
@@ -368,6 +423,7 @@ pub fn ps(target: &AgentTarget, name: Option<&str>) -> Result<(), String> {
             vec![
                 i.service.clone(),
                 i.node.clone(),
+                i.version.to_string(),
                 i.state.clone(),
                 i.health.clone(),
                 addresses.join(" "),
@@ -376,78 +432,179 @@ pub fn ps(target: &AgentTarget, name: Option<&str>) -> Result<(), String> {
         })
         .collect();
     table::print(
-        &["SERVICE", "NODE", "STATE", "HEALTH", "ADDRESS", "RESTARTS"],
+        &[
+            "SERVICE", "NODE", "VERSION", "STATE", "HEALTH", "ADDRESS", "RESTARTS",
+        ],
         &rows,
     );
     Ok(())
 }
 
-/// `nubo logs`.
-pub fn logs(target: &AgentTarget, name: &str, follow: bool) -> Result<(), String> {
-    let mut seen: BTreeMap<String, String> = BTreeMap::new();
-    loop {
-        let list = instances(target, Some(name))?;
-        if list.is_empty() && !follow {
-            return Err(format!(
-                "no instance of {} runs now; `nubo services` says where it is placed",
-                service_key(name)
-            ));
-        }
-        for instance in list {
-            let before = seen.get(&instance.node).cloned().unwrap_or_default();
-            let tail = &instance.log_tail;
-            // Print what is new since last time (the tail is a sliding window).
-            let fresh = match tail.find(&before) {
-                Some(at) if !before.is_empty() => &tail[at + before.len()..],
-                _ => tail.as_str(),
-            };
-            if !fresh.is_empty() {
-                if target.json {
-                    print_json(&serde_json::json!({"node": instance.node, "log": fresh}))?;
-                } else {
-                    println!("==> {} on {} <==", instance.service, instance.node);
-                    print!("{fresh}");
-                    if !fresh.ends_with('\n') {
-                        println!();
-                    }
-                }
+/// `nubo drain`: moves every instance off a node (this agent's by default) under the rolling
+/// rules, and keeps new ones away; `--undo` lets it take instances again.
+pub fn drain(
+    target: &AgentTarget,
+    node: Option<&str>,
+    undo: bool,
+    signing: &Signing,
+    follow: &crate::deploy::Follow,
+) -> Result<(), String> {
+    let client = target.client()?;
+    let nodes: Vec<nubo_agent::model::NodeInfo> = client.json("GET", "/v1/nodes", None)?;
+    let chosen = match node {
+        None => nodes.iter().find(|n| n.this_node),
+        Some(prefix) => {
+            let matches: Vec<_> = nodes.iter().filter(|n| n.id.starts_with(prefix)).collect();
+            match matches.as_slice() {
+                [one] => Some(*one),
+                [] => return Err(format!("no node {prefix}; `nubo nodes` lists them")),
+                _ => return Err(format!("{prefix} names several nodes; give more of the id")),
             }
-            seen.insert(instance.node.clone(), tail.clone());
         }
-        if !follow {
+    }
+    .ok_or("the agent did not list itself")?;
+    let id = chosen.id.clone();
+    let short = id[..id.len().min(8)].to_string();
+    if chosen.this_node {
+        let path = format!("/v1/drain?undo={undo}");
+        let _: serde_json::Value = client.json("POST", &path, None)?;
+    } else {
+        // Another node: only the administrator may drain it.
+        let node_id: nubo_proto::NodeId = id.parse().map_err(|_| format!("bad node id {id}"))?;
+        let key = nubo_agent::authority::drain_key(node_id);
+        let intent = if undo { Intent::Remove } else { Intent::Run };
+        publish(target, signing, key, intent, String::new()).map_err(|e| {
+            format!(
+                "{e} (a node is drained by itself, through its own agent, or by the administrator)"
+            )
+        })?;
+    }
+    if undo || follow.detach {
+        if target.json {
+            return print_json(&serde_json::json!({"node": id, "draining": !undo}));
+        }
+        outln!("{} {short}", if undo { "undrained" } else { "draining" });
+        return Ok(());
+    }
+    eprintln!(
+        "draining {short}: its instances move to other nodes as their replacements become ready…"
+    );
+    let deadline = std::time::Instant::now() + follow.wait;
+    let mut shown = usize::MAX;
+    loop {
+        let left: Vec<InstanceStatus> = client
+            .json::<Vec<InstanceStatus>>("GET", "/v1/ps", None)?
+            .into_iter()
+            .filter(|i| i.node == short)
+            .collect();
+        if left.len() != shown {
+            shown = left.len();
+            eprintln!("  {} instances left on {short}", left.len());
+        }
+        if left.is_empty() {
+            if target.json {
+                return print_json(
+                    &serde_json::json!({"node": id, "draining": true, "instances": 0}),
+                );
+            }
+            outln!(
+                "{short} is drained: it runs no instance and takes no new one (`nubo drain --undo` ends it)"
+            );
             return Ok(());
         }
-        std::thread::sleep(Duration::from_secs(2));
+        if std::time::Instant::now() >= deadline {
+            let names: Vec<String> = left.iter().map(|i| i.service.clone()).collect();
+            return Err(format!(
+                "{short} still runs {} after {}s; the drain goes on (`nubo ps`)",
+                names.join(", "),
+                follow.wait.as_secs()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
     }
 }
 
-/// In an instance's working directory: fetches blob `id` as `artifact` through the agent's
-/// API (once), and unpacks it if it is a tar archive.
-pub fn fetch_artifact(id: &str, agent_dir: &Path) -> Result<(), String> {
-    let target = Path::new("artifact");
-    if target.exists() {
-        return Ok(());
+/// What `nubo logs` shows.
+#[derive(Args, Clone, Debug)]
+pub struct LogsArgs {
+    /// The service (`namespace/name`).
+    pub service: String,
+    /// Keep printing output as it is written, from instances that start later too.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// The last N lines of each instance.
+    #[arg(long, short = 'n')]
+    pub tail: Option<u32>,
+    /// Only what was written in this last span, e.g. 10m (to within a few seconds).
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<Duration>,
+    /// Only the instance on this node (an id or its first digits).
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+fn parse_since(text: &str) -> Result<Duration, String> {
+    description::parse_duration(text)
+        .ok_or_else(|| "a duration such as 30s, 10m or 2h (at most 30 days)".to_string())
+}
+
+/// `nubo logs`: every instance's output, from the nodes that run them, prefixed by node and
+/// version when more than one instance speaks.
+pub fn logs(target: &AgentTarget, args: &LogsArgs) -> Result<(), String> {
+    use std::io::BufRead;
+    let key = resolve_key(target, &args.service)?;
+    let mut path = format!("/v1/logs/{key}?follow={}", args.follow);
+    if let Some(lines) = args.tail {
+        path.push_str(&format!("&tail={lines}"));
     }
-    let client = crate::client::Client::connect(&crate::client::Target {
-        data_dir: agent_dir,
-        api: None,
-        token: None,
-    })?;
-    let bytes = crate::client::read_body(client.send("GET", &format!("/v1/blobs/{id}"), None)?)?;
-    std::fs::write("artifact.partial", &bytes).map_err(|e| format!("writing the artifact: {e}"))?;
-    std::fs::rename("artifact.partial", target)
-        .map_err(|e| format!("writing the artifact: {e}"))?;
-    // A tar archive has "ustar" at offset 257.
-    if bytes.get(257..262) == Some(b"ustar") {
-        let status = std::process::Command::new("tar")
-            .args(["-xf", "artifact"])
-            .status()
-            .map_err(|e| format!("cannot run tar to unpack the artifact: {e}"))?;
-        if !status.success() {
-            let _ = std::fs::remove_file(target);
-            return Err("tar could not unpack the artifact".into());
+    if let Some(since) = args.since {
+        path.push_str(&format!("&since_secs={}", since.as_secs()));
+    }
+    let response = target.client()?.stream(&path)?;
+    let reader = std::io::BufReader::new(response.into_reader());
+    // Sources seen, and whether each is at the start of a line.
+    let mut at_line_start: BTreeMap<(String, u64), bool> = BTreeMap::new();
+    let mut last: Option<(String, u64)> = None;
+    for line in reader.lines() {
+        let line = line.map_err(|e| format!("reading the logs: {e}"))?;
+        let Ok(piece) = serde_json::from_str::<nubo_agent::api::LogLine>(&line) else {
+            continue;
+        };
+        if args
+            .node
+            .as_ref()
+            .is_some_and(|n| !piece.node.starts_with(n.as_str()))
+        {
+            continue;
         }
+        if target.json {
+            outln!("{line}");
+            continue;
+        }
+        let source = (piece.node.clone(), piece.version);
+        at_line_start.entry(source.clone()).or_insert(true);
+        let many = at_line_start.len() > 1;
+        // Another source speaks in the middle of a line: end that line first.
+        if let Some(previous) = &last
+            && *previous != source
+            && at_line_start.get(previous) == Some(&false)
+        {
+            outln!();
+            at_line_start.insert(previous.clone(), true);
+        }
+        let mut text = String::new();
+        for part in piece.text.split_inclusive('\n') {
+            if many && at_line_start[&source] {
+                text.push_str(&format!("{} v{} | ", piece.node, piece.version));
+            }
+            text.push_str(&crate::output::clean_keeping_tabs(part));
+            at_line_start.insert(source.clone(), part.ends_with('\n'));
+        }
+        out!("{text}");
+        last = Some(source);
     }
-    eprintln!("nubo: fetched artifact {id} ({} bytes)", bytes.len());
+    if at_line_start.values().any(|start| !start) {
+        outln!();
+    }
     Ok(())
 }

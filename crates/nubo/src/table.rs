@@ -1,4 +1,5 @@
-//! Aligned text tables for the CLI's human output.
+//! Aligned text tables for the CLI's human output (control characters in cells are shown
+//! as `?`).
 
 /// Prints `rows` under `header`, each column as wide as its widest cell.
 pub fn print(header: &[&str], rows: &[Vec<String>]) {
@@ -6,20 +7,21 @@ pub fn print(header: &[&str], rows: &[Vec<String>]) {
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
             if i < widths.len() {
-                widths[i] = widths[i].max(cell.chars().count());
+                widths[i] = widths[i].max(crate::output::clean(cell).chars().count());
             }
         }
     }
     let line = |cells: Vec<&str>| {
         let mut out = String::new();
         for (i, cell) in cells.iter().enumerate() {
+            let cell = crate::output::clean(cell);
             if i + 1 == cells.len() {
-                out.push_str(cell);
+                out.push_str(&cell);
             } else {
                 out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
             }
         }
-        println!("{}", out.trim_end());
+        outln!("{}", out.trim_end());
     };
     line(header.to_vec());
     for row in rows {

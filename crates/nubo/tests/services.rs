@@ -219,7 +219,7 @@ attempts = 2
 delay = "200ms"
 "#;
     let file = write(&work, "hungry.toml", hungry);
-    let (ok, _, err) = nubo(admin, &["deploy", &file]);
+    let (ok, _, err) = nubo(admin, &["deploy", &file, "--detach"]);
     assert!(ok, "{err}");
     let held = wait_until(Duration::from_secs(30), || {
         instances(admin, "web/hungry")
@@ -293,8 +293,9 @@ delay = "200ms"
     assert_eq!(before.len(), 1);
     cloud.agents[crashed].kill();
     cloud.agents[crashed].restart();
+    // Process ids are known on their own node: ask the restarted agent.
     let adopted = wait_until(Duration::from_secs(60), || {
-        let list = instances(&cloud.agents[0], "web/site");
+        let list = instances(&cloud.agents[crashed], "web/site");
         list.len() == 3
             && list
                 .iter()

@@ -20,6 +20,10 @@ pub const NUBO: &str = env!("CARGO_BIN_EXE_nubo");
 pub struct Agent {
     pub dir: PathBuf,
     pub child: Option<Child>,
+    /// The arguments it was started with, and where it listened: a restart listens there
+    /// again, as an agent on its usual port does, so that peers that restart with it find it.
+    extra: Vec<String>,
+    listen: Option<String>,
 }
 
 impl Agent {
@@ -30,6 +34,10 @@ impl Agent {
 
     /// Starts an agent with extra arguments.
     pub fn start_with(dir: &Path, token: Option<&str>, extra: &[&str]) -> Agent {
+        Agent::launch(dir, token, extra, "127.0.0.1:0")
+    }
+
+    fn launch(dir: &Path, token: Option<&str>, extra: &[&str], listen: &str) -> Agent {
         std::fs::create_dir_all(dir).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -38,7 +46,7 @@ impl Agent {
             .unwrap();
         let mut command = Command::new(NUBO);
         command
-            .args(["agent", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+            .args(["agent", "--listen", listen, "--api", "127.0.0.1:0"])
             .arg("--exit-with-parent")
             .arg("--data-dir")
             .arg(dir)
@@ -54,9 +62,15 @@ impl Agent {
         let mut agent = Agent {
             dir: dir.to_path_buf(),
             child: Some(command.spawn().expect("start an agent")),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            listen: None,
         };
         // A previous run's address file must not be mistaken for this run's.
         agent.wait_for_api();
+        agent.listen = agent
+            .try_json::<Value>(&["status"])
+            .ok()
+            .and_then(|s| s["listen"].as_str().map(str::to_string));
         agent
     }
 
@@ -84,19 +98,7 @@ impl Agent {
 
     /// Runs `nubo ARGS --data-dir DIR --json` and parses its output.
     pub fn try_json<T: DeserializeOwned>(&self, args: &[&str]) -> Result<T, String> {
-        let output = Command::new(NUBO)
-            .args(args)
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .arg("--json")
-            .env_remove("NUBO_API")
-            .env_remove("NUBO_TOKEN")
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !output.status.success() {
-            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
-        }
-        serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())
+        json_at(&self.dir, args)
     }
 
     pub fn json<T: DeserializeOwned>(&self, args: &[&str]) -> T {
@@ -216,7 +218,9 @@ impl Agent {
     pub fn restart(&mut self) {
         self.kill();
         let _ = std::fs::remove_file(self.dir.join("api.addr"));
-        let fresh = Agent::start(&self.dir.clone(), None);
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let listen = self.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+        let fresh = Agent::launch(&self.dir.clone(), None, &extra, &listen);
         // The old value's drop would stop the host's instances: the agent is already gone
         // and the instances must survive it.
         std::mem::forget(std::mem::replace(self, fresh));
@@ -294,6 +298,46 @@ impl Agent {
     pub fn invite(&self) -> String {
         let invite: Value = self.json(&["invite"]);
         invite["token"].as_str().unwrap().to_string()
+    }
+}
+
+/// Runs `nubo ARGS --data-dir DIR --json` for the agent of `dir` and parses its output.
+pub fn json_at<T: DeserializeOwned>(dir: &Path, args: &[&str]) -> Result<T, String> {
+    let output = Command::new(NUBO)
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--json")
+        .env_remove("NUBO_API")
+        .env_remove("NUBO_TOKEN")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())
+}
+
+/// Sends `body` to the agent of `dir` (its address and token from its files); returns the
+/// HTTP status and the answer.
+pub fn api_at(dir: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u16, String) {
+    let addr = std::fs::read_to_string(dir.join("api.addr")).unwrap();
+    let token = std::fs::read_to_string(dir.join("api.token")).unwrap();
+    let request = ureq::request(method, &format!("http://{}{path}", addr.trim()))
+        .set("Authorization", &format!("Bearer {}", token.trim()));
+    let result = match body {
+        Some(bytes) => request.send_bytes(bytes),
+        None => request.call(),
+    };
+    match result {
+        Ok(response) => (
+            response.status(),
+            response.into_string().unwrap_or_default(),
+        ),
+        Err(ureq::Error::Status(code, response)) => {
+            (code, response.into_string().unwrap_or_default())
+        }
+        Err(error) => (0, error.to_string()),
     }
 }
 
