@@ -22,9 +22,11 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::authority::{Document, Intent, SignedDocument, drain_key};
 use crate::clock::{Clock, unix_now};
+use crate::events::{EventFilter, EventLog, EventRecord};
 use crate::history::HistoryEntry;
 use crate::host;
 use crate::logs::{AgentMessage, LogFrom, LogReply, LogRequest};
+use crate::metrics::{Measured, Snapshot};
 use crate::model::{Invite, LocalRecord, NodeInfo, Stats, Status, version_text};
 use crate::planner::{ATTR_REFUSES, PlannedService, Planner};
 use crate::runner::{Assignment, InstanceStatus, RunnerReport};
@@ -140,6 +142,17 @@ pub enum Command {
         /// The answer.
         reply: Reply<Result<LogReply, String>>,
     },
+    /// Events this agent saw.
+    Events {
+        /// Which.
+        filter: EventFilter,
+        /// At most this many (the newest).
+        limit: usize,
+        /// The events, oldest first.
+        reply: Reply<Vec<EventRecord>>,
+    },
+    /// The metrics, as Prometheus text.
+    Metrics(Reply<String>),
     /// Drain this node (or undo it), signed with the node's own key.
     Drain {
         /// Drain, or undo.
@@ -205,7 +218,7 @@ pub struct Agent {
     state: StateDb,
     clock: Clock,
     info: AgentInfo,
-    pending: HashMap<u64, Pending>,
+    pending: HashMap<u64, (Instant, Pending)>,
     next_tag: u64,
     persist_failures: u64,
     next_housekeeping: Instant,
@@ -225,6 +238,10 @@ pub struct Agent {
     pending_logs: BTreeMap<u64, (Instant, Reply<Result<LogReply, String>>)>,
     /// Log requests of other nodes being read now.
     serving_logs: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    events: EventLog,
+    measured: Measured,
+    /// Documents refused at the API since start.
+    publish_refused: u64,
 }
 
 impl Agent {
@@ -251,6 +268,9 @@ impl Agent {
             started: Instant::now(),
             pending_logs: BTreeMap::new(),
             serving_logs: Default::default(),
+            events: EventLog::new(node.id().short(), node.suite()),
+            measured: Measured::default(),
+            publish_refused: 0,
             node,
             transport,
             state,
@@ -352,7 +372,8 @@ impl Agent {
                 let tag = self.tag();
                 match self.node.kv_put(now, key, value, tag) {
                     Ok(()) => {
-                        self.pending.insert(tag, Pending::Put(reply));
+                        self.pending
+                            .insert(tag, (Instant::now(), Pending::Put(reply)));
                     }
                     Err(error) => {
                         let _ = reply.send(Err(error));
@@ -363,7 +384,8 @@ impl Agent {
                 let tag = self.tag();
                 match self.node.kv_get(now, key, tag) {
                     Ok(()) => {
-                        self.pending.insert(tag, Pending::Get(reply));
+                        self.pending
+                            .insert(tag, (Instant::now(), Pending::Get(reply)));
                     }
                     Err(error) => {
                         let _ = reply.send(Err(error));
@@ -396,6 +418,7 @@ impl Agent {
                         self.pending_publish.push(reply);
                     }
                     Err(error) => {
+                        self.publish_refused += 1;
                         let _ = reply.send(Err(error));
                     }
                 }
@@ -461,6 +484,16 @@ impl Agent {
                     }
                 }
             }
+            Command::Events {
+                filter,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.events.select(&filter, limit));
+            }
+            Command::Metrics(reply) => {
+                let _ = reply.send(crate::metrics::render(&self.measured, self.snapshot()));
+            }
             Command::Drain { on, reply } => {
                 let entry = self.drain_document(on);
                 if self.node.publish(now, entry) {
@@ -471,6 +504,235 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Every figure the metrics read when scraped.
+    fn snapshot(&self) -> Snapshot {
+        let mut s = Snapshot::default();
+        let node = &self.node;
+        let roster = node.roster();
+        let mut states: BTreeMap<&str, f64> = [("alive", 1.0), ("gone", 0.0), ("left", 0.0)]
+            .into_iter()
+            .collect();
+        for member in roster.members() {
+            *states.entry(member.state.name()).or_default() += 1.0;
+        }
+        s.gauges.push((
+            "members",
+            "Members of the cloud this node knows of, by state (itself included)",
+            states
+                .iter()
+                .map(|(state, n)| (vec![("state", state.to_string())], *n))
+                .collect(),
+        ));
+        s.gauge(
+            "neighbors",
+            "Overlay neighbours (active view)",
+            node.membership().active().len() as f64,
+        );
+        s.gauge(
+            "passive_view",
+            "Nodes in the passive view",
+            node.membership().passive().len() as f64,
+        );
+        let m = node.membership().counters();
+        s.counter(
+            "membership_peers_down",
+            "Neighbours lost to transport failures",
+            m.peers_down,
+        );
+        s.counter(
+            "membership_peers_timed_out",
+            "Neighbours lost to silence",
+            m.peers_timed_out,
+        );
+        s.counter("membership_shuffles", "Shuffles started", m.shuffles);
+        let b = node.broadcast_counters();
+        s.counter(
+            "broadcast_delivered",
+            "Broadcasts delivered here",
+            b.delivered,
+        );
+        s.counter(
+            "broadcast_duplicates",
+            "Broadcast payloads received again",
+            b.duplicates,
+        );
+        s.counter(
+            "broadcast_grafts",
+            "Grafts sent for missing broadcasts",
+            b.grafts,
+        );
+        s.counter(
+            "broadcast_repaired",
+            "Broadcasts recovered by anti-entropy",
+            b.repaired,
+        );
+        s.counter(
+            "broadcast_rejected",
+            "Broadcast messages refused (bounds, origin)",
+            b.rejected,
+        );
+        let r = roster.counters();
+        s.counter(
+            "roster_announced",
+            "Announcements of this node sent",
+            r.announced,
+        );
+        s.counter(
+            "roster_reported_gone",
+            "Members found dead by a neighbour",
+            r.reported_gone,
+        );
+        s.counter(
+            "roster_silent_gone",
+            "Members declared gone after a silence",
+            r.silent_gone,
+        );
+        let kv = node.kv();
+        s.gauge(
+            "kv_records",
+            "Key-value records held here",
+            kv.store().len() as f64,
+        );
+        s.gauge(
+            "kv_bytes",
+            "Bytes of key-value records held here",
+            kv.store().bytes() as f64,
+        );
+        s.gauge(
+            "kv_operations_in_flight",
+            "Key-value operations coordinated here, in progress",
+            kv.ops_in_progress() as f64,
+        );
+        let k = kv.counters();
+        s.counter(
+            "kv_stored",
+            "Records stored here (writes, repairs, hand-offs)",
+            k.stored,
+        );
+        s.counter(
+            "kv_refused",
+            "Records refused (bounds, space, bad content)",
+            k.refused,
+        );
+        s.counter(
+            "kv_timeouts",
+            "Key-value attempts that timed out",
+            k.timeouts,
+        );
+        let suite = node.suite();
+        s.gauge(
+            "suite_entries",
+            "Suite entries held, every version counted",
+            suite.len() as f64,
+        );
+        s.gauge(
+            "suite_provisional",
+            "Suite entries restored from a stale copy, awaiting a peer",
+            suite.provisional() as f64,
+        );
+        let c = suite.counters();
+        s.counter("suite_syncs", "Suite anti-entropy rounds started", c.syncs);
+        s.counter(
+            "suite_version_lists",
+            "Suite version lists sent (differences found)",
+            c.version_lists,
+        );
+        s.counter("suite_taken", "Suite entries taken", c.taken);
+        s.counter(
+            "suite_refused",
+            "Suite entries refused by the signature check",
+            c.refused,
+        );
+        s.counter(
+            "deploys_refused",
+            "Documents refused at this node's API",
+            self.publish_refused,
+        );
+        let mut phases: BTreeMap<&str, f64> = BTreeMap::new();
+        for planned in &self.plan {
+            *phases.entry(planned.phase.as_str()).or_default() += 1.0;
+        }
+        s.gauges.push((
+            "services",
+            "Services of the suite, by rollout phase",
+            phases
+                .iter()
+                .map(|(phase, n)| (vec![("phase", phase.to_string())], *n))
+                .collect(),
+        ));
+        let report = self.runner.report.borrow();
+        let mut by_state: BTreeMap<&str, f64> = BTreeMap::new();
+        for fact in &report.facts {
+            *by_state.entry(fact.state.name()).or_default() += 1.0;
+        }
+        s.gauges.push((
+            "instances",
+            "Service instances on this node, by state",
+            by_state
+                .iter()
+                .map(|(state, n)| (vec![("state", state.to_string())], *n))
+                .collect(),
+        ));
+        let rc = report.counters;
+        s.counter(
+            "instances_started",
+            "Instances started on this node",
+            rc.started,
+        );
+        s.counter(
+            "instance_restarts",
+            "Instance restarts on this node",
+            rc.restarts,
+        );
+        s.counters.push((
+            "health_probes",
+            "Health probes of this node's instances, by result",
+            vec![
+                (vec![("result", "ok".to_string())], rc.probes_ok),
+                (vec![("result", "failed".to_string())], rc.probes_failed),
+            ],
+        ));
+        s.counter(
+            "refusals",
+            "Services this node refused (over its limits, failing)",
+            rc.refusals,
+        );
+        s.gauge(
+            "services_refused",
+            "Services this node refuses now",
+            report.refused.len() as f64,
+        );
+        let net = self.transport.counters();
+        s.gauge(
+            "connections",
+            "Open connections to peers",
+            net.connections as f64,
+        );
+        s.counter("net_frames_in", "Frames received", net.frames_in);
+        s.counter("net_frames_out", "Frames sent", net.frames_out);
+        s.counter(
+            "net_frames_dropped",
+            "Frames dropped (queues full)",
+            net.frames_dropped,
+        );
+        s.counter(
+            "net_frames_malformed",
+            "Frames refused as malformed or oversized",
+            net.frames_malformed + net.frames_oversized,
+        );
+        s.counter(
+            "net_handshakes_refused",
+            "Handshakes refused (no admission proof)",
+            net.handshakes_refused,
+        );
+        s.counter(
+            "persist_failures",
+            "Saves to disk that failed",
+            self.persist_failures,
+        );
+        s
     }
 
     /// A message from another agent: a log request to serve, or the answer to one of ours.
@@ -710,6 +972,7 @@ impl Agent {
         self.node.set_instances(now, report.facts.clone());
         let plan = self.planner.plan(&self.node, &report.failures);
         self.plan = plan.services;
+        self.events.observe(&self.node, &self.plan);
         if Instant::now() >= self.settled_at {
             let mine: Vec<Assignment> = plan.mine;
             self.runner.desired.send_if_modified(|desired| {
@@ -727,7 +990,7 @@ impl Agent {
         let mut refusals = report
             .refused
             .iter()
-            .cloned()
+            .map(|(key, version)| format!("{key}@{version}"))
             .collect::<Vec<String>>()
             .join(",");
         // Attribute values are bounded; a node refusing that many services is full anyway.
@@ -783,6 +1046,7 @@ impl Agent {
             match event {
                 Event::Kv(outcome) => outcomes.push(outcome),
                 Event::SuiteChanged(key) => {
+                    self.events.suite_changed(&key, self.node.suite());
                     self.suite_changed.insert(key);
                 }
                 Event::NeighborUp(peer) => tracing::debug!(peer = ?peer, "neighbour up"),
@@ -812,20 +1076,29 @@ impl Agent {
             );
         }
         for outcome in outcomes {
-            match self.pending.remove(&outcome.tag) {
-                Some(Pending::Put(reply)) => {
+            let Some((started, pending)) = self.pending.remove(&outcome.tag) else {
+                continue;
+            };
+            let op = if matches!(pending, Pending::Put(_)) {
+                "put"
+            } else {
+                "get"
+            };
+            self.measured
+                .kv_operation(op, outcome.result.is_ok(), started.elapsed().as_secs_f64());
+            match pending {
+                Pending::Put(reply) => {
                     let _ = reply.send(outcome.result.and_then(|value| match value {
                         KvValue::Written(version) => Ok(version),
                         KvValue::Read(_) => Err(KvError::Disabled),
                     }));
                 }
-                Some(Pending::Get(reply)) => {
+                Pending::Get(reply) => {
                     let _ = reply.send(outcome.result.and_then(|value| match value {
                         KvValue::Read(record) => Ok(record),
                         KvValue::Written(_) => Err(KvError::Disabled),
                     }));
                 }
-                None => {}
             }
         }
     }

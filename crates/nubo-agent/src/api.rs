@@ -35,6 +35,8 @@ pub const VERSION_HEADER: &str = "x-nubo-version";
 struct ApiState {
     commands: mpsc::Sender<Command>,
     token: Arc<blake3::Hash>,
+    /// Whether `/metrics` answers without the token.
+    metrics_public: bool,
 }
 
 /// An API error: a status and a message for the operator.
@@ -89,13 +91,17 @@ impl From<KvError> for ApiError {
     }
 }
 
-/// The API's routes, answering only callers that present `token`.
-pub fn router(commands: mpsc::Sender<Command>, token: &str) -> Router {
+/// The API's routes, answering only callers that present `token` (and, with
+/// `metrics_public`, anyone asking for `/metrics`).
+pub fn router(commands: mpsc::Sender<Command>, token: &str, metrics_public: bool) -> Router {
     let state = ApiState {
         commands,
         token: Arc::new(blake3::hash(token.as_bytes())),
+        metrics_public,
     };
     Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/events", get(events))
         .route("/v1/status", get(status))
         .route("/v1/nodes", get(nodes))
         .route("/v1/stats", get(stats))
@@ -118,6 +124,9 @@ pub fn router(commands: mpsc::Sender<Command>, token: &str) -> Router {
 }
 
 async fn authorize(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    if state.metrics_public && request.uri().path() == "/metrics" {
+        return next.run(request).await;
+    }
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -481,6 +490,89 @@ async fn logs(
             }
         }
     });
+    Ok(ndjson(receiver))
+}
+
+/// The agent's metrics in the Prometheus (OpenMetrics) text format.
+async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let text = ask(&state, Command::Metrics).await?;
+    let mut response = text.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    Ok(response)
+}
+
+#[derive(serde::Deserialize)]
+struct EventsQuery {
+    /// Only events after this number.
+    after: Option<u64>,
+    service: Option<String>,
+    node: Option<String>,
+    /// How many of the latest to start with (default 100).
+    limit: Option<usize>,
+    follow: Option<bool>,
+}
+
+/// How often a followed event stream looks for new events.
+const EVENTS_POLL: Duration = Duration::from_millis(250);
+
+/// The events this agent saw, as JSON lines; with `follow`, new ones as they come.
+async fn events(
+    State(state): State<ApiState>,
+    Query(query): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    use crate::events::EventFilter;
+    let mut filter = EventFilter {
+        after: query.after.unwrap_or(0),
+        service: query.service,
+        node: query.node,
+    };
+    let follow = query.follow.unwrap_or(false);
+    let limit = query.limit.unwrap_or(100).min(crate::events::EVENTS_MAX);
+    let first = ask(&state, |reply| Command::Events {
+        filter: filter.clone(),
+        limit,
+        reply,
+    })
+    .await?;
+    let (lines, receiver) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        let mut batch = first;
+        loop {
+            for event in batch {
+                filter.after = event.seq;
+                let mut json = serde_json::to_vec(&event).unwrap_or_default();
+                json.push(b'\n');
+                if lines.send(Bytes::from(json)).await.is_err() {
+                    return;
+                }
+            }
+            if !follow {
+                return;
+            }
+            tokio::time::sleep(EVENTS_POLL).await;
+            if lines.is_closed() {
+                return;
+            }
+            let Ok(next) = ask(&state, |reply| Command::Events {
+                filter: filter.clone(),
+                limit: crate::events::EVENTS_MAX,
+                reply,
+            })
+            .await
+            else {
+                return;
+            };
+            batch = next;
+        }
+    });
+    Ok(ndjson(receiver))
+}
+
+/// A streamed answer of JSON lines from `receiver`.
+fn ndjson(receiver: mpsc::Receiver<Bytes>) -> Response {
     let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
         receiver
             .recv()
@@ -492,5 +584,5 @@ async fn logs(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/x-ndjson"),
     );
-    Ok(response)
+    response
 }

@@ -11,9 +11,11 @@ pub mod authority;
 pub mod blobs;
 pub mod clock;
 pub mod description;
+pub mod events;
 pub mod history;
 pub mod host;
 pub mod logs;
+pub mod metrics;
 pub mod model;
 pub mod planner;
 pub mod runner;
@@ -71,6 +73,8 @@ pub struct AgentOptions {
     pub ports: std::ops::RangeInclusive<u16>,
     /// How broadcasts spread.
     pub dissemination: Dissemination,
+    /// Serve `/metrics` without the API token.
+    pub metrics_public: bool,
 }
 
 /// Why the agent could not start.
@@ -206,7 +210,7 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     })?;
     data.write_secret(setup::API_ADDR_FILE, api_addr.to_string().as_bytes())?;
     let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_MAX);
-    let app = api::router(commands_tx.clone(), &token);
+    let app = api::router(commands_tx.clone(), &token, options.metrics_public);
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             tracing::error!(%error, "the API stopped");

@@ -24,7 +24,7 @@ use crate::status::{DeployStatus, Outcome, status_key};
 pub const ATTR_CPU: &str = "nubo.cpu_millis";
 /// Attribute announcing the memory a node lends.
 pub const ATTR_MEMORY: &str = "nubo.memory_bytes";
-/// Attribute listing the services a node refuses, comma-separated.
+/// Attribute listing the versions of services a node refuses, `key@version`, comma-separated.
 pub const ATTR_REFUSES: &str = "nubo.refuses";
 
 /// One service: where it runs and how its rollout stands.
@@ -57,6 +57,9 @@ pub struct PlannedService {
     /// Placed nodes whose instance of that version is ready.
     #[serde(default)]
     pub ready: usize,
+    /// Whether the suite records that version as complete.
+    #[serde(default)]
+    pub recorded: bool,
 }
 
 struct Parsed {
@@ -274,32 +277,59 @@ impl Planner {
                 }
             }
             let target = release(entry.version, &service);
+            // Where a failed target goes back to: the newest older version recorded complete,
+            // or, if newer, one that instances run ready now (its completion may not be
+            // recorded yet when the next version comes).
+            let failed_before = |v: u64| status.failed(v);
+            let running_ready = service_facts
+                .iter()
+                .filter(|(_, f)| {
+                    f.version < entry.version
+                        && f.state == nubo_proto::instance::InstanceState::Ready
+                        && !failed_before(f.version)
+                })
+                .map(|(_, f)| f.version)
+                .filter(|v| versions.contains_key(v))
+                .max();
             let stable = status
                 .stable_below(entry.version)
+                .max(running_ready)
                 .and_then(|v| versions.get(&v).map(|s| (v, s.clone())));
-            let candidates: Vec<Candidate<'_>> = members
-                .iter()
-                .filter(|m| !plan.drained.contains(&m.id))
-                .map(|m| Candidate {
-                    id: m.id,
-                    attributes: &m.attributes,
-                    capacity: demand_of(&m.attributes),
-                    refuses: m
-                        .attributes
-                        .get(ATTR_REFUSES)
-                        .is_some_and(|list| list.split(',').any(|k| k == key)),
+            let candidates_refusing = |version: u64| -> Vec<Candidate<'_>> {
+                let refusal = format!("{key}@{version}");
+                members
+                    .iter()
+                    .filter(|m| !plan.drained.contains(&m.id))
+                    .map(|m| Candidate {
+                        id: m.id,
+                        attributes: &m.attributes,
+                        capacity: demand_of(&m.attributes),
+                        refuses: m
+                            .attributes
+                            .get(ATTR_REFUSES)
+                            .is_some_and(|list| list.split(',').any(|k| k == refusal)),
+                    })
+                    .collect()
+            };
+            let decide = |candidates: &[Candidate<'_>]| {
+                rollout::plan(&RolloutInput {
+                    key: &key,
+                    target,
+                    stable: stable.as_ref().map(|(v, s)| release(*v, s)),
+                    target_failed: status.failed(entry.version),
+                    target_complete: status.completed(entry.version),
+                    fingerprints: &fingerprints,
+                    facts: service_facts,
+                    candidates,
                 })
-                .collect();
-            let rollout = rollout::plan(&RolloutInput {
-                key: &key,
-                target,
-                stable: stable.as_ref().map(|(v, s)| release(*v, s)),
-                target_failed: status.failed(entry.version),
-                target_complete: status.completed(entry.version),
-                fingerprints: &fingerprints,
-                facts: service_facts,
-                candidates: &candidates,
-            });
+            };
+            // A refusal holds for the version refused: place again if the rollout goes back.
+            let mut candidates = candidates_refusing(entry.version);
+            let mut rollout = decide(&candidates);
+            if rollout.version != entry.version {
+                candidates = candidates_refusing(rollout.version);
+                rollout = decide(&candidates);
+            }
             let effective = versions.get(&rollout.version).unwrap_or(&service).clone();
             // Quotas count every service of the namespace, in key order; only granted
             // deployers are held to them (the administrator is not).
@@ -365,14 +395,14 @@ impl Planner {
             }
             planned.running_version = rollout.version;
             planned.ready = rollout.ready;
+            planned.recorded = status.completed(rollout.version);
             planned.nodes = rollout.placed.iter().map(NodeId::short).collect();
             // Outcomes this node records.
             let previous = suite.get(&status_key(&key)).map(|e| e.version);
             if rollout.complete
-                && rollout.version == entry.version
                 && rollout.placed.first() == Some(&me)
                 && let Some(next) = status.with(
-                    entry.version,
+                    rollout.version,
                     Outcome::Complete {
                         at_unix_ms: unix_ms(),
                     },

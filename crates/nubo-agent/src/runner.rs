@@ -134,6 +134,21 @@ pub struct Failure {
     pub reason: String,
 }
 
+/// What the runner did since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunnerCounters {
+    /// Instances started (first starts and restarts).
+    pub started: u64,
+    /// Restarts after an exit or failed checks.
+    pub restarts: u64,
+    /// Health probes that passed.
+    pub probes_ok: u64,
+    /// Health probes that failed.
+    pub probes_failed: u64,
+    /// Services refused (over the owner's limits, or failing here).
+    pub refusals: u64,
+}
+
 /// What the runner reports to the actor.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RunnerReport {
@@ -141,12 +156,14 @@ pub struct RunnerReport {
     pub instances: Vec<InstanceStatus>,
     /// Every instance on this node, as the cloud is told.
     pub facts: Vec<InstanceFact>,
-    /// Services this node will not run (over its limits, or failing here).
-    pub refused: BTreeSet<String>,
+    /// Versions of services this node will not run (over its limits, or failing here).
+    pub refused: BTreeSet<(String, u64)>,
     /// Versions that failed here.
     pub failures: Vec<Failure>,
     /// Each instance's log file.
     pub logs: Vec<LogFile>,
+    /// What the runner did since start.
+    pub counters: RunnerCounters,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -254,6 +271,7 @@ pub struct Runner {
     prepared_tx: mpsc::Sender<(String, Result<(), String>)>,
     prepared_rx: mpsc::Receiver<(String, Result<(), String>)>,
     next_log_cap: Instant,
+    counters: RunnerCounters,
 }
 
 fn policy_of(service: &Service) -> Policy {
@@ -310,6 +328,7 @@ impl Runner {
             prepared_tx,
             prepared_rx,
             next_log_cap: Instant::now(),
+            counters: RunnerCounters::default(),
         }
     }
 
@@ -525,6 +544,7 @@ impl Runner {
                 }
             } else {
                 tracing::info!(service = %key, "refusing: it would exceed this node's limits");
+                self.counters.refusals += 1;
                 self.refused.insert(key, version);
             }
             return;
@@ -708,6 +728,11 @@ impl Runner {
             return;
         };
         instance.probing = false;
+        if ok {
+            self.counters.probes_ok += 1;
+        } else {
+            self.counters.probes_failed += 1;
+        }
         let actions = instance.supervisor.health(now, ok);
         if ok {
             instance.ever_healthy = true;
@@ -760,6 +785,10 @@ impl Runner {
                     };
                     match result {
                         Ok(started) => {
+                            self.counters.started += 1;
+                            if instance.supervisor.restarts() > 0 {
+                                self.counters.restarts += 1;
+                            }
                             tracing::info!(service = %instance.key, version = instance.version, pid = started.pid, "started an instance");
                             instance.pid = Some(started.pid);
                             instance.start_ticks = started.start_ticks;
@@ -886,10 +915,17 @@ impl Runner {
                     self.instances.remove(&id);
                     self.save();
                 }
-                // It keeps failing here: let another node try.
-                Phase::Failed if !instance.retiring => {
+                // The version wanted here keeps failing: let another node try.
+                Phase::Failed
+                    if !instance.retiring
+                        && matches!(
+                            self.wanted.get(&instance.key).map(|a| a.task),
+                            Some(Task::Run { version, .. }) if version == instance.version
+                        ) =>
+                {
                     let (key, version) = (instance.key.clone(), instance.version);
                     if self.refused.insert(key.clone(), version).is_none() {
+                        self.counters.refusals += 1;
                         tracing::warn!(service = %key, "an instance failed too often; refusing the service here");
                     }
                 }
@@ -911,7 +947,8 @@ impl Runner {
 
     fn report(&self) -> RunnerReport {
         let mut report = RunnerReport {
-            refused: self.refused.keys().cloned().collect(),
+            refused: self.refused.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            counters: self.counters,
             ..RunnerReport::default()
         };
         for instance in self.instances.values() {

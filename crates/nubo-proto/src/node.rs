@@ -290,6 +290,11 @@ impl Node {
         self.flush(now);
     }
 
+    /// What the broadcast layer did since start.
+    pub fn broadcast_counters(&self) -> crate::broadcast::BroadcastCounters {
+        self.broadcast.counters()
+    }
+
     /// The service suite.
     pub fn suite(&self) -> &Suite {
         &self.suite

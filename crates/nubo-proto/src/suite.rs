@@ -174,6 +174,19 @@ impl Default for SuiteConfig {
     }
 }
 
+/// What the suite did since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SuiteCounters {
+    /// Digests sent to a neighbour (anti-entropy rounds started).
+    pub syncs: u64,
+    /// Version lists sent (rounds that found a difference).
+    pub version_lists: u64,
+    /// Entries taken (new versions, from anyone).
+    pub taken: u64,
+    /// Entries refused by the check.
+    pub refused: u64,
+}
+
 #[derive(Clone, Debug)]
 struct Held {
     entry: SuiteEntry,
@@ -197,6 +210,7 @@ pub struct Suite {
     changed: Vec<String>,
     transmits: Vec<(Peer, SuiteMessage)>,
     next_sync: Time,
+    counters: SuiteCounters,
 }
 
 impl core::fmt::Debug for Suite {
@@ -225,7 +239,13 @@ impl Suite {
             provisional: 0,
             changed: Vec::new(),
             transmits: Vec::new(),
+            counters: SuiteCounters::default(),
         }
+    }
+
+    /// What the suite did since start.
+    pub fn counters(&self) -> SuiteCounters {
+        self.counters
     }
 
     /// Replaces the check (the agent installs its signature check after start).
@@ -328,10 +348,14 @@ impl Suite {
             return false;
         }
         let fingerprint = entry.fingerprint();
-        if !self.has_room_for(&entry.key, entry.version, fingerprint) || !self.check.accepts(&entry)
-        {
+        if !self.has_room_for(&entry.key, entry.version, fingerprint) {
             return false;
         }
+        if !self.check.accepts(&entry) {
+            self.counters.refused += 1;
+            return false;
+        }
+        self.counters.taken += 1;
         self.insert(entry, fingerprint, false);
         true
     }
@@ -543,6 +567,7 @@ impl Suite {
             to: None,
             list,
         });
+        self.counters.version_lists += messages.len() as u64;
         self.transmits
             .extend(messages.into_iter().map(|message| (to, message)));
     }
@@ -627,6 +652,7 @@ impl Suite {
         }
         self.next_sync = now + self.config.sync_interval;
         if let Some(peer) = neighbor {
+            self.counters.syncs += 1;
             self.transmits.push((
                 peer,
                 SuiteMessage::Digest {

@@ -266,7 +266,8 @@ pub fn follow_rollout(
                 return finish("the service is not running (stopped or removed)", true);
             }
             match planned.phase.as_str() {
-                "steady" if planned.running_version == version => {
+                // Done once the suite records it: the next deploy can then go back to it.
+                "steady" if planned.running_version == version && planned.recorded => {
                     if !target.json {
                         print_instances(
                             &instances

@@ -178,6 +178,27 @@ enum Command {
     /// Every deployed service and where it is placed.
     #[command(after_help = "Example:\n  nubo services")]
     Services(AgentTarget),
+    /// What happened in the cloud: deploys, update steps, placements, instances starting,
+    /// failing and stopping, nodes joining, leaving, failing and draining.
+    #[command(
+        after_help = "Examples:\n  nubo events\n  nubo events --follow --service web/site\n  nubo events --node 3f2a --json"
+    )]
+    Events {
+        /// Keep printing events as they happen.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only this service's (`namespace/name`).
+        #[arg(long)]
+        service: Option<String>,
+        /// Only the events of this node (an id or its first digits).
+        #[arg(long)]
+        node: Option<String>,
+        /// How many of the latest events to show first.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        target: AgentTarget,
+    },
     /// Every instance: service, node, state, health, address, restarts.
     #[command(after_help = "Examples:\n  nubo ps\n  nubo ps web/site --json")]
     Ps {
@@ -283,6 +304,10 @@ struct AgentArgs {
     /// transmission per hop, paths about half again as long).
     #[arg(long, default_value_t = Dissemination::default())]
     dissemination: Dissemination,
+    /// Serve Prometheus metrics at /metrics on the API address without the API token (for a
+    /// scraper on this machine; the API stays on loopback unless --api says otherwise).
+    #[arg(long)]
+    metrics_public: bool,
     /// Create a new cloud if the data directory belongs to none (instead of `nubo init`).
     #[arg(long, conflicts_with = "join")]
     bootstrap: bool,
@@ -472,6 +497,13 @@ fn run(command: Command) -> Result<(), String> {
         Command::Services(target) => services::services(&target),
         Command::Ps { service, target } => services::ps(&target, service.as_deref()),
         Command::Logs { args, target } => services::logs(&target, &args),
+        Command::Events {
+            follow,
+            service,
+            node,
+            limit,
+            target,
+        } => services::events(&target, follow, service.as_deref(), node.as_deref(), limit),
         Command::Stop {
             service,
             signing,
@@ -558,6 +590,7 @@ fn agent(args: AgentArgs) -> Result<(), String> {
         instances_max: args.max_instances,
         ports: args.port_range,
         dissemination: args.dissemination,
+        metrics_public: args.metrics_public,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -608,3 +608,49 @@ pub fn logs(target: &AgentTarget, args: &LogsArgs) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// `nubo events`.
+pub fn events(
+    target: &AgentTarget,
+    follow: bool,
+    service: Option<&str>,
+    node: Option<&str>,
+    limit: usize,
+) -> Result<(), String> {
+    use std::io::BufRead;
+    let mut path = format!("/v1/events?follow={follow}&limit={limit}");
+    if let Some(service) = service {
+        let key = if service.contains('/') {
+            service.to_string()
+        } else {
+            resolve_key(target, service)?
+        };
+        path.push_str(&format!(
+            "&service={}",
+            crate::client::escape_key(&key).replace('/', "%2F")
+        ));
+    }
+    if let Some(node) = node {
+        path.push_str(&format!("&node={}", crate::client::escape_key(node)));
+    }
+    let response = target.client()?.stream(&path)?;
+    for line in std::io::BufReader::new(response.into_reader()).lines() {
+        let line = line.map_err(|e| format!("reading the events: {e}"))?;
+        if target.json {
+            outln!("{line}");
+            continue;
+        }
+        let Ok(event) = serde_json::from_str::<nubo_agent::events::EventRecord>(&line) else {
+            continue;
+        };
+        outln!(
+            "{}  {:<9}  {:<16}  {:<8}  {}",
+            crate::deploy::utc_text(event.at_unix_ms),
+            event.kind,
+            crate::output::clean(event.service.as_deref().unwrap_or("-")),
+            event.node.as_deref().unwrap_or("-"),
+            crate::output::clean(&event.message)
+        );
+    }
+    Ok(())
+}

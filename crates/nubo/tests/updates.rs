@@ -86,6 +86,61 @@ fn bundle(agent: &Agent, work: &Path, name: &str, page: &str, gzip: bool) -> Str
     stored["id"].as_str().unwrap().to_string()
 }
 
+/// The agent's metrics, parsed: every sample by name and labels. Panics on a line that is
+/// not text exposition.
+fn scrape(agent: &Agent) -> std::collections::BTreeMap<String, f64> {
+    let (status, text) = api_at(&agent.dir, "GET", "/metrics", None);
+    assert_eq!(status, 200, "{text}");
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    let mut samples = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        if let Some(comment) = line.strip_prefix("# ") {
+            assert!(
+                comment.starts_with("HELP ")
+                    || comment.starts_with("TYPE ")
+                    || comment.starts_with("UNIT ")
+                    || comment == "EOF",
+                "{line}"
+            );
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            name.starts_with("nubo_")
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "{line}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "{line}");
+        }
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
+        samples.insert(series.to_string(), value);
+    }
+    samples
+}
+
+/// The samples of every agent, added up.
+fn scrape_all(agents: &[Agent]) -> std::collections::BTreeMap<String, f64> {
+    let mut total = std::collections::BTreeMap::new();
+    for agent in agents {
+        for (series, value) in scrape(agent) {
+            *total.entry(series).or_insert(0.0) += value;
+        }
+    }
+    total
+}
+
+fn api_at_without_token(dir: &Path, path: &str) -> (u16, String) {
+    let addr = std::fs::read_to_string(dir.join("api.addr")).unwrap();
+    match ureq::get(&format!("http://{}{path}", addr.trim())).call() {
+        Ok(response) => (response.status(), String::new()),
+        Err(ureq::Error::Status(code, _)) => (code, String::new()),
+        Err(error) => (0, error.to_string()),
+    }
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
@@ -102,21 +157,32 @@ fn instances_at(dir: &Path, service: &str) -> Vec<Value> {
 
 /// The page an address serves, if it answers.
 fn page(port: u16) -> Option<String> {
+    fetch(port).ok()
+}
+
+/// The page an address serves, or why not.
+fn fetch(port: u16) -> Result<String, String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect_timeout(
         &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         Duration::from_millis(300),
     )
-    .ok()?;
+    .map_err(|e| format!("connect: {e}"))?;
     stream
         .set_read_timeout(Some(Duration::from_millis(700)))
-        .ok()?;
-    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
     let mut answer = String::new();
-    stream.read_to_string(&mut answer).ok()?;
-    answer
-        .starts_with("HTTP/1.0 200")
-        .then(|| answer.rsplit("\r\n\r\n").next().unwrap_or("").to_string())
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| format!("read: {e}"))?;
+    if answer.starts_with("HTTP/1.0 200") {
+        Ok(answer.rsplit("\r\n\r\n").next().unwrap_or("").to_string())
+    } else {
+        Err(answer.lines().next().unwrap_or("empty answer").to_string())
+    }
 }
 
 /// A client that, every 100 ms, asks every address the service was ever seen at and counts
@@ -156,11 +222,14 @@ impl Poller {
                 while !stop.load(Ordering::SeqCst) {
                     let known: Vec<u16> = ports.lock().unwrap().iter().copied().collect();
                     if !known.is_empty() {
-                        let answers: Vec<String> = known.iter().filter_map(|p| page(*p)).collect();
+                        let results: Vec<(u16, Result<String, String>)> =
+                            known.iter().map(|p| (*p, fetch(*p))).collect();
+                        let answers: Vec<String> =
+                            results.iter().filter_map(|(_, r)| r.clone().ok()).collect();
                         rounds.fetch_add(1, Ordering::SeqCst);
                         if answers.is_empty() {
                             dark.fetch_add(1, Ordering::SeqCst);
-                            eprintln!("no instance answered (ports {known:?})");
+                            eprintln!("no instance answered: {results:?}");
                         }
                         pages.lock().unwrap().extend(answers);
                     }
@@ -256,6 +325,24 @@ fn rolling_updates_reverts_rollback_drain_and_a_full_restart() {
         started.elapsed()
     );
 
+    // Events, followed through another agent than the one deploying.
+    let events_file = work.join("events.jsonl");
+    let mut events = Command::new(NUBO)
+        .args([
+            "events",
+            "--follow",
+            "--service",
+            "web/site",
+            "--json",
+            "--data-dir",
+        ])
+        .arg(&cloud.agents[1].dir)
+        .stdout(std::fs::File::create(&events_file).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics_before = scrape_all(&cloud.agents);
+
     // (a) v1 -> v2 while a client polls every 100 ms: never a round without an answer.
     let poller = Poller::start(admin);
     std::thread::sleep(Duration::from_secs(1));
@@ -315,6 +402,119 @@ fn rolling_updates_reverts_rollback_drain_and_a_full_restart() {
         assert!(pages.iter().all(|p| p.contains("v2")), "{name}: {pages:?}");
     }
     poller.stop();
+    let _ = events.kill();
+    let _ = events.wait();
+    let seen: Vec<String> = std::fs::read_to_string(&events_file)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|e| e["message"].as_str().unwrap_or("").to_string())
+        .collect();
+    let steps = |version: u64, expected: &[&str]| {
+        let mut at = 0;
+        for step in expected {
+            let step = step.replace("V", &version.to_string());
+            match seen[at..].iter().position(|m| m.contains(&step)) {
+                Some(i) => at += i + 1,
+                None => panic!("no {step:?} after event {at} in {seen:#?}"),
+            }
+        }
+    };
+    steps(
+        v2,
+        &[
+            "version V deployed",
+            "update to version V: batch 1 of 3",
+            "instance of version V ready",
+            "update to version V: batch 2 of 3",
+            "update to version V: batch 3 of 3",
+            "version V complete",
+        ],
+    );
+    let v3 = seen
+        .iter()
+        .filter_map(|m| {
+            m.strip_prefix("version ")?
+                .strip_suffix(" failed")?
+                .parse::<u64>()
+                .ok()
+        })
+        .next();
+    let failed_version = seen
+        .iter()
+        .find_map(|m| {
+            let rest = m.strip_prefix("version ")?;
+            let (v, tail) = rest.split_once(' ')?;
+            tail.starts_with("failed on")
+                .then(|| v.parse::<u64>().ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("no failure among {seen:#?} ({v3:?})"));
+    steps(
+        failed_version,
+        &[
+            "version V deployed",
+            "update to version V: batch 1 of 3",
+            "instance of version V",
+            "version V failed on",
+        ],
+    );
+    assert!(
+        seen.iter()
+            .any(|m| m == &format!("reverting to version {v2}")),
+        "{seen:#?}"
+    );
+
+    // Metrics parse as text exposition, and their counters moved with the cloud.
+    let metrics_after = scrape_all(&cloud.agents);
+    for name in [
+        "nubo_suite_taken_total",
+        "nubo_health_probes_total{result=\"ok\"}",
+    ] {
+        assert!(
+            metrics_after[name] > metrics_before[name],
+            "{name}: {} then {}",
+            metrics_before[name],
+            metrics_after[name]
+        );
+    }
+    assert_eq!(
+        metrics_after["nubo_members{state=\"alive\"}"], 16.0,
+        "4 agents see 4 alive"
+    );
+    let (status, _) = api_at_without_token(&admin.dir, "/metrics");
+    assert_eq!(
+        status, 401,
+        "metrics need the token unless --metrics-public"
+    );
+
+    // Logs of every instance, streamed from their nodes: the probes' requests, no tracebacks.
+    let mut follow = Command::new(NUBO)
+        .args(["logs", "web/site", "--follow", "--tail", "3", "--data-dir"])
+        .arg(&cloud.agents[3].dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let _ = follow.kill();
+    let output = follow.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let speakers: BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.contains("\"GET / HTTP/1.0\" 200"))
+        .filter_map(|l| l.split(" | ").next())
+        .collect();
+    assert!(
+        speakers.len() >= 3,
+        "{speakers:?}\n{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !text.contains("Traceback") && !text.contains("BrokenPipe"),
+        "{text}"
+    );
+
     let history: Vec<Value> = admin.json(&["history", "web/site"]);
     let outcomes: Vec<&str> = history
         .iter()
