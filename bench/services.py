@@ -73,7 +73,7 @@ def main():
         site = os.path.join(root, "site.toml")
         with open(site, "w") as f:
             f.write(SITE.format(name="site", replicas=3, interval="500ms"))
-        cli(nubo, admin, "deploy", site)
+        cli(nubo, admin, "deploy", site, "--detach")
 
         def healthy(service):
             return {i["node"] for i in cli(nubo, admin, "ps", service)
@@ -113,7 +113,7 @@ def main():
             files.append(path)
         t0 = time.time()
         for path in files:
-            cli(nubo, admin, "deploy", path)
+            cli(nubo, admin, "deploy", path, "--detach")
         deployed = time.time() - t0
         wanted = services * 2
 

@@ -164,6 +164,10 @@ impl EventLog {
         let Some(entry) = suite.get(key) else {
             return;
         };
+        if self.versions.get(key) == Some(&entry.version) {
+            return;
+        }
+        self.versions.insert(key.to_string(), entry.version);
         if let Some(service) = service_of_status(key) {
             let Some(status) = DeployStatus::from_entry(entry) else {
                 return;
@@ -190,10 +194,6 @@ impl EventLog {
             }
             return;
         }
-        if self.versions.get(key) == Some(&entry.version) {
-            return;
-        }
-        self.versions.insert(key.to_string(), entry.version);
         let Ok(signed) = postcard::from_bytes::<SignedDocument>(&entry.document) else {
             return;
         };
@@ -229,6 +229,16 @@ impl EventLog {
     /// Compares members, their instances and every rollout with what was last seen, and
     /// records what changed.
     pub fn observe(&mut self, node: &Node, plan: &[PlannedService]) {
+        // A deploy before the update steps it starts.
+        let changed: Vec<String> = node
+            .suite()
+            .entries()
+            .filter(|e| self.versions.get(&e.key) != Some(&e.version))
+            .map(|e| e.key.clone())
+            .collect();
+        for key in changed {
+            self.suite_changed(&key, node.suite());
+        }
         let roster = node.roster();
         let mut members = BTreeMap::new();
         let mut instances = BTreeMap::new();

@@ -103,7 +103,14 @@ pub enum AgentError {
 }
 
 /// Runs an agent until Ctrl-C or SIGTERM.
-pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
+pub async fn run(mut options: AgentOptions) -> Result<(), AgentError> {
+    // Instances run in directories of their own: every path handed on must be absolute.
+    options.data_dir = std::path::absolute(&options.data_dir).map_err(|source| {
+        AgentError::Store(StoreError::Io {
+            path: options.data_dir.clone(),
+            source,
+        })
+    })?;
     if let Some(token) = &options.join {
         setup::join(&options.data_dir, token)?;
     } else if options.bootstrap && !setup::has_cloud(&options.data_dir)? {

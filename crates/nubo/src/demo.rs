@@ -32,12 +32,34 @@ pub struct DemoArgs {
 
 struct Agents {
     children: Vec<Child>,
+    dirs: Vec<PathBuf>,
     dir: Option<tempfile::TempDir>,
     keep: bool,
 }
 
+/// Process groups of the instances the agent of `dir` recorded (what an agent killed with
+/// `kill -9` leaves running).
+fn recorded_instances(dir: &Path) -> Vec<i32> {
+    let Ok(bytes) = std::fs::read(dir.join("instances").join("instances.json")) else {
+        return Vec::new();
+    };
+    serde_json::from_slice::<Vec<serde_json::Value>>(&bytes)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| r["pid"].as_i64())
+        .filter_map(|pid| i32::try_from(pid).ok())
+        .filter(|pid| *pid > 1)
+        .collect()
+}
+
 impl Drop for Agents {
     fn drop(&mut self) {
+        // Read before the agents stop: a graceful agent empties its record.
+        let instances: Vec<i32> = self
+            .dirs
+            .iter()
+            .flat_map(|d| recorded_instances(d))
+            .collect();
         for child in &self.children {
             let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
         }
@@ -51,6 +73,10 @@ impl Drop for Agents {
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // Whatever instances outlived their agent (one killed with -9, say) go too.
+        for pid in instances {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
         if let Some(dir) = self.dir.take()
             && self.keep
@@ -226,12 +252,14 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     let root = dir.path().to_path_buf();
     let mut agents = Agents {
         children: Vec::new(),
+        dirs: Vec::new(),
         dir: Some(dir),
         keep: args.keep,
     };
     let n = usize::from(args.nodes);
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     let dirs: Vec<PathBuf> = (1..=n).map(|i| root.join(format!("node{i}"))).collect();
+    agents.dirs = dirs.clone();
 
     let report = setup::init(&dirs[0]).map_err(|e| e.to_string())?;
     eprintln!("Created cloud {} in {}", report.cloud_id, root.display());
@@ -279,15 +307,17 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     outln!("nubo demo: a cloud of {n} agents on loopback");
     outln!();
     crate::table::print(
-        &["NODE", "ID", "LISTEN", "DATA DIR"],
+        &["NODE", "ID", "PID", "LISTEN", "DATA DIR"],
         &statuses
             .iter()
             .zip(&dirs)
+            .zip(&agents.children)
             .enumerate()
-            .map(|(i, (s, d))| {
+            .map(|(i, ((s, d), child))| {
                 vec![
                     format!("node{}", i + 1),
                     s.node_id[..8].to_string(),
+                    child.id().to_string(),
                     s.listen.clone(),
                     d.display().to_string(),
                 ]
@@ -309,8 +339,18 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     );
     outln!("  {exe} stats                      # the cloud's size and resources");
     outln!("  {exe} ps                         # the sample site's instances");
-    outln!("  {exe} logs web/site");
-    outln!("  kill -9 <pid of an agent hosting the site>, then `{exe} ps` again");
+    outln!("  {exe} logs web/site --follow     # their output, from every node");
+    outln!("  {exe} events --follow            # what happens, as it happens");
+    outln!(
+        "  sed -i 's/^cpu = 0.1/cpu = 0.2/' {0} && {exe} deploy {0}   # a rolling update",
+        root.join("site.toml").display()
+    );
+    outln!("  {exe} history web/site           # its versions; `rollback` goes back");
+    outln!(
+        "  {exe} drain --data-dir {}   # move a node's instances away",
+        dirs[n - 1].display()
+    );
+    outln!("  kill -9 <PID of an agent above>, then `{exe} ps` again");
     outln!();
     outln!(
         "Agent logs: {}/node*/agent.log. Press Ctrl-C to stop.",

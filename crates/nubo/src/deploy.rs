@@ -266,8 +266,13 @@ pub fn follow_rollout(
                 return finish("the service is not running (stopped or removed)", true);
             }
             match planned.phase.as_str() {
-                // Done once the suite records it: the next deploy can then go back to it.
-                "steady" if planned.running_version == version && planned.recorded => {
+                // Done once the suite records it (the next deploy can then go back to it) and
+                // every instance carries the version (relabelled ones too).
+                "steady"
+                    if planned.running_version == version
+                        && planned.recorded
+                        && instances.iter().all(|i| i.version == version) =>
+                {
                     if !target.json {
                         print_instances(
                             &instances

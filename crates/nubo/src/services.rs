@@ -548,8 +548,8 @@ fn parse_since(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| "a duration such as 30s, 10m or 2h (at most 30 days)".to_string())
 }
 
-/// `nubo logs`: every instance's output, from the nodes that run them, prefixed by node and
-/// version when more than one instance speaks.
+/// `nubo logs`: every instance's output, from the nodes that run them, each line prefixed by
+/// its node and version.
 pub fn logs(target: &AgentTarget, args: &LogsArgs) -> Result<(), String> {
     use std::io::BufRead;
     let key = resolve_key(target, &args.service)?;
@@ -583,7 +583,6 @@ pub fn logs(target: &AgentTarget, args: &LogsArgs) -> Result<(), String> {
         }
         let source = (piece.node.clone(), piece.version);
         at_line_start.entry(source.clone()).or_insert(true);
-        let many = at_line_start.len() > 1;
         // Another source speaks in the middle of a line: end that line first.
         if let Some(previous) = &last
             && *previous != source
@@ -594,7 +593,7 @@ pub fn logs(target: &AgentTarget, args: &LogsArgs) -> Result<(), String> {
         }
         let mut text = String::new();
         for part in piece.text.split_inclusive('\n') {
-            if many && at_line_start[&source] {
+            if at_line_start[&source] {
                 text.push_str(&format!("{} v{} | ", piece.node, piece.version));
             }
             text.push_str(&crate::output::clean_keeping_tabs(part));

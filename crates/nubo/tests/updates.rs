@@ -363,6 +363,23 @@ fn rolling_updates_reverts_rollback_drain_and_a_full_restart() {
     assert_eq!(dark, 0, "rounds with no instance answering, of {rounds}");
     assert!(pages.iter().any(|p| p.contains("v1")) && pages.iter().any(|p| p.contains("v2")));
 
+    // The identical file again (the operator does it twice): a new version, nothing restarts.
+    let addresses = |list: Vec<Value>| -> BTreeSet<String> {
+        list.iter()
+            .map(|i| format!("{}:{}", i["node"], i["ports"]["http"]))
+            .collect()
+    };
+    let before = addresses(instances(admin, "web/site"));
+    let (ok, _, err) = nubo(admin, &["deploy", &file]);
+    assert!(ok, "{err}");
+    let again = deployed_version(&err);
+    assert!(every_replica_serves(admin, again, "v2"));
+    assert_eq!(
+        addresses(instances(admin, "web/site")),
+        before,
+        "no instance was replaced"
+    );
+
     // (b) A broken v3 that exits at once, then one that never becomes healthy: each fails,
     // reverts to v2 everywhere, and v2 answers throughout.
     let exits = site(&v2_blob, "").replace(
@@ -386,7 +403,7 @@ fn rolling_updates_reverts_rollback_drain_and_a_full_restart() {
         assert!(err.contains("reverted to version"), "{name}: {err}");
         assert!(
             wait_until(Duration::from_secs(30), || every_replica_serves(
-                admin, v2, "v2"
+                admin, again, "v2"
             ))
             .is_some(),
             "{name}: {:?}\n{}",
@@ -461,7 +478,7 @@ fn rolling_updates_reverts_rollback_drain_and_a_full_restart() {
     );
     assert!(
         seen.iter()
-            .any(|m| m == &format!("reverting to version {v2}")),
+            .any(|m| m == &format!("reverting to version {again}")),
         "{seen:#?}"
     );
 
@@ -522,13 +539,14 @@ fn rolling_updates_reverts_rollback_drain_and_a_full_restart() {
         .collect();
     assert_eq!(
         outcomes,
-        vec!["replaced", "running", "reverted", "reverted"],
+        vec!["replaced", "replaced", "running", "reverted", "reverted"],
         "{history:?}"
     );
     assert!(
         history[1]["changes"].to_string().contains("artifact"),
         "{history:?}"
     );
+    assert_eq!(history[2]["changes"], serde_json::json!([]), "{history:?}");
 
     // (c) Rollback to v1's description, as a new version.
     let (ok, out, err) = nubo(admin, &["rollback", "web/site", "--to", &v1.to_string()]);
