@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 
-from cloud import cli, start, wait
+from cloud import cli, start, stop, wait
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -119,13 +119,7 @@ def main():
             print(f"{k:28} {v}")
         print(json.dumps(result))
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs, timeout=5)
         subprocess.run(["rm", "-rf", root])
 
 

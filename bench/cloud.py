@@ -42,3 +42,46 @@ def wait(what, condition, timeout):
             pass
         time.sleep(0.05)
     raise RuntimeError(f"timed out waiting for {what}")
+
+
+def stop(procs, timeout=10):
+    """Stops agents: SIGTERM, then SIGKILL for those still running after `timeout`."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+# A static site served by python3, one replica per node it is placed on; the fields are the
+# service's name, its replicas, its health check interval and extra lines (an [update]).
+SITE = """name = "{name}"
+namespace = "bench"
+
+[run]
+command = "sh"
+args = ["-c", "echo {page} > index.html && exec python3 -m http.server $NUBO_PORT_HTTP --bind 127.0.0.1"]
+
+[resources]
+cpu = 0.05
+memory = "128MiB"
+
+[placement]
+replicas = {replicas}
+
+[ports]
+http = 0
+
+[health]
+type = "http"
+port = "http"
+interval = "{interval}"
+{extra}
+"""
+
+
+def site(name, replicas, interval="500ms", page="nubo", extra=""):
+    """The description of a bench site (see SITE)."""
+    return SITE.format(name=name, replicas=replicas, interval=interval, page=page, extra=extra)

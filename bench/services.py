@@ -13,33 +13,11 @@ import sys
 import tempfile
 import time
 
-from cloud import cli, start, wait
+from cloud import cli, site, start, stop, wait
 
 AGENTS = 10
 EXTRA = ("--max-instances", "64")
 
-SITE = """name = "{name}"
-namespace = "bench"
-
-[run]
-command = "python3"
-args = ["-m", "http.server", "${{NUBO_PORT_HTTP}}", "--bind", "127.0.0.1"]
-
-[resources]
-cpu = 0.05
-memory = "128MiB"
-
-[placement]
-replicas = {replicas}
-
-[ports]
-http = 0
-
-[health]
-type = "http"
-port = "http"
-interval = "{interval}"
-"""
 
 
 def instance_pids(data_dir):
@@ -72,7 +50,7 @@ def main():
         # Recovery: default settings, one service of 3 replicas.
         site = os.path.join(root, "site.toml")
         with open(site, "w") as f:
-            f.write(SITE.format(name="site", replicas=3, interval="500ms"))
+            f.write(site("site", 3))
         cli(nubo, admin, "deploy", site, "--detach")
 
         def healthy(service):
@@ -109,7 +87,7 @@ def main():
         for k in range(services):
             path = os.path.join(root, f"s{k}.toml")
             with open(path, "w") as f:
-                f.write(SITE.format(name=f"s{k}", replicas=2, interval="2s"))
+                f.write(site(f"s{k}", 2, interval="2s"))
             files.append(path)
         t0 = time.time()
         for path in files:
@@ -140,13 +118,7 @@ def main():
             print(f"{k:24} {v}")
         print(json.dumps(result))
     finally:
-        for p in procs.values():
-            p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs.values())
         time.sleep(1)
         for d in dirs:
             for pid in instance_pids(d):

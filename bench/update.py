@@ -13,35 +13,11 @@ import tempfile
 import threading
 import time
 
-from cloud import cli, start, wait
+from cloud import cli, site, start, stop, wait
 
 AGENTS = 10
 POLL = 0.05
 
-SITE = """name = "site"
-namespace = "bench"
-
-[run]
-command = "sh"
-args = ["-c", "echo {page} > index.html && exec python3 -m http.server $NUBO_PORT_HTTP --bind 127.0.0.1"]
-
-[resources]
-cpu = 0.05
-memory = "128MiB"
-
-[placement]
-replicas = {replicas}
-
-[ports]
-http = 0
-
-[health]
-type = "http"
-port = "http"
-interval = "500ms"
-grace = "300ms"
-{update}
-"""
 
 
 def answers(port):
@@ -128,17 +104,18 @@ def main():
             (cli(nubo, d, "status", check=False) or {}).get("members_alive") == AGENTS
             for d in dirs), 120)
         admin = dirs[0]
-        for label, update in [("defaults (min_healthy_time 10s)", ""),
-                              ("min_healthy_time 1s", '[update]\nmin_healthy_time = "1s"')]:
+        for label, update in [("defaults (min_healthy_time 10s)", "grace = \"300ms\""),
+                              ("min_healthy_time 1s",
+                               'grace = "300ms"\n[update]\nmin_healthy_time = "1s"')]:
             path = os.path.join(root, "site.toml")
             pages = ["v1", "v2"]
             with open(path, "w") as f:
-                f.write(SITE.format(page=pages[0], replicas=replicas, update=update))
+                f.write(site("site", replicas, page=pages[0], extra=update))
             first = deploy(nubo, admin, path)
             watch = Watch(nubo, admin)
             time.sleep(2)
             with open(path, "w") as f:
-                f.write(SITE.format(page=pages[1], replicas=replicas, update=update))
+                f.write(site("site", replicas, page=pages[1], extra=update))
             took = deploy(nubo, admin, path)
             time.sleep(1)
             watch.close()
@@ -149,13 +126,7 @@ def main():
             wait("the service gone", lambda: not cli(nubo, admin, "ps", "bench/site"), 60)
             time.sleep(2)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
     print(f"rolling update of {replicas} replicas over {AGENTS} agents, max_parallel 1, "
           f"polled every {int(POLL * 1000)} ms")
     print(f"{'settings':<34}{'first deploy':>14}{'update':>10}{'unanswered':>12}"

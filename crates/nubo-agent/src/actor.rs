@@ -520,10 +520,7 @@ impl Agent {
         s.gauges.push((
             "members",
             "Members of the cloud this node knows of, by state (itself included)",
-            states
-                .iter()
-                .map(|(state, n)| (vec![("state", state.to_string())], *n))
-                .collect(),
+            by_label("state", &states),
         ));
         s.gauge(
             "neighbors",
@@ -657,10 +654,7 @@ impl Agent {
         s.gauges.push((
             "services",
             "Services of the suite, by rollout phase",
-            phases
-                .iter()
-                .map(|(phase, n)| (vec![("phase", phase.to_string())], *n))
-                .collect(),
+            by_label("phase", &phases),
         ));
         let report = self.runner.report.borrow();
         let mut by_state: BTreeMap<&str, f64> = BTreeMap::new();
@@ -670,10 +664,7 @@ impl Agent {
         s.gauges.push((
             "instances",
             "Service instances on this node, by state",
-            by_state
-                .iter()
-                .map(|(state, n)| (vec![("state", state.to_string())], *n))
-                .collect(),
+            by_label("state", &by_state),
         ));
         let rc = report.counters;
         s.counter(
@@ -1223,4 +1214,15 @@ impl Agent {
                 .collect(),
         }
     }
+}
+
+/// Samples of a gauge counted by one label.
+fn by_label(
+    label: &'static str,
+    counts: &BTreeMap<&str, f64>,
+) -> Vec<(crate::metrics::Labels, f64)> {
+    counts
+        .iter()
+        .map(|(value, n)| (vec![(label, value.to_string())], *n))
+        .collect()
 }

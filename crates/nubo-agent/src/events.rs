@@ -445,8 +445,8 @@ mod tests {
         assert_eq!(
             messages,
             vec![
-                "update to version 2: batch 1 of 2",
                 "instance of version 2 starting",
+                "update to version 2: batch 1 of 2",
                 "instance of version 2 ready",
                 "instance of version 2 stopped",
             ]

@@ -385,7 +385,6 @@ impl Runner {
 
     /// Makes the instances match what is wanted, one step at a time.
     fn reconcile(&mut self) {
-        let now = self.now();
         // Adopt the survivors of a previous agent that something still wants here.
         let adopted: Vec<Record> = self.adopted.values().cloned().collect();
         for record in adopted {
@@ -474,17 +473,23 @@ impl Runner {
             }
         }
         for id in retire {
-            if let Some(instance) = self.instances.get_mut(&id) {
-                tracing::info!(service = %instance.key, version = instance.version, "stopping an instance");
-                instance.retiring = true;
-                let actions = instance.supervisor.stop(now);
-                self.perform(&id, actions);
-            }
+            self.retire(&id);
         }
         for (key, version, service) in start {
             self.begin(key, version, service);
         }
         self.save();
+    }
+
+    /// Stops an instance for good: once stopped it goes, with its directory.
+    fn retire(&mut self, id: &str) {
+        let now = self.now();
+        if let Some(instance) = self.instances.get_mut(id) {
+            tracing::info!(service = %instance.key, version = instance.version, "stopping an instance");
+            instance.retiring = true;
+            let actions = instance.supervisor.stop(now);
+            self.perform(id, actions);
+        }
     }
 
     /// Cores and memory held by instances that are not stopped.
@@ -528,7 +533,6 @@ impl Runner {
                 });
             if own > 0 && fits(cpu - own_cpu, memory - own_memory, running - own) {
                 tracing::info!(service = %key, "no room for the new instance beside the old: stopping the old one first");
-                let now = self.now();
                 let ids: Vec<String> = self
                     .instances
                     .iter()
@@ -536,11 +540,7 @@ impl Runner {
                     .map(|(id, _)| id.clone())
                     .collect();
                 for id in ids {
-                    if let Some(instance) = self.instances.get_mut(&id) {
-                        instance.retiring = true;
-                        let actions = instance.supervisor.stop(now);
-                        self.perform(&id, actions);
-                    }
+                    self.retire(&id);
                 }
             } else {
                 tracing::info!(service = %key, "refusing: it would exceed this node's limits");

@@ -345,27 +345,26 @@ pub fn explain(spec: &PlacementSpec, candidates: &[Candidate<'_>]) -> Vec<String
         candidates.iter().filter(|c| c.refuses).count(),
     );
     let demand = spec.demand;
-    count(
-        format!("cpu {} cores", demand.cpu_millis as f64 / 1000.0),
-        candidates
+    type Amount = fn(&Demand) -> u64;
+    let resources: [(String, Amount); 3] = [
+        (
+            format!("cpu {} cores", demand.cpu_millis as f64 / 1000.0),
+            |d| d.cpu_millis,
+        ),
+        (format!("memory {}", bytes_text(demand.memory_bytes)), |d| {
+            d.memory_bytes
+        }),
+        (format!("disk {}", bytes_text(demand.disk_bytes)), |d| {
+            d.disk_bytes
+        }),
+    ];
+    for (reason, amount) in resources {
+        let short = candidates
             .iter()
-            .filter(|c| c.capacity.cpu_millis < demand.cpu_millis)
-            .count(),
-    );
-    count(
-        format!("memory {}", bytes_text(demand.memory_bytes)),
-        candidates
-            .iter()
-            .filter(|c| c.capacity.memory_bytes < demand.memory_bytes)
-            .count(),
-    );
-    count(
-        format!("disk {}", bytes_text(demand.disk_bytes)),
-        candidates
-            .iter()
-            .filter(|c| c.capacity.disk_bytes < demand.disk_bytes)
-            .count(),
-    );
+            .filter(|c| amount(&c.capacity) < amount(&demand))
+            .count();
+        count(reason, short);
+    }
     for constraint in &spec.constraints {
         count(
             format!("constraint {constraint}"),

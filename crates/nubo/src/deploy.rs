@@ -347,26 +347,38 @@ pub fn follow_rollout(
     }
 }
 
-/// The instances and where each answers.
+/// Where an instance answers: `name=host:port` for each of its ports.
+pub fn addresses(instance: &InstanceStatus) -> String {
+    instance
+        .ports
+        .iter()
+        .map(|(name, port)| format!("{name}={}:{port}", instance.host))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The instances, their state and where each answers.
 pub fn print_instances(list: &[InstanceStatus]) {
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|i| {
-            let addresses: Vec<String> = i
-                .ports
-                .iter()
-                .map(|(name, port)| format!("{name}={}:{port}", i.host))
-                .collect();
             vec![
                 i.service.clone(),
                 i.node.clone(),
                 i.version.to_string(),
                 i.state.clone(),
-                addresses.join(" "),
+                i.health.clone(),
+                addresses(i),
+                i.restarts.to_string(),
             ]
         })
         .collect();
-    table::print(&["SERVICE", "NODE", "VERSION", "STATE", "ADDRESS"], &rows);
+    table::print(
+        &[
+            "SERVICE", "NODE", "VERSION", "STATE", "HEALTH", "ADDRESS", "RESTARTS",
+        ],
+        &rows,
+    );
 }
 
 #[cfg(test)]

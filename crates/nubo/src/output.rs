@@ -8,20 +8,17 @@ const BROKEN_PIPE_STATUS: i32 = 141;
 
 /// Writes `args` to standard output; exits quietly if the reader is gone.
 pub fn write(args: std::fmt::Arguments<'_>) {
-    let mut stdout = std::io::stdout().lock();
-    if let Err(error) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
-        if error.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(BROKEN_PIPE_STATUS);
-        }
-        eprintln!("error: cannot write to standard output: {error}");
-        std::process::exit(1);
-    }
+    emit(|out| out.write_fmt(args));
 }
 
 /// Writes raw bytes to standard output; exits quietly if the reader is gone.
 pub fn write_bytes(bytes: &[u8]) {
+    emit(|out| out.write_all(bytes));
+}
+
+fn emit(write: impl FnOnce(&mut std::io::StdoutLock<'static>) -> std::io::Result<()>) {
     let mut stdout = std::io::stdout().lock();
-    if let Err(error) = stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+    if let Err(error) = write(&mut stdout).and_then(|()| stdout.flush()) {
         if error.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(BROKEN_PIPE_STATUS);
         }

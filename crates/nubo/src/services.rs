@@ -412,31 +412,7 @@ pub fn ps(target: &AgentTarget, name: Option<&str>) -> Result<(), String> {
     if target.json {
         return print_json(&list);
     }
-    let rows: Vec<Vec<String>> = list
-        .iter()
-        .map(|i| {
-            let addresses: Vec<String> = i
-                .ports
-                .iter()
-                .map(|(name, port)| format!("{name}={}:{port}", i.host))
-                .collect();
-            vec![
-                i.service.clone(),
-                i.node.clone(),
-                i.version.to_string(),
-                i.state.clone(),
-                i.health.clone(),
-                addresses.join(" "),
-                i.restarts.to_string(),
-            ]
-        })
-        .collect();
-    table::print(
-        &[
-            "SERVICE", "NODE", "VERSION", "STATE", "HEALTH", "ADDRESS", "RESTARTS",
-        ],
-        &rows,
-    );
+    crate::deploy::print_instances(&list);
     Ok(())
 }
 

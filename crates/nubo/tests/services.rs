@@ -4,11 +4,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Agent, Cloud, NUBO, ONE_CLOUD_AT_A_TIME, wait_until};
+use common::{Agent, Cloud, NUBO, ONE_CLOUD_AT_A_TIME, nubo, wait_until, write};
 use serde_json::Value;
 
 fn site(name: &str, placement: &str) -> String {
@@ -35,29 +34,6 @@ type = "http"
 port = "http"
 interval = "500ms"
 "#
-    )
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path.to_str().unwrap().to_string()
-}
-
-/// `nubo ARGS --data-dir DIR`, returning (success, stdout, stderr).
-fn nubo(agent: &Agent, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(NUBO)
-        .args(args)
-        .arg("--data-dir")
-        .arg(&agent.dir)
-        .env_remove("NUBO_API")
-        .env_remove("NUBO_TOKEN")
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
 
@@ -94,16 +70,8 @@ fn six_agents_place_heal_limit_refuse_and_share() {
     let _one = ONE_CLOUD_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let mut cloud = Cloud::start_with(6, |i| vec!["--attr".into(), format!("score={i}")]);
+    let mut cloud = Cloud::converged(6, |i| vec!["--attr".into(), format!("score={i}")]);
     let work = cloud.root.path().to_path_buf();
-    assert!(
-        wait_until(Duration::from_secs(60), || {
-            cloud.agents.iter().all(|a| a.members_alive() == 6)
-        })
-        .is_some(),
-        "{}",
-        cloud.logs()
-    );
     let admin = &cloud.agents[0];
     let short_ids: Vec<String> = cloud
         .agents

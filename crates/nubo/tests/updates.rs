@@ -12,25 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Agent, Cloud, NUBO, ONE_CLOUD_AT_A_TIME, api_at, json_at, wait_until};
+use common::{Agent, Cloud, NUBO, ONE_CLOUD_AT_A_TIME, api_at, json_at, nubo, wait_until, write};
 use serde_json::Value;
-
-/// `nubo ARGS --data-dir DIR`, returning (success, stdout, stderr).
-fn nubo(agent: &Agent, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(NUBO)
-        .args(args)
-        .arg("--data-dir")
-        .arg(&agent.dir)
-        .env_remove("NUBO_API")
-        .env_remove("NUBO_TOKEN")
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
 
 /// A static site served by python3 from an artifact, checked over HTTP.
 fn site(artifact: &str, extra: &str) -> String {
@@ -139,12 +122,6 @@ fn api_at_without_token(dir: &Path, path: &str) -> (u16, String) {
         Err(ureq::Error::Status(code, _)) => (code, String::new()),
         Err(error) => (0, error.to_string()),
     }
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path.to_str().unwrap().to_string()
 }
 
 fn instances(agent: &Agent, service: &str) -> Vec<Value> {
@@ -291,16 +268,8 @@ fn rolling_updates_reverts_rollback_drain_and_a_full_restart() {
     let _one = ONE_CLOUD_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let mut cloud = Cloud::start_with(4, |i| vec!["--attr".into(), format!("rack=r{i}")]);
+    let mut cloud = Cloud::converged(4, |i| vec!["--attr".into(), format!("rack=r{i}")]);
     let work = cloud.root.path().to_path_buf();
-    assert!(
-        wait_until(Duration::from_secs(60), || {
-            cloud.agents.iter().all(|a| a.members_alive() == 4)
-        })
-        .is_some(),
-        "{}",
-        cloud.logs()
-    );
     let admin = &cloud.agents[0];
     let v1_blob = bundle(admin, &work, "v1", "<h1>v1</h1>", false);
     let v2_blob = bundle(admin, &work, "v2", "<h1>v2</h1>", true);

@@ -284,6 +284,21 @@ impl Cloud {
         Cloud { root, agents }
     }
 
+    /// A cloud of `n` agents, agent `i` (from 1) started with `extra(i)` arguments, once every
+    /// agent sees all `n` alive.
+    pub fn converged(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cloud {
+        let cloud = Cloud::start_with(n, extra);
+        assert!(
+            wait_until(Duration::from_secs(60), || {
+                cloud.agents.iter().all(|a| a.members_alive() == n as u64)
+            })
+            .is_some(),
+            "{}",
+            cloud.logs()
+        );
+        cloud
+    }
+
     /// Dumps every agent's log (for a failing test).
     pub fn logs(&self) -> String {
         self.agents
@@ -299,6 +314,30 @@ impl Agent {
         let invite: Value = self.json(&["invite"]);
         invite["token"].as_str().unwrap().to_string()
     }
+}
+
+/// `nubo ARGS --data-dir DIR` for `agent`, returning (success, stdout, stderr).
+pub fn nubo(agent: &Agent, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(NUBO)
+        .args(args)
+        .arg("--data-dir")
+        .arg(&agent.dir)
+        .env_remove("NUBO_API")
+        .env_remove("NUBO_TOKEN")
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Writes `text` to `dir/name`; returns the path.
+pub fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
 }
 
 /// Runs `nubo ARGS --data-dir DIR --json` for the agent of `dir` and parses its output.
