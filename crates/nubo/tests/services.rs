@@ -250,6 +250,43 @@ delay = "200ms"
     let small = write(&work, "small.toml", &site("mine", "replicas = 2"));
     let (ok, err) = deploy_as_user(&small, Some(&grant_web));
     assert!(ok, "{err}");
+    // A grant for a namespace does not reach a node: the user cannot drain one, nor roll
+    // back a service of another namespace.
+    let (ok, _, err) = nubo(
+        admin,
+        &[
+            "drain",
+            &short_ids[2],
+            "--key",
+            user,
+            "--grant",
+            &grant_web,
+            "--detach",
+        ],
+    );
+    assert!(
+        !ok && err.contains("only the node itself or the administrator"),
+        "{err}"
+    );
+    let (ok, _, err) = nubo(
+        admin,
+        &[
+            "rollback",
+            "other/site",
+            "--key",
+            user,
+            "--grant",
+            &grant_web,
+        ],
+    );
+    assert!(!ok, "{err}");
+    let services: Vec<Value> = admin.json(&["services"]);
+    assert!(
+        services
+            .iter()
+            .all(|s| !s["key"].as_str().unwrap().starts_with('@')),
+        "{services:?}"
+    );
 
     // An agent crashes but its machine does not: the restarted agent adopts its running
     // instance (same process) instead of starting a second one.
