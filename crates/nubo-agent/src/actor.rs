@@ -242,6 +242,8 @@ pub struct Agent {
     measured: Measured,
     /// Documents refused at the API since start.
     publish_refused: u64,
+    /// Nodes drained, as of the last plan.
+    drained: BTreeSet<NodeId>,
 }
 
 impl Agent {
@@ -271,6 +273,7 @@ impl Agent {
             events: EventLog::new(node.id().short(), node.suite()),
             measured: Measured::default(),
             publish_refused: 0,
+            drained: BTreeSet::new(),
             node,
             transport,
             state,
@@ -963,6 +966,7 @@ impl Agent {
         self.node.set_instances(now, report.facts.clone());
         let plan = self.planner.plan(&self.node, &report.failures);
         self.plan = plan.services;
+        self.drained = plan.drained;
         self.events.observe(&self.node, &self.plan);
         if Instant::now() >= self.settled_at {
             let mine: Vec<Assignment> = plan.mine;
@@ -1165,6 +1169,7 @@ impl Agent {
             attributes: me.attributes.iter().cloned().collect::<BTreeMap<_, _>>(),
             last_heard_secs: 0.0,
             this_node: true,
+            draining: self.drained.contains(&me.peer.id),
         }];
         nodes.extend(roster.members().map(|m| NodeInfo {
             id: m.announce.peer.id.to_string(),
@@ -1174,6 +1179,7 @@ impl Agent {
             attributes: m.announce.attributes.iter().cloned().collect(),
             last_heard_secs: now.saturating_since(m.last_heard).as_secs_f64(),
             this_node: false,
+            draining: self.drained.contains(&m.announce.peer.id),
         }));
         nodes
     }

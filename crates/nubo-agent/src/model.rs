@@ -70,6 +70,9 @@ pub struct NodeInfo {
     pub last_heard_secs: f64,
     /// Whether it is the node answering.
     pub this_node: bool,
+    /// Whether it is drained: it takes no new instance and its instances move away.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// `GET /v1/stats`: the cloud as aggregation sees it.

@@ -807,7 +807,11 @@ fn print_nodes(nodes: &[NodeInfo]) {
             vec![
                 format!("{}{}", short(&n.id), if n.this_node { "*" } else { "" }),
                 n.addr.clone().unwrap_or_else(|| "-".into()),
-                n.state.clone(),
+                if n.draining {
+                    format!("{}, draining", n.state)
+                } else {
+                    n.state.clone()
+                },
                 if n.this_node {
                     "-".into()
                 } else {
