@@ -132,16 +132,6 @@ impl Planner {
         Some(parsed)
     }
 
-    /// The description of version `version` of `key`, if the suite holds it and it reads.
-    pub fn service(&mut self, node: &Node, key: &str, version: u64) -> Option<Arc<Service>> {
-        let entry = node
-            .suite()
-            .history(key)
-            .find(|e| e.version == version)?
-            .clone();
-        self.parsed(&entry)?.service.clone().ok()
-    }
-
     /// What the namespace's services other than `except` use in `plan`: cores (thousandths),
     /// memory and instances.
     pub fn usage(&self, plan: &[PlannedService], namespace: &str, except: &str) -> (u64, u64, u64) {
@@ -213,8 +203,9 @@ impl Planner {
             .filter(|e| !e.key.starts_with(DRAIN_PREFIX))
             .cloned()
             .collect();
+        // Only the versions the suite still holds stay parsed.
         self.cache
-            .retain(|(key, _), _| suite.history(key).next().is_some());
+            .retain(|(key, version), _| suite.history(key).any(|e| e.version == *version));
         for entry in services {
             let Some(parsed) = self.parsed(&entry) else {
                 continue;

@@ -45,6 +45,10 @@ const LOG_BYTES_MAX: u64 = 1 << 20;
 const LOG_INTERVAL: Duration = Duration::from_secs(2);
 /// Between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a refusal stands once this node is no longer asked to run the version: placement
+/// takes the refusing node out, and without this it would be asked again at once (it lends
+/// the same capacity on paper), and the service would move back and forth.
+const REFUSAL_HOLD: Duration = Duration::from_secs(60);
 /// Most bytes an artifact may unpack to, when the service sets no disk size.
 const UNPACK_BYTES_MAX: u64 = 4 << 30;
 
@@ -261,7 +265,8 @@ pub struct Runner {
     config: RunnerConfig,
     wanted: BTreeMap<String, Assignment>,
     instances: BTreeMap<String, Instance>,
-    refused: BTreeMap<String, u64>,
+    /// Refused versions, with when the refusal was made.
+    refused: BTreeMap<String, (u64, Instant)>,
     adopted: BTreeMap<String, Record>,
     origin: Instant,
     /// Health answers (instance id, healthy) from the probe tasks.
@@ -402,9 +407,10 @@ impl Runner {
                 }
             }
         }
-        // Refusals hold for the version refused only.
-        self.refused.retain(|key, version| {
-            matches!(self.wanted.get(key), Some(Assignment { task: Task::Run { version: v, .. }, .. }) if v == version)
+        // A refusal holds for the version refused, while it is asked for, and a while after.
+        self.refused.retain(|key, (version, since)| {
+            since.elapsed() < REFUSAL_HOLD
+                || matches!(self.wanted.get(key), Some(Assignment { task: Task::Run { version: v, .. }, .. }) if v == version)
         });
         let mut retire = Vec::new();
         let mut start = Vec::new();
@@ -462,7 +468,7 @@ impl Runner {
                     retire.push(id.clone());
                 }
             }
-            if current.is_none() && self.refused.get(&key) != Some(&version) {
+            if current.is_none() && self.refused.get(&key).map(|(v, _)| *v) != Some(version) {
                 let others_running = self
                     .instances
                     .values()
@@ -545,7 +551,7 @@ impl Runner {
             } else {
                 tracing::info!(service = %key, "refusing: it would exceed this node's limits");
                 self.counters.refusals += 1;
-                self.refused.insert(key, version);
+                self.refused.insert(key, (version, Instant::now()));
             }
             return;
         }
@@ -924,7 +930,8 @@ impl Runner {
                         ) =>
                 {
                     let (key, version) = (instance.key.clone(), instance.version);
-                    if self.refused.insert(key.clone(), version).is_none() {
+                    if self.refused.get(&key).map(|(v, _)| *v) != Some(version) {
+                        self.refused.insert(key.clone(), (version, Instant::now()));
                         self.counters.refusals += 1;
                         tracing::warn!(service = %key, "an instance failed too often; refusing the service here");
                     }
@@ -947,7 +954,11 @@ impl Runner {
 
     fn report(&self) -> RunnerReport {
         let mut report = RunnerReport {
-            refused: self.refused.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            refused: self
+                .refused
+                .iter()
+                .map(|(k, (v, _))| (k.clone(), *v))
+                .collect(),
             counters: self.counters,
             ..RunnerReport::default()
         };
