@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod model;
 pub mod planner;
 pub mod runner;
+pub mod serve;
 pub mod setup;
 pub mod status;
 
@@ -102,8 +103,21 @@ pub enum AgentError {
     Advertise(String),
 }
 
+/// Raises the soft limit of open files to the hard one: connections, instances' logs and the
+/// database all hold descriptors, and the common default of 1,024 is soon reached.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(%error, soft, hard, "cannot raise the open files limit");
+    }
+}
+
 /// Runs an agent until Ctrl-C or SIGTERM.
 pub async fn run(mut options: AgentOptions) -> Result<(), AgentError> {
+    raise_open_files_limit();
     // Instances run in directories of their own: every path handed on must be absolute.
     options.data_dir = std::path::absolute(&options.data_dir).map_err(|source| {
         AgentError::Store(StoreError::Io {
@@ -218,11 +232,7 @@ pub async fn run(mut options: AgentOptions) -> Result<(), AgentError> {
     data.write_secret(setup::API_ADDR_FILE, api_addr.to_string().as_bytes())?;
     let (commands_tx, commands_rx) = mpsc::channel(COMMANDS_MAX);
     let app = api::router(commands_tx.clone(), &token, options.metrics_public);
-    tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).await {
-            tracing::error!(%error, "the API stopped");
-        }
-    });
+    tokio::spawn(serve::serve(listener, app));
 
     tracing::info!(
         node = %id,
@@ -254,7 +264,7 @@ pub async fn run(mut options: AgentOptions) -> Result<(), AgentError> {
         tracing::info!("shutting down: leaving the cloud");
         let _ = stop_tx.send(());
     });
-    let root = data.file("instances");
+    let root = data.file(nubo_store::INSTANCES_DIR);
     let runner = Runner::new(RunnerConfig {
         node: id.short(),
         host: advertise.ip().to_string(),

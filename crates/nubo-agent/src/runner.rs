@@ -306,6 +306,10 @@ impl Runner {
     /// A runner; instances recorded by a previous agent are adopted if still running.
     pub fn new(config: RunnerConfig) -> Runner {
         let _ = std::fs::create_dir_all(&config.root);
+        let _ = std::fs::set_permissions(
+            &config.root,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        );
         let records: Vec<Record> = std::fs::read(config.root.join("instances.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -1042,10 +1046,13 @@ async fn prepare_artifact(
             tokio::fs::create_dir_all(cache)
                 .await
                 .map_err(|e| format!("{}: {e}", cache.display()))?;
+            let private = |mode| std::os::unix::fs::PermissionsExt::from_mode(mode);
+            let _ = tokio::fs::set_permissions(cache, private(0o700)).await;
             let temporary = cache.join(format!(".{blob}.partial"));
             tokio::fs::write(&temporary, &bytes)
                 .await
                 .map_err(|e| format!("{}: {e}", temporary.display()))?;
+            let _ = tokio::fs::set_permissions(&temporary, private(0o600)).await;
             tokio::fs::rename(&temporary, &cached)
                 .await
                 .map_err(|e| format!("{}: {e}", cached.display()))?;

@@ -13,7 +13,7 @@
 use std::fs;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -34,6 +34,8 @@ const SUITE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("suite")
 const SUITE_SAVED_AT: &str = "suite_saved_unix_ms";
 /// Values at least this large of content-addressed keys are kept as files.
 const BLOB_FILE_BYTES_MIN: usize = 4096;
+/// The subdirectory of service instances (theirs, not the agent's).
+pub const INSTANCES_DIR: &str = "instances";
 /// Most peers remembered for rejoining.
 pub const PEERS_MAX: usize = 64;
 
@@ -81,9 +83,38 @@ impl DataDir {
             .mode(0o700)
             .create(path)
             .map_err(io(path))?;
-        Ok(DataDir {
+        let dir = DataDir {
             path: path.to_path_buf(),
-        })
+        };
+        dir.make_private()?;
+        Ok(dir)
+    }
+
+    /// Makes the directory readable by its owner only, whatever it was before: itself and
+    /// its subdirectories 0700, its files 0600 (service instances' own directories, under
+    /// `instances/`, are theirs and left as they are).
+    pub fn make_private(&self) -> Result<(), StoreError> {
+        fn walk(dir: &Path, top: bool) -> Result<(), StoreError> {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+            for entry in fs::read_dir(dir).map_err(io(dir))? {
+                let entry = entry.map_err(io(dir))?;
+                let path = entry.path();
+                let kind = entry.file_type().map_err(io(&path))?;
+                if kind.is_dir() {
+                    if top && entry.file_name() == INSTANCES_DIR {
+                        fs::set_permissions(&path, fs::Permissions::from_mode(0o700))
+                            .map_err(io(&path))?;
+                    } else {
+                        walk(&path, false)?;
+                    }
+                } else if kind.is_file() {
+                    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                        .map_err(io(&path))?;
+                }
+            }
+            Ok(())
+        }
+        walk(&self.path, true)
     }
 
     /// The data directory at `path`, which must exist.
@@ -97,9 +128,11 @@ impl DataDir {
                 ),
             });
         }
-        Ok(DataDir {
+        let dir = DataDir {
             path: path.to_path_buf(),
-        })
+        };
+        dir.make_private()?;
+        Ok(dir)
     }
 
     /// The directory.
@@ -165,6 +198,8 @@ impl StateDb {
     fn open(dir: &Path) -> Result<StateDb, StoreError> {
         let path = dir.join("state.redb");
         let db = Database::create(&path).map_err(db_error)?;
+        // It holds the cloud's secret.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(io(&path))?;
         let blobs = dir.join("blobs");
         fs::DirBuilder::new()
             .recursive(true)
@@ -370,7 +405,13 @@ impl StateDb {
             return Ok(());
         }
         let temporary = path.with_extension("tmp");
-        let mut file = fs::File::create(&temporary).map_err(io(&temporary))?;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)
+            .map_err(io(&temporary))?;
         file.write_all(value).map_err(io(&temporary))?;
         file.sync_all().map_err(io(&temporary))?;
         fs::rename(&temporary, &path).map_err(io(&path))
@@ -387,6 +428,30 @@ mod tests {
             counter: 0,
             writer: NodeId(1),
         }
+    }
+
+    #[test]
+    fn a_data_directory_is_made_private_whatever_it_was() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node");
+        fs::create_dir(&path).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(path.join("state.redb"), "x").unwrap();
+        fs::set_permissions(path.join("state.redb"), fs::Permissions::from_mode(0o644)).unwrap();
+        fs::create_dir(path.join("blobs")).unwrap();
+        fs::write(path.join("blobs").join("ab"), "y").unwrap();
+        let data = DataDir::open(&path).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(data.path()), 0o700);
+        assert_eq!(mode(&path.join("state.redb")), 0o600);
+        assert_eq!(mode(&path.join("blobs")), 0o700);
+        assert_eq!(mode(&path.join("blobs").join("ab")), 0o600);
+        let state = data.open_state();
+        assert!(state.is_err(), "not a database");
+        fs::remove_file(path.join("state.redb")).unwrap();
+        data.open_state().unwrap();
+        assert_eq!(mode(&path.join("state.redb")), 0o600);
     }
 
     #[test]

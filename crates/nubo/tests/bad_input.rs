@@ -212,3 +212,91 @@ fn garbage_datagrams_api_bytes_and_bad_frames_leave_the_agent_answering() {
     agent.put("after-garbage", "fine").unwrap();
     assert_eq!(cloud.agents[1].get("after-garbage").as_deref(), Ok("fine"));
 }
+
+#[test]
+fn the_api_answers_under_a_flood_of_half_open_connections_and_refuses_absurd_numbers() {
+    use std::os::unix::fs::PermissionsExt;
+    let _one = ONE_CLOUD_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let cloud = Cloud::start(1);
+    let agent = &cloud.agents[0];
+    // The data directory and what holds secrets are the owner's alone.
+    let mode = |name: &str| {
+        std::fs::metadata(agent.dir.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(""), 0o700);
+    for file in ["state.redb", "node.key", "api.token", "admin.key"] {
+        assert_eq!(mode(file), 0o600, "{file}");
+    }
+
+    // 2,000 connections that never finish their request head.
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    let api: SocketAddr = std::fs::read_to_string(agent.dir.join("api.addr"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..2_000 {
+        match std::net::TcpStream::connect(api) {
+            Ok(mut stream) => {
+                let _ = stream.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n");
+                held.push(stream);
+            }
+            Err(error) => panic!("connection {} refused: {error}", held.len()),
+        }
+    }
+    let started = std::time::Instant::now();
+    let status = agent.status();
+    assert!(status["uptime_secs"].as_u64().is_some());
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "status took {took:?} with 2,000 held"
+    );
+    drop(held);
+
+    // Absurd numbers in every query parameter, and garbage where ids go: refused with a 4xx,
+    // never a crash.
+    let huge = "18446744073709551616";
+    for (method, path) in [
+        ("POST", format!("/v1/invite?ttl_secs={}", u64::MAX)),
+        ("POST", format!("/v1/invite?ttl_secs={huge}")),
+        ("POST", "/v1/invite?ttl_secs=-1".to_string()),
+        ("GET", format!("/v1/logs/web/site?tail={huge}")),
+        ("GET", format!("/v1/logs/web/site?since_secs={}", u64::MAX)),
+        ("GET", "/v1/logs/web/site?follow=sometimes".to_string()),
+        ("GET", format!("/v1/events?limit={}", u64::MAX)),
+        ("GET", "/v1/events?after=-5".to_string()),
+        ("GET", format!("/v1/events?after={huge}")),
+        ("POST", "/v1/drain?undo=maybe".to_string()),
+        ("GET", "/v1/blobs/not-a-blob-id".to_string()),
+        ("GET", format!("/v1/blobs/{}", "f".repeat(64))),
+        ("GET", "/v1/history/%00%1b[31m".to_string()),
+        ("GET", "/v1/services/..%2F..%2Fetc".to_string()),
+        ("GET", format!("/v1/kv/{}", "k".repeat(100_000))),
+        ("DELETE", "/v1/kv/".to_string()),
+        ("GET", "/v1/kv-local/%ff%fe".to_string()),
+        ("GET", "/v1/ps?x=1".to_string()),
+    ] {
+        let (code, answer) = common::api_at(&agent.dir, method, &path, None);
+        assert!(
+            (400..500).contains(&code) || code == 200 || code == 503,
+            "{method} {}: {code} {answer}",
+            &path[..path.len().min(80)]
+        );
+    }
+    for body in [&b"garbage"[..], &[0xff; 70_000][..]] {
+        let (code, answer) = common::api_at(&agent.dir, "POST", "/v1/services", Some(body));
+        assert!((400..500).contains(&code), "{code} {answer}");
+    }
+    let status: Value = agent.status();
+    assert!(status["uptime_secs"].as_u64().is_some(), "still answering");
+}
