@@ -192,6 +192,8 @@ pub struct AgentInfo {
     pub admission: Admission,
     /// Records found damaged on disk at start.
     pub records_damaged_at_start: usize,
+    /// What the operator should fix (shown by `nubo status`).
+    pub warnings: Vec<String>,
 }
 
 /// The node's own key, to sign its drain.
@@ -1154,6 +1156,7 @@ impl Agent {
             persist_failures: self.persist_failures,
             records_damaged_at_start: self.info.records_damaged_at_start,
             net: self.transport.counters(),
+            warnings: self.info.warnings.clone(),
         }
     }
 

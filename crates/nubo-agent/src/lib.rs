@@ -62,6 +62,8 @@ pub struct AgentOptions {
     /// Create a new cloud if the data directory belongs to none (for the first node of a
     /// cloud started by automation, where running `nubo init` first is awkward).
     pub bootstrap: bool,
+    /// Where `bootstrap` writes the administrator's key.
+    pub admin_key: PathBuf,
     /// Stop when the parent process exits (for agents started by `nubo demo` or tests).
     pub exit_with_parent: bool,
     /// What this node lends to services (`None`: detected from the machine).
@@ -128,10 +130,21 @@ pub async fn run(mut options: AgentOptions) -> Result<(), AgentError> {
     if let Some(token) = &options.join {
         setup::join(&options.data_dir, token)?;
     } else if options.bootstrap && !setup::has_cloud(&options.data_dir)? {
-        let report = setup::init(&options.data_dir)?;
+        let report = setup::init(&options.data_dir, &options.admin_key)?;
         tracing::info!(cloud = %report.cloud_id, "created a new cloud");
     }
     let data = DataDir::open(&options.data_dir)?;
+    let mut warnings = Vec::new();
+    if data.file(setup::ADMIN_KEY_FILE).exists() {
+        let warning = format!(
+            "the administrator's key sits in this agent's data directory, where its services could reach it: move it with `mkdir -p {0} && mv {1} {2}`",
+            setup::config_dir().display(),
+            data.file(setup::ADMIN_KEY_FILE).display(),
+            setup::default_admin_key().display()
+        );
+        tracing::warn!("{warning}");
+        warnings.push(warning);
+    }
     let state = data.open_state()?;
     let standing = setup::load(&data, &state)?;
     let id = standing.identity.node_id();
@@ -253,6 +266,7 @@ pub async fn run(mut options: AgentOptions) -> Result<(), AgentError> {
         advertise,
         admission: standing.admission.clone(),
         records_damaged_at_start: damaged,
+        warnings,
     };
     let (stop_tx, stop_rx) = oneshot::channel();
     let exit_with_parent = options.exit_with_parent;

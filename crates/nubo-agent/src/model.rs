@@ -51,6 +51,9 @@ pub struct Status {
     pub records_damaged_at_start: usize,
     /// Transport counters.
     pub net: NetCounters,
+    /// What the operator should fix.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// `GET /v1/nodes`: one member of the cloud.

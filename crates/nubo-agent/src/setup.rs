@@ -9,8 +9,25 @@ use nubo_store::{DataDir, StateDb, StoreError};
 
 /// The node's secret key.
 pub const IDENTITY_FILE: &str = "node.key";
-/// The cloud administrator's secret key, created by `nubo init`.
+/// The file name of the cloud administrator's secret key, created by `nubo init` in the
+/// administrator's configuration directory, never in an agent's data directory (services on
+/// the node would be one step from it).
 pub const ADMIN_KEY_FILE: &str = "admin.key";
+
+/// The administrator's and users' configuration directory: `$XDG_CONFIG_HOME/nubo`, else
+/// `~/.config/nubo`.
+pub fn config_dir() -> std::path::PathBuf {
+    match std::env::var_os("XDG_CONFIG_HOME") {
+        Some(dir) => std::path::PathBuf::from(dir).join("nubo"),
+        None => std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+            .join(".config/nubo"),
+    }
+}
+
+/// Where `nubo init` puts the administrator's key unless told otherwise.
+pub fn default_admin_key() -> std::path::PathBuf {
+    config_dir().join(ADMIN_KEY_FILE)
+}
 /// The bearer token of the local API.
 pub const API_TOKEN_FILE: &str = "api.token";
 /// Where the local API listens, written at start for the CLI.
@@ -32,6 +49,11 @@ pub enum SetupError {
         "{0} holds no cloud: create one with `nubo init --data-dir {0}`, or join one with `nubo agent --data-dir {0} --join TOKEN`"
     )]
     NoCloud(String),
+    /// The administrator's key file exists already.
+    #[error(
+        "{0} exists (the administrator's key of another cloud?); give this cloud's key another place with --admin-key PATH"
+    )]
+    AdminKeyExists(String),
     /// The directory already belongs to a cloud.
     #[error("{path} already belongs to cloud {cloud}; use another --data-dir")]
     AlreadyMember {
@@ -53,6 +75,8 @@ pub struct InitReport {
     pub admin_public_key: String,
     /// The data directory.
     pub data_dir: String,
+    /// Where the administrator's secret key was written.
+    pub admin_key_file: String,
 }
 
 /// A node's standing in its cloud, as loaded at start.
@@ -100,8 +124,12 @@ pub fn has_cloud(path: &Path) -> Result<bool, SetupError> {
     Ok(cloud_of(&data.open_state()?)?.is_some())
 }
 
-/// Creates a new cloud with this data directory's node as its first member.
-pub fn init(path: &Path) -> Result<InitReport, SetupError> {
+/// Creates a new cloud with this data directory's node as its first member; the
+/// administrator's key goes to `admin_key`, outside the data directory.
+pub fn init(path: &Path, admin_key: &Path) -> Result<InitReport, SetupError> {
+    if admin_key.exists() {
+        return Err(SetupError::AdminKeyExists(admin_key.display().to_string()));
+    }
     let data = DataDir::create(path)?;
     let state = data.open_state()?;
     if let Some(admission) = cloud_of(&state)? {
@@ -112,7 +140,7 @@ pub fn init(path: &Path) -> Result<InitReport, SetupError> {
     }
     let identity = load_or_create_identity(&data)?;
     let admin = Identity::generate().map_err(|e| SetupError::Key(e.to_string()))?;
-    data.write_secret(ADMIN_KEY_FILE, &admin.secret())?;
+    nubo_store::write_private_file(admin_key, &admin.secret())?;
     let admission =
         Admission::generate(admin.public_key()).map_err(|e| SetupError::Key(e.to_string()))?;
     let encoded = postcard::to_allocvec(&admission)
@@ -123,6 +151,7 @@ pub fn init(path: &Path) -> Result<InitReport, SetupError> {
         node_id: identity.node_id().to_string(),
         admin_public_key: hex(&admin.public_key()),
         data_dir: path.display().to_string(),
+        admin_key_file: admin_key.display().to_string(),
     })
 }
 

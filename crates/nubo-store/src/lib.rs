@@ -147,18 +147,7 @@ impl DataDir {
 
     /// Writes a secret file readable by its owner only (mode 0600), atomically.
     pub fn write_secret(&self, name: &str, contents: &[u8]) -> Result<(), StoreError> {
-        let path = self.file(name);
-        let temporary = self.file(&format!(".{name}.tmp"));
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)
-            .map_err(io(&temporary))?;
-        file.write_all(contents).map_err(io(&temporary))?;
-        file.sync_all().map_err(io(&temporary))?;
-        fs::rename(&temporary, &path).map_err(io(&path))
+        write_private_file(&self.file(name), contents)
     }
 
     /// Reads a file of the directory; `None` if it does not exist.
@@ -175,6 +164,36 @@ impl DataDir {
     pub fn open_state(&self) -> Result<StateDb, StoreError> {
         StateDb::open(&self.path)
     }
+}
+
+/// Writes a file readable by its owner only (mode 0600), atomically (a temporary file renamed
+/// into place, so a crash never leaves half of it); its directory is created, mode 0700, if
+/// missing.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let temporary = dir.join(format!(".{name}.tmp"));
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(io(&temporary))?;
+    file.write_all(contents).map_err(io(&temporary))?;
+    file.sync_all().map_err(io(&temporary))?;
+    fs::rename(&temporary, path).map_err(io(path))
 }
 
 /// A record as kept on disk: inline, or with its value in a blob file.

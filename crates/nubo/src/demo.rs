@@ -202,7 +202,7 @@ fn deploy_sample(
         token: None,
         json: false,
     };
-    let signing = crate::services::Signing::default();
+    let signing = crate::services::Signing::with_key(root.join(setup::ADMIN_KEY_FILE));
     eprintln!("Deploying the sample suite ({})…", file.display());
     crate::services::deploy_quietly(&file, &signing, &target)?;
     let wanted = nodes.min(3);
@@ -261,7 +261,8 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     let dirs: Vec<PathBuf> = (1..=n).map(|i| root.join(format!("node{i}"))).collect();
     agents.dirs = dirs.clone();
 
-    let report = setup::init(&dirs[0]).map_err(|e| e.to_string())?;
+    let admin_key = root.join(setup::ADMIN_KEY_FILE);
+    let report = setup::init(&dirs[0], &admin_key).map_err(|e| e.to_string())?;
     eprintln!("Created cloud {} in {}", report.cloud_id, root.display());
     agents.children.push(spawn_agent(&dirs[0], None)?);
     let first = wait_for_api(&dirs[0], &mut agents.children[0], deadline)?;
@@ -331,6 +332,10 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     outln!();
     outln!("Try, in another terminal:");
     outln!("  export NUBO_DATA_DIR={}", dirs[0].display());
+    outln!(
+        "  export NUBO_KEY={}   # the administrator's key, kept off the nodes",
+        admin_key.display()
+    );
     outln!("  {exe} nodes                      # every member, alive or not");
     outln!("  {exe} kv put greeting hello      # replicated on 3 nodes");
     outln!(

@@ -75,6 +75,10 @@ enum Command {
         /// Where the node keeps its state.
         #[arg(long, env = "NUBO_DATA_DIR", default_value_os_t = default_data_dir())]
         data_dir: PathBuf,
+        /// Where to write the administrator's secret key (never in the data directory: the
+        /// node's services would be one step from it).
+        #[arg(long, default_value_os_t = setup::default_admin_key())]
+        admin_key: PathBuf,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -311,6 +315,9 @@ struct AgentArgs {
     /// Create a new cloud if the data directory belongs to none (instead of `nubo init`).
     #[arg(long, conflicts_with = "join")]
     bootstrap: bool,
+    /// With --bootstrap: where to write the administrator's secret key.
+    #[arg(long, default_value_os_t = setup::default_admin_key())]
+    admin_key: PathBuf,
     /// Stop when the process that started this agent exits (used by `nubo demo`).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -434,8 +441,23 @@ pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> Result<(), String> {
 fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Agent(args) => agent(args),
-        Command::Init { data_dir, json } => {
-            let report = setup::init(&data_dir).map_err(|e| e.to_string())?;
+        Command::Init {
+            data_dir,
+            admin_key,
+            json,
+        } => {
+            let report = setup::init(&data_dir, &admin_key).map_err(|e| {
+                let legacy = data_dir.join(setup::ADMIN_KEY_FILE);
+                match e {
+                    setup::SetupError::AlreadyMember { .. } if legacy.exists() => format!(
+                        "{e}\nIts administrator's key sits in the data directory, where the node's services could reach it: move it with `mkdir -p {0} && mv {1} {2}` (nubo deploy and nubo grant look there), or anywhere and pass --key",
+                        setup::config_dir().display(),
+                        legacy.display(),
+                        setup::default_admin_key().display()
+                    ),
+                    e => e.to_string(),
+                }
+            })?;
             if json {
                 return print_json(&report);
             }
@@ -443,8 +465,9 @@ fn run(command: Command) -> Result<(), String> {
             outln!("  first node   {}", report.node_id);
             outln!("  data dir     {}", report.data_dir);
             outln!(
-                "  admin key    {} (secret in admin.key)",
-                report.admin_public_key
+                "  admin key    {} (secret in {}; keep it off the nodes)",
+                report.admin_public_key,
+                report.admin_key_file
             );
             outln!();
             outln!("Next: nubo agent --data-dir {}", report.data_dir);
@@ -578,6 +601,7 @@ fn agent(args: AgentArgs) -> Result<(), String> {
         join,
         attributes: args.attributes,
         bootstrap: args.bootstrap,
+        admin_key: args.admin_key,
         exit_with_parent: args.exit_with_parent,
         cpu_millis: args.cpu.map(|c| (c * 1000.0) as u64),
         memory_bytes: match &args.memory {
@@ -791,6 +815,9 @@ fn print_status(status: &Status) {
     ];
     for (name, value) in rows {
         outln!("{name:<13} {value}");
+    }
+    for warning in &status.warnings {
+        outln!("{:<13} {warning}", "warning");
     }
 }
 

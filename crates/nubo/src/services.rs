@@ -64,9 +64,10 @@ pub struct GrantArgs {
     /// Days the grant stays valid.
     #[arg(long, default_value_t = 365)]
     days: u64,
-    /// The administrator's data directory (holding admin.key).
-    #[arg(long, env = "NUBO_DATA_DIR", default_value_os_t = crate::default_data_dir())]
-    data_dir: PathBuf,
+    /// The administrator's secret key (default: admin.key in the configuration directory,
+    /// where `nubo init` put it).
+    #[arg(long, env = "NUBO_KEY")]
+    admin_key: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -75,9 +76,9 @@ pub struct GrantArgs {
 /// How a deploy is signed.
 #[derive(Args, Clone, Default)]
 pub struct Signing {
-    /// The signing key (default: the data directory's admin.key if there is one, else the
-    /// key of `nubo key new`).
-    #[arg(long)]
+    /// The signing key (default: the administrator's admin.key in the configuration
+    /// directory if there is one, else the key of `nubo key new`).
+    #[arg(long, env = "NUBO_KEY")]
     key: Option<PathBuf>,
     /// The grant (text from `nubo grant`, or a file holding it; default: ~/.config/nubo/grant
     /// if it exists). Not needed with the administrator's key.
@@ -85,11 +86,18 @@ pub struct Signing {
     grant: Option<String>,
 }
 
-fn config_dir() -> PathBuf {
-    match std::env::var_os("XDG_CONFIG_HOME") {
-        Some(dir) => PathBuf::from(dir).join("nubo"),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".config/nubo"),
+impl Signing {
+    /// Signing with the key at `path`.
+    pub fn with_key(path: PathBuf) -> Signing {
+        Signing {
+            key: Some(path),
+            grant: None,
+        }
     }
+}
+
+fn config_dir() -> PathBuf {
+    nubo_agent::setup::config_dir()
 }
 
 fn default_key_path() -> PathBuf {
@@ -156,8 +164,12 @@ pub fn key(command: KeyCommand) -> Result<(), String> {
 
 /// `nubo grant`.
 pub fn grant(args: GrantArgs) -> Result<(), String> {
-    let admin = read_key(&args.data_dir.join(nubo_agent::setup::ADMIN_KEY_FILE)).map_err(|e| {
-        format!("{e}: only the administrator (the data directory of `nubo init`) can grant")
+    let path = args
+        .admin_key
+        .clone()
+        .unwrap_or_else(nubo_agent::setup::default_admin_key);
+    let admin = read_key(&path).map_err(|e| {
+        format!("{e}: only the administrator can grant (with the key `nubo init` wrote; --admin-key PATH)")
     })?;
     let user_key: [u8; 32] = unhex(&args.key)
         .and_then(|b| b.try_into().ok())
@@ -226,11 +238,21 @@ fn signer(
     signing: &Signing,
     target: &AgentTarget,
 ) -> Result<(Identity, Option<SignedGrant>), String> {
-    let admin_path = target.data_dir.join(nubo_agent::setup::ADMIN_KEY_FILE);
+    let admin_path = nubo_agent::setup::default_admin_key();
+    // Clouds made before the key moved out of the data directory keep it there.
+    let legacy = target.data_dir.join(nubo_agent::setup::ADMIN_KEY_FILE);
     let key_path = match &signing.key {
         Some(path) => path.clone(),
         None if admin_path.exists() => admin_path,
         None if default_key_path().exists() => default_key_path(),
+        None if legacy.exists() => {
+            eprintln!(
+                "warning: signing with {}, which sits in the agent's data directory; move it to {}",
+                legacy.display(),
+                admin_path.display()
+            );
+            legacy
+        }
         None => {
             return Err(
                 "no signing key: create one with `nubo key new`, then ask the administrator for a grant (`nubo grant`)"

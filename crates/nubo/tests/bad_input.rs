@@ -230,9 +230,16 @@ fn the_api_answers_under_a_flood_of_half_open_connections_and_refuses_absurd_num
             & 0o777
     };
     assert_eq!(mode(""), 0o700);
-    for file in ["state.redb", "node.key", "api.token", "admin.key"] {
+    for file in ["state.redb", "node.key", "api.token"] {
         assert_eq!(mode(file), 0o600, "{file}");
     }
+    // The administrator's key is not among them: `nubo init` put it elsewhere.
+    assert!(!agent.dir.join("admin.key").exists());
+    let key = agent.dir.parent().unwrap().join("admin.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     // 2,000 connections that never finish their request head.
     let (_, hard) =

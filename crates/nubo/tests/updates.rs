@@ -626,9 +626,10 @@ fn rolling_updates_reverts_rollback_drain_and_a_full_restart() {
     );
     assert!(instances(admin, "web/gone").is_empty());
     // A replay of its older document (signed then, sent again now) is refused.
-    let admin_key =
-        nubo_net::Identity::from_secret(&std::fs::read(admin.dir.join("admin.key")).unwrap())
-            .unwrap();
+    let admin_key = nubo_net::Identity::from_secret(
+        &std::fs::read(cloud.root.path().join("admin.key")).unwrap(),
+    )
+    .unwrap();
     let replay = nubo_agent::authority::SignedDocument::sign(
         &admin_key,
         nubo_agent::authority::Document {

@@ -261,6 +261,8 @@ impl Cloud {
         let init = Command::new(NUBO)
             .args(["init", "--json", "--data-dir"])
             .arg(&first_dir)
+            .arg("--admin-key")
+            .arg(root.path().join("admin.key"))
             .output()
             .unwrap();
         assert!(
@@ -318,12 +320,10 @@ impl Agent {
 
 /// `nubo ARGS --data-dir DIR` for `agent`, returning (success, stdout, stderr).
 pub fn nubo(agent: &Agent, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(NUBO)
+    let output = cli_at(&agent.dir)
         .args(args)
         .arg("--data-dir")
         .arg(&agent.dir)
-        .env_remove("NUBO_API")
-        .env_remove("NUBO_TOKEN")
         .output()
         .unwrap();
     (
@@ -342,19 +342,29 @@ pub fn write(dir: &Path, name: &str, text: &str) -> String {
 
 /// Runs `nubo ARGS --data-dir DIR --json` for the agent of `dir` and parses its output.
 pub fn json_at<T: DeserializeOwned>(dir: &Path, args: &[&str]) -> Result<T, String> {
-    let output = Command::new(NUBO)
+    let output = cli_at(dir)
         .args(args)
         .arg("--data-dir")
         .arg(dir)
         .arg("--json")
-        .env_remove("NUBO_API")
-        .env_remove("NUBO_TOKEN")
         .output()
         .map_err(|e| e.to_string())?;
     if !output.status.success() {
         return Err(String::from_utf8_lossy(&output.stderr).into_owned());
     }
     serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())
+}
+
+/// The CLI for the agent of `dir`, signing with its cloud's administrator key (kept beside the
+/// agents' directories, where `Cloud` created it).
+pub fn cli_at(dir: &Path) -> Command {
+    let mut command = Command::new(NUBO);
+    command.env_remove("NUBO_API").env_remove("NUBO_TOKEN");
+    match dir.parent().map(|root| root.join("admin.key")) {
+        Some(key) if key.exists() => command.env("NUBO_KEY", key),
+        _ => command.env_remove("NUBO_KEY"),
+    };
+    command
 }
 
 /// Sends `body` to the agent of `dir` (its address and token from its files); returns the
