@@ -20,7 +20,8 @@ pub struct HistoryEntry {
     pub by_administrator: bool,
     /// What changed from the version before (placement, resources, artifact, program…).
     pub changes: Vec<String>,
-    /// `running`, `rolling`, `replaced`, `reverted`, `failed`, `stopped` or `removed`.
+    /// `running`, `deploying` (not yet complete), `replaced`, `reverted`, `failed`, `stopped` or
+    /// `removed`.
     pub outcome: String,
     /// Why it failed, if it did.
     pub failure: Option<String>,
@@ -137,7 +138,7 @@ pub fn history(
                 if status.completed(v) || Some(v) != latest {
                     ("running", None)
                 } else {
-                    ("rolling", None)
+                    ("deploying", None)
                 }
             }
             (Intent::Run, _) => ("replaced", None),
