@@ -194,6 +194,10 @@ pub struct AgentInfo {
     pub records_damaged_at_start: usize,
     /// What the operator should fix (shown by `nubo status`).
     pub warnings: Vec<String>,
+    /// How instances' limits are enforced.
+    pub limits: String,
+    /// How instances are isolated.
+    pub isolation: String,
 }
 
 /// The node's own key, to sign its drain.
@@ -1157,6 +1161,8 @@ impl Agent {
             records_damaged_at_start: self.info.records_damaged_at_start,
             net: self.transport.counters(),
             warnings: self.info.warnings.clone(),
+            limits: self.info.limits.clone(),
+            isolation: self.info.isolation.clone(),
         }
     }
 

@@ -10,7 +10,9 @@
 //!
 //! [resources]
 //! cpu = 0.2
-//! memory = "64MiB"
+//! memory = "64MiB"                   # every process of the instance together
+//! disk = "1GiB"                      # its working directory (default 1GiB)
+//! pids = 512                         # processes and threads at once (default 512)
 //!
 //! [placement]
 //! replicas = 3                       # or share = "10%" with order_by, or availability = 0.999
@@ -51,6 +53,10 @@ use toml::Spanned;
 pub const NAME_BYTES_MAX: usize = 63;
 /// Most ports per service.
 pub const PORTS_MAX: usize = 8;
+/// Processes and threads an instance may run at once, unless its description says.
+pub const PIDS_DEFAULT: u64 = 512;
+/// The disk budget of an instance whose description names none.
+pub const DISK_DEFAULT: u64 = 1 << 30;
 /// Longest duration a description may give (30 days): timers stay far from overflow.
 pub const DURATION_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -158,6 +164,8 @@ pub struct Service {
     pub health: Option<Health>,
     /// Its restart policy.
     pub restart: RestartPolicy,
+    /// Most processes and threads its instance runs at once.
+    pub pids_max: u64,
     /// Free-form attributes for discovery.
     pub discovery: BTreeMap<String, String>,
     /// How a new version replaces the running one.
@@ -181,6 +189,7 @@ impl Service {
             &self.ports,
             &self.health,
             self.restart,
+            self.pids_max,
         );
         let bytes = postcard::to_allocvec(&shape).unwrap_or_default();
         let hash = blake3::hash(&bytes);
@@ -244,6 +253,7 @@ struct RawResources {
     cpu: Option<Spanned<f64>>,
     memory: Option<Spanned<String>>,
     disk: Option<Spanned<String>>,
+    pids: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -402,6 +412,14 @@ pub fn parse(text: &str) -> Result<Service, Vec<DescriptionError>> {
                 Some(bytes) if bytes >= 0.0 => *target = bytes as u64,
                 _ => problems.at(size.span(), "expected a size such as \"256MiB\" or \"2GB\""),
             }
+        }
+    }
+
+    let mut pids_max = PIDS_DEFAULT;
+    if let Some(pids) = &raw.resources.pids {
+        match *pids.get_ref() {
+            1..=65_536 => pids_max = *pids.get_ref(),
+            _ => problems.at(pids.span(), "pids is 1 to 65536"),
         }
     }
 
@@ -644,6 +662,7 @@ pub fn parse(text: &str) -> Result<Service, Vec<DescriptionError>> {
         ports,
         health,
         restart,
+        pids_max,
         discovery: raw.discovery,
         update,
     })

@@ -78,6 +78,10 @@ pub struct AgentOptions {
     pub dissemination: Dissemination,
     /// Serve `/metrics` without the API token.
     pub metrics_public: bool,
+    /// Run services even where their limits cannot all be enforced.
+    pub allow_unenforced_limits: bool,
+    /// The uids instances run as (when the agent is root).
+    pub instance_uids: std::ops::RangeInclusive<u32>,
 }
 
 /// Why the agent could not start.
@@ -210,6 +214,16 @@ pub async fn run(mut options: AgentOptions) -> Result<(), AgentError> {
         node.suite_mut().forget(&base);
     }
     node.suite_mut().drain_changed().for_each(drop);
+    let cgroups = nubo_fabric::cgroup::Cgroups::detect(&id.short());
+    let isolation = nubo_fabric::sandbox::Isolation::of_this_process();
+    let uids = match isolation {
+        nubo_fabric::sandbox::Isolation::Full => Some(
+            nubo_fabric::uids::UidPool::new(options.instance_uids.clone())
+                .map_err(|e| SetupError::Key(format!("cannot keep the uids of instances: {e}")))?,
+        ),
+        nubo_fabric::sandbox::Isolation::LandlockOnly => None,
+    };
+    tracing::info!(limits = %cgroups.describe(), isolation = isolation.describe(), "how instances are held");
     let machine = host::resources();
     let limits = NodeLimits {
         cpu_millis: options
@@ -224,6 +238,17 @@ pub async fn run(mut options: AgentOptions) -> Result<(), AgentError> {
     let mut attributes = host::attributes();
     attributes.push((planner::ATTR_CPU.into(), limits.cpu_millis.to_string()));
     attributes.push((planner::ATTR_MEMORY.into(), limits.memory_bytes.to_string()));
+    attributes.push((
+        planner::ATTR_LIMITS.into(),
+        if cgroups.enforced().all() {
+            "enforced"
+        } else if options.allow_unenforced_limits {
+            "unenforced-allowed"
+        } else {
+            "unenforced"
+        }
+        .into(),
+    ));
     attributes.extend(options.attributes.iter().cloned());
     node.set_attributes(now, attributes);
     node.set_resources(host::resources());
@@ -261,12 +286,14 @@ pub async fn run(mut options: AgentOptions) -> Result<(), AgentError> {
         suite_stale = stale,
         "agent started"
     );
-    let info = AgentInfo {
+    let mut info = AgentInfo {
         listen,
         advertise,
         admission: standing.admission.clone(),
         records_damaged_at_start: damaged,
         warnings,
+        limits: String::new(),
+        isolation: String::new(),
     };
     let (stop_tx, stop_rx) = oneshot::channel();
     let exit_with_parent = options.exit_with_parent;
@@ -278,6 +305,21 @@ pub async fn run(mut options: AgentOptions) -> Result<(), AgentError> {
         tracing::info!("shutting down: leaving the cloud");
         let _ = stop_tx.send(());
     });
+    if !cgroups.enforced().all() {
+        let warning = format!(
+            "limits cannot all be enforced here ({}): {}",
+            cgroups.describe(),
+            if options.allow_unenforced_limits {
+                "services run anyway (--allow-unenforced-limits)"
+            } else {
+                "this node refuses services; grant the agent a writable cgroup (see docs/ARCHITECTURE.md), or start it with --allow-unenforced-limits"
+            }
+        );
+        tracing::warn!("{warning}");
+        info.warnings.push(warning);
+    }
+    info.limits = cgroups.describe();
+    info.isolation = isolation.describe().to_string();
     let root = data.file(nubo_store::INSTANCES_DIR);
     let runner = Runner::new(RunnerConfig {
         node: id.short(),
@@ -287,6 +329,9 @@ pub async fn run(mut options: AgentOptions) -> Result<(), AgentError> {
         wrapper: std::env::current_exe().map_err(|e| SetupError::Key(e.to_string()))?,
         limits,
         commands: commands_tx.clone(),
+        cgroups,
+        uids,
+        allow_unenforced_limits: options.allow_unenforced_limits,
     });
     let (desired_tx, desired_rx) = tokio::sync::watch::channel(None);
     let (report_tx, report_rx) = tokio::sync::watch::channel(Default::default());

@@ -54,6 +54,12 @@ pub struct Status {
     /// What the operator should fix.
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// How instances' limits are enforced (cgroup v2, v1, or none).
+    #[serde(default)]
+    pub limits: String,
+    /// How instances are isolated from the node and each other.
+    #[serde(default)]
+    pub isolation: String,
 }
 
 /// `GET /v1/nodes`: one member of the cloud.

@@ -24,6 +24,9 @@ use crate::status::{DeployStatus, Outcome, status_key};
 pub const ATTR_CPU: &str = "nubo.cpu_millis";
 /// Attribute announcing the memory a node lends.
 pub const ATTR_MEMORY: &str = "nubo.memory_bytes";
+/// Attribute saying how a node enforces limits: `enforced`, `unenforced` (it refuses every
+/// service) or `unenforced-allowed` (its owner lets services run anyway).
+pub const ATTR_LIMITS: &str = "nubo.limits";
 /// Attribute listing the versions of services a node refuses, `key@version`, comma-separated.
 pub const ATTR_REFUSES: &str = "nubo.refuses";
 
@@ -84,6 +87,13 @@ pub struct Plan {
 #[derive(Default)]
 pub struct Planner {
     cache: BTreeMap<(String, u64), Arc<Parsed>>,
+}
+
+/// Whether a member says it cannot enforce limits and will not run services.
+fn unenforced(attributes: &BTreeMap<String, String>) -> bool {
+    attributes
+        .get(ATTR_LIMITS)
+        .is_some_and(|v| v == "unenforced")
 }
 
 fn demand_of(attributes: &BTreeMap<String, String>) -> Demand {
@@ -295,10 +305,10 @@ impl Planner {
                         id: m.id,
                         attributes: &m.attributes,
                         capacity: demand_of(&m.attributes),
-                        refuses: m
-                            .attributes
-                            .get(ATTR_REFUSES)
-                            .is_some_and(|list| list.split(',').any(|k| k == refusal)),
+                        refuses: unenforced(&m.attributes)
+                            || m.attributes
+                                .get(ATTR_REFUSES)
+                                .is_some_and(|list| list.split(',').any(|k| k == refusal)),
                     })
                     .collect()
             };
@@ -363,6 +373,12 @@ impl Planner {
                     planned
                         .reasons
                         .push(format!("{} nodes are draining", plan.drained.len()));
+                }
+                let cannot = members.iter().filter(|m| unenforced(&m.attributes)).count();
+                if cannot > 0 {
+                    planned.reasons.push(format!(
+                        "{cannot} nodes cannot enforce limits (their owners may start them with --allow-unenforced-limits)"
+                    ));
                 }
             }
             planned.phase = match rollout.phase {

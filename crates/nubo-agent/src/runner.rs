@@ -23,8 +23,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use nubo_fabric::cgroup::{Cgroups, GroupLimits};
 use nubo_fabric::exec::{self, Launch, Limits};
 use nubo_fabric::policy::{Action, Phase, Policy, Supervisor};
+use nubo_fabric::uids::UidPool;
 use nubo_fabric::{artifact, health};
 use nubo_proto::blob::BlobId;
 use nubo_proto::instance::{InstanceFact, InstanceState};
@@ -34,7 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::actor::Command;
-use crate::description::{Probe, Service};
+use crate::description::{DISK_DEFAULT, Probe, Service};
 use crate::logs::{LogFile, add_checkpoint};
 
 /// How often the runner looks at its instances.
@@ -49,8 +51,10 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// takes the refusing node out, and without this it would be asked again at once (it lends
 /// the same capacity on paper), and the service would move back and forth.
 const REFUSAL_HOLD: Duration = Duration::from_secs(60);
-/// Most bytes an artifact may unpack to, when the service sets no disk size.
-const UNPACK_BYTES_MAX: u64 = 4 << 30;
+/// Where a health-check command's output goes, in the instance's directory.
+const CHECK_LOG: &str = "check.log";
+/// How often the runner measures each instance's directory against its disk budget.
+const DISK_CHECK: Duration = Duration::from_secs(2);
 
 /// What the node's owner lends to the cloud.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,6 +106,9 @@ pub struct InstanceStatus {
     pub limits: String,
     /// The version of the description it runs.
     pub version: u64,
+    /// What last happened to it that an operator should know (a limit it hit), if anything.
+    #[serde(default)]
+    pub note: String,
 }
 
 impl InstanceStatus {
@@ -123,6 +130,7 @@ impl InstanceStatus {
             pid: None,
             limits: String::new(),
             version: fact.version,
+            note: String::new(),
         }
     }
 }
@@ -178,6 +186,8 @@ struct Record {
     pid: u32,
     start_ticks: u64,
     ports: BTreeMap<String, u16>,
+    #[serde(default)]
+    uid: Option<u32>,
 }
 
 struct Instance {
@@ -191,7 +201,10 @@ struct Instance {
     start_ticks: u64,
     exit: Option<oneshot::Receiver<i32>>,
     ports: BTreeMap<String, u16>,
-    enforcement: &'static str,
+    /// Its own uid (when the agent is root).
+    uid: Option<u32>,
+    /// What it last hit (a limit), for operators.
+    note: String,
     next_probe: Instant,
     probing: bool,
     created: Instant,
@@ -258,6 +271,12 @@ pub struct RunnerConfig {
     pub limits: NodeLimits,
     /// The actor, to fetch artifacts through.
     pub commands: mpsc::Sender<Command>,
+    /// The cgroups instances go in.
+    pub cgroups: Cgroups,
+    /// The uids instances run as (when the agent is root).
+    pub uids: Option<UidPool>,
+    /// Run services even though their limits cannot all be enforced here.
+    pub allow_unenforced_limits: bool,
 }
 
 /// The runner task's state.
@@ -276,7 +295,16 @@ pub struct Runner {
     prepared_tx: mpsc::Sender<(String, Result<(), String>)>,
     prepared_rx: mpsc::Receiver<(String, Result<(), String>)>,
     next_log_cap: Instant,
+    next_disk_check: Instant,
     counters: RunnerCounters,
+}
+
+/// The bytes an instance may keep in its directory (and the largest file it may write).
+fn disk_budget(service: &Service) -> u64 {
+    match service.placement.demand.disk_bytes {
+        0 => DISK_DEFAULT,
+        bytes => bytes,
+    }
 }
 
 fn policy_of(service: &Service) -> Policy {
@@ -318,9 +346,15 @@ impl Runner {
         for record in records {
             if exec::is_same_process(record.pid, record.start_ticks) {
                 tracing::info!(service = %record.key, version = record.version, pid = record.pid, "found a running instance of the previous agent");
+                if let (Some(pool), Some(uid)) = (&config.uids, record.uid) {
+                    pool.keep(uid, &record.id);
+                }
                 adopted.insert(record.id.clone(), record);
             } else {
-                exec::remove_cgroup(&format!("{}-{}", record.id, config.node));
+                config.cgroups.remove(&record.id);
+                if let (Some(pool), Some(uid)) = (&config.uids, record.uid) {
+                    pool.release(uid);
+                }
             }
         }
         let (probe_tx, probe_rx) = mpsc::channel(256);
@@ -337,6 +371,7 @@ impl Runner {
             prepared_tx,
             prepared_rx,
             next_log_cap: Instant::now(),
+            next_disk_check: Instant::now(),
             counters: RunnerCounters::default(),
         }
     }
@@ -519,6 +554,14 @@ impl Runner {
     /// Starts an instance of `version` of `key`, within the owner's limits; a surge that does
     /// not fit beside the old instance becomes a replacement (the old one stops first).
     fn begin(&mut self, key: String, version: u64, service: Arc<Service>) {
+        if !self.config.cgroups.enforced().all() && !self.config.allow_unenforced_limits {
+            if self.refused.get(&key).map(|(v, _)| *v) != Some(version) {
+                tracing::warn!(service = %key, "refusing: this node cannot enforce its limits (its owner may allow it with --allow-unenforced-limits)");
+                self.counters.refusals += 1;
+                self.refused.insert(key, (version, Instant::now()));
+            }
+            return;
+        }
         let demand = service.placement.demand;
         let (cpu, memory) = self.committed();
         let limits = &self.config.limits;
@@ -563,6 +606,26 @@ impl Runner {
         let dir = self.config.root.join(&id);
         // A fresh directory: nothing of an earlier instance of this version is reused.
         let _ = std::fs::remove_dir_all(&dir);
+        let uid = match &self.config.uids {
+            Some(pool) => {
+                let hint = nubo_proto::service::score(
+                    &format!("{id}@{}", self.config.node),
+                    nubo_proto::NodeId(0),
+                );
+                match pool.take(&format!("{id}@{}", self.config.node), hint) {
+                    Ok(uid) => Some(uid),
+                    Err(error) => {
+                        tracing::warn!(service = %key, %error, "refusing: no uid for the instance");
+                        self.refused.insert(key, (version, Instant::now()));
+                        return;
+                    }
+                }
+            }
+            None => None,
+        };
+        if let Err(error) = exec::prepare_dir(&dir, uid) {
+            tracing::warn!(service = %key, %error, "cannot make the instance's directory");
+        }
         let taken: BTreeSet<u16> = self
             .instances
             .values()
@@ -604,7 +667,8 @@ impl Runner {
                 start_ticks: 0,
                 exit: None,
                 ports,
-                enforcement: "",
+                uid,
+                note: String::new(),
                 next_probe: Instant::now(),
                 probing: false,
                 created: Instant::now(),
@@ -637,7 +701,8 @@ impl Runner {
                 start_ticks: record.start_ticks,
                 exit: None,
                 ports: record.ports,
-                enforcement: "adopted",
+                uid: record.uid,
+                note: String::new(),
                 next_probe: Instant::now(),
                 probing: false,
                 created: Instant::now(),
@@ -685,6 +750,64 @@ impl Runner {
         env
     }
 
+    /// How to start `instance` (or, with `check`, a health-check command in its context):
+    /// its cgroups made with its limits, its own user, its environment.
+    fn launch(
+        &self,
+        instance: &Instance,
+        log: &'static str,
+        check: Option<&[String]>,
+    ) -> std::io::Result<Launch> {
+        let env = self.environment(instance);
+        let service = &instance.service;
+        let demand = service.placement.demand;
+        let cgroups = self.config.cgroups.create(
+            &self.cgroup_id(instance),
+            GroupLimits {
+                memory_bytes: demand.memory_bytes,
+                cpu_millis: demand.cpu_millis,
+                pids: service.pids_max,
+            },
+        )?;
+        let (command, args) = match check {
+            Some(argv) => {
+                let (program, args) = argv
+                    .split_first()
+                    .ok_or_else(|| std::io::Error::other("an empty check command"))?;
+                (program.clone(), args.to_vec())
+            }
+            None => (
+                service.run.command.clone(),
+                service
+                    .run
+                    .args
+                    .iter()
+                    .map(|a| substitute(a, &env))
+                    .collect(),
+            ),
+        };
+        Ok(Launch {
+            dir: instance.dir.clone(),
+            command,
+            args,
+            env,
+            limits: Limits {
+                memory_bytes: demand.memory_bytes,
+                file_bytes: disk_budget(service),
+                log_bytes: LOG_BYTES_MAX,
+            },
+            cgroups,
+            user: instance.uid,
+            wrapper: self.config.wrapper.clone(),
+            log,
+        })
+    }
+
+    /// The name of an instance's cgroups: unique on the machine (agents share it).
+    fn cgroup_id(&self, instance: &Instance) -> String {
+        format!("{}-{}", instance.id, self.config.node)
+    }
+
     /// Fetches (once per node) and unpacks the instance's artifact, in a task of its own.
     fn prepare(&mut self, id: &str) {
         let Some(instance) = self.instances.get_mut(id) else {
@@ -694,15 +817,20 @@ impl Runner {
             return;
         };
         instance.preparing = true;
-        let dir = instance.dir.clone();
-        let disk = instance.service.placement.demand.disk_bytes;
-        let limit = if disk > 0 { disk } else { UNPACK_BYTES_MAX };
+        let work = exec::work_dir(&instance.dir);
+        let limit = disk_budget(&instance.service);
+        let uid = instance.uid;
         let cache = self.config.artifacts.clone();
         let commands = self.config.commands.clone();
         let done = self.prepared_tx.clone();
         let id = id.to_string();
         tokio::spawn(async move {
-            let outcome = prepare_artifact(&blob, &cache, &dir, limit, &commands).await;
+            let outcome = prepare_artifact(&blob, &cache, &work, limit, &commands)
+                .await
+                .and_then(|()| {
+                    // Unpacked by the agent: the instance's files become its own.
+                    exec::give(&work, uid).map_err(|e| format!("cannot give the files over: {e}"))
+                });
             let _ = done.send((id, outcome)).await;
         });
     }
@@ -762,34 +890,13 @@ impl Runner {
                 Action::Spawn => {
                     if !instance.prepared {
                         if !instance.preparing {
-                            if let Err(error) = std::fs::create_dir_all(&instance.dir) {
-                                tracing::warn!(%error, "cannot make the instance directory");
-                            }
                             self.prepare(id);
                         }
                         continue;
                     }
-                    let env = self.environment(instance);
-                    let service = &instance.service;
-                    let launch = Launch {
-                        id: format!("{}-{}", instance.id, self.config.node),
-                        dir: instance.dir.clone(),
-                        command: service.run.command.clone(),
-                        args: service
-                            .run
-                            .args
-                            .iter()
-                            .map(|a| substitute(a, &env))
-                            .collect(),
-                        env,
-                        limits: Limits {
-                            memory_bytes: service.placement.demand.memory_bytes,
-                            cpu_millis: service.placement.demand.cpu_millis,
-                        },
-                        wrapper: self.config.wrapper.clone(),
-                    };
+                    let launch = self.launch(instance, exec::LOG_FILE, None);
                     let now = self.now();
-                    let result = exec::spawn(&launch);
+                    let result = launch.and_then(|launch| exec::spawn(&launch));
                     let Some(instance) = self.instances.get_mut(id) else {
                         return;
                     };
@@ -803,7 +910,6 @@ impl Runner {
                             instance.pid = Some(started.pid);
                             instance.start_ticks = started.start_ticks;
                             instance.exit = Some(started.exit);
-                            instance.enforcement = started.enforcement;
                             instance.supervisor.spawned(now);
                             match &instance.service.health {
                                 Some(check) => {
@@ -860,6 +966,23 @@ impl Runner {
             }
             let mut actions = Vec::new();
             if let Some(code) = status {
+                let cgroup = format!("{}-{}", instance.id, self.config.node);
+                let service = &instance.service;
+                // Exit 128 + SIGXFSZ (25): a file past the disk budget.
+                if self.config.cgroups.oom_killed(&cgroup) && code == 128 + 9 {
+                    instance.note = format!(
+                        "killed: over its memory limit of {}",
+                        nubo_proto::service::bytes_text(service.placement.demand.memory_bytes)
+                    );
+                } else if code == 128 + 25 {
+                    instance.note = format!(
+                        "stopped: it wrote a file past its disk budget of {}",
+                        nubo_proto::service::bytes_text(disk_budget(service))
+                    );
+                }
+                if !instance.note.is_empty() {
+                    tracing::warn!(service = %instance.key, version = instance.version, note = %instance.note, "an instance hit a limit");
+                }
                 tracing::info!(service = %instance.key, version = instance.version, code, "an instance exited");
                 instance.exit = None;
                 instance.pid = None;
@@ -895,19 +1018,28 @@ impl Runner {
                 instance.probing = true;
                 instance.next_probe = Instant::now() + check.interval;
                 let ports = instance.ports.clone();
-                let dir = instance.dir.clone();
                 let sender = self.probe_tx.clone();
                 let probe_id = id.clone();
+                // A check command runs as the instance does: its user, namespace and limits.
+                let launch = match &check.probe {
+                    Probe::Command { argv } => {
+                        Some(self.launch(&self.instances[&id], CHECK_LOG, Some(argv.as_slice())))
+                    }
+                    _ => None,
+                };
                 tokio::spawn(async move {
-                    let ok = match &check.probe {
-                        Probe::Http { port, path } => {
+                    let ok = match (&check.probe, launch) {
+                        (Probe::Http { port, path }, _) => {
                             health::http(ports.get(port).copied().unwrap_or(0), path, check.timeout)
                                 .await
                         }
-                        Probe::Tcp { port } => {
+                        (Probe::Tcp { port }, _) => {
                             health::tcp(ports.get(port).copied().unwrap_or(0), check.timeout).await
                         }
-                        Probe::Command { argv } => health::command(argv, &dir, check.timeout).await,
+                        (Probe::Command { .. }, Some(Ok(launch))) => {
+                            run_check(&launch, check.timeout).await
+                        }
+                        (Probe::Command { .. }, _) => false,
                     };
                     let _ = sender.send((probe_id, ok)).await;
                 });
@@ -918,9 +1050,12 @@ impl Runner {
             };
             match instance.supervisor.phase() {
                 Phase::Stopped => {
-                    exec::remove_cgroup(&format!("{}-{}", instance.id, self.config.node));
+                    self.config.cgroups.remove(&self.cgroup_id(instance));
                     if instance.retiring {
                         let _ = std::fs::remove_dir_all(&instance.dir);
+                        if let (Some(pool), Some(uid)) = (&self.config.uids, instance.uid) {
+                            pool.release(uid);
+                        }
                     }
                     self.instances.remove(&id);
                     self.save();
@@ -948,11 +1083,14 @@ impl Runner {
             let now_ms = crate::clock::unix_now().as_millis() as u64;
             for instance in self.instances.values_mut() {
                 let path = exec::log_path(&instance.dir);
-                let _ = exec::cap_log(&path, LOG_BYTES_MAX);
                 if let Ok(meta) = std::fs::metadata(&path) {
                     add_checkpoint(&mut instance.checkpoints, now_ms, meta.len());
                 }
             }
+        }
+        if Instant::now() >= self.next_disk_check {
+            self.next_disk_check = Instant::now() + DISK_CHECK;
+            self.check_disk();
         }
     }
 
@@ -977,7 +1115,11 @@ impl Runner {
             let mut status =
                 InstanceStatus::of_fact(&fact, self.config.node.clone(), self.config.host.clone());
             status.pid = instance.pid;
-            status.limits = instance.enforcement.to_string();
+            status.limits = match instance.uid {
+                Some(uid) => format!("{}; uid {uid}", self.config.cgroups.describe()),
+                None => self.config.cgroups.describe(),
+            };
+            status.note = instance.note.clone();
             report.instances.push(status);
             report.facts.push(fact);
             if let Some(reason) = &instance.failed {
@@ -997,6 +1139,33 @@ impl Runner {
         report
     }
 
+    /// Stops every running instance whose directory holds more than its disk budget.
+    fn check_disk(&mut self) {
+        let over: Vec<(String, u64, u64)> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| i.pid.is_some() && !i.retiring)
+            .filter_map(|(id, i)| {
+                let budget = disk_budget(&i.service);
+                let used = exec::disk_usage(&exec::work_dir(&i.dir));
+                (used > budget).then(|| (id.clone(), used, budget))
+            })
+            .collect();
+        for (id, used, budget) in over {
+            if let Some(instance) = self.instances.get_mut(&id) {
+                instance.note = format!(
+                    "stopped: its directory holds {}, past its disk budget of {}",
+                    nubo_proto::service::bytes_text(used),
+                    nubo_proto::service::bytes_text(budget)
+                );
+                tracing::warn!(service = %instance.key, note = %instance.note, "an instance hit a limit");
+                if let Some(pid) = instance.pid {
+                    exec::signal_group(pid, Signal::SIGKILL);
+                }
+            }
+        }
+    }
+
     /// Records running instances for the next agent to adopt.
     fn save(&self) {
         let records: Vec<Record> = self
@@ -1010,6 +1179,7 @@ impl Runner {
                     pid,
                     start_ticks: i.start_ticks,
                     ports: i.ports.clone(),
+                    uid: i.uid,
                 })
             })
             .chain(self.adopted.values().cloned())
@@ -1020,6 +1190,21 @@ impl Runner {
             && std::fs::write(&temporary, bytes).is_ok()
         {
             let _ = std::fs::rename(&temporary, &path);
+        }
+    }
+}
+
+/// Runs a health-check command in its instance's context; whether it exits 0 within `limit`
+/// (it is killed otherwise).
+async fn run_check(launch: &Launch, limit: Duration) -> bool {
+    let Ok(started) = exec::spawn(launch) else {
+        return false;
+    };
+    match tokio::time::timeout(limit, started.exit).await {
+        Ok(Ok(code)) => code == 0,
+        _ => {
+            exec::signal_group(started.pid, Signal::SIGKILL);
+            false
         }
     }
 }

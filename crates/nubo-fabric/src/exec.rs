@@ -1,54 +1,90 @@
-//! The exec driver: an instance is a process group started through `nubo instance-exec`, a
-//! small wrapper that applies the limits to itself and then becomes the program.
+//! The exec driver: an instance is a process group started through two small stages of the
+//! `nubo` binary itself.
 //!
-//! Limits: the memory limit is the wrapper's `RLIMIT_DATA` (heap and private mappings) and,
-//! where the cgroup v2 hierarchy is writable, `memory.max` and `cpu.max` of a cgroup the
-//! wrapper enters before `exec`. Standard output and error go to one log file, appended to;
-//! [`cap_log`] keeps it bounded. The instance runs in its own process group, so stopping it
-//! signals everything it started. Because it does not depend on the agent's pipes, it
-//! survives an agent crash and can be adopted by the next agent ([`is_same_process`]).
+//! 1. `nubo instance-exec` (the group leader, started by the agent, root where the agent is)
+//!    joins the instance's cgroups, opens the log, makes the instance's mount namespace
+//!    ([`sandbox::enter_namespace`]), starts stage 2 as the instance's own user, and then only
+//!    copies the instance's output into the log, rotating it as it is written so that it never
+//!    grows past its cap, until the instance exits (whose status it exits with). It ignores
+//!    SIGTERM, so that a stop reaches the program and its last words still reach the log.
+//! 2. `nubo instance-run`, as the instance's user, restricts itself
+//!    ([`sandbox::restrict`]: Landlock, `no_new_privs`, process limits) and becomes the
+//!    program, in the working directory, with a clean environment.
+//!
+//! The instance's directory holds `work/` (its working directory, its own user's), and the
+//! log files, which only the agent can reach: the instance cannot replace them with a link.
+//! Instances do not depend on the agent's pipes, so they survive an agent crash; the next
+//! agent recognises them by pid and kernel start time ([`is_same_process`]).
 
 use std::fs::{self, OpenOptions};
-use std::io;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 
-use nix::sys::resource::{Resource, setrlimit};
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::{SigSet, Signal, killpg};
 use nix::unistd::Pid;
 
-/// Where the cgroups of instances go, when the hierarchy is writable.
-const CGROUP_ROOT: &str = "/sys/fs/cgroup/nubo";
-/// Open files allowed to an instance.
-pub const NOFILE_MAX: u64 = 4096;
+use crate::sandbox::{self, WORK_DIR};
 
-/// Resource limits of one instance.
+/// The `PATH` instances get (a description may set another).
+pub const INSTANCE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The log file of an instance, in its directory.
+pub const LOG_FILE: &str = "output.log";
+/// The previous log, after a rotation.
+pub const LOG_FILE_OLD: &str = "output.log.1";
+
+/// Resource limits of one instance's processes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Memory in bytes.
+    /// Memory in bytes (each process's data segment; the cgroup holds them all).
     pub memory_bytes: u64,
-    /// Thousandths of a core.
-    pub cpu_millis: u64,
+    /// Largest file it may write: its disk budget.
+    pub file_bytes: u64,
+    /// Largest log before it is rotated.
+    pub log_bytes: u64,
 }
 
 /// Everything needed to start an instance.
 #[derive(Clone, Debug)]
 pub struct Launch {
-    /// The instance's id (a file-name-safe string).
-    pub id: String,
-    /// Its working directory (created if missing).
+    /// The instance's directory (the agent's): the log, and `work/`.
     pub dir: PathBuf,
     /// The program.
     pub command: String,
     /// Its arguments.
     pub args: Vec<String>,
-    /// Its environment (added to a minimal one: PATH, HOME).
+    /// Its environment (added to `PATH`, `HOME` and `TMPDIR`, which it may override).
     pub env: Vec<(String, String)>,
     /// Its limits.
     pub limits: Limits,
-    /// The `nubo` executable, to run the wrapper.
+    /// The cgroup directories it joins.
+    pub cgroups: Vec<PathBuf>,
+    /// Its own uid (and gid), when the agent is root.
+    pub user: Option<u32>,
+    /// The `nubo` executable, to run the stages.
     pub wrapper: PathBuf,
+    /// Where the stage-1 wrapper writes: the log file (`output.log`), or another name in the
+    /// directory (a health check's output).
+    pub log: &'static str,
+}
+
+impl Launch {
+    /// The working directory on the host.
+    pub fn work(&self) -> PathBuf {
+        work_dir(&self.dir)
+    }
+
+    /// Where the instance sees its working directory.
+    pub fn work_inside(&self) -> PathBuf {
+        if self.user.is_some() {
+            PathBuf::from(WORK_DIR)
+        } else {
+            self.work()
+        }
+    }
 }
 
 /// A started instance.
@@ -58,55 +94,78 @@ pub struct Started {
     pub pid: u32,
     /// The kernel's start time of the process, to recognise it later.
     pub start_ticks: u64,
-    /// How its limits are enforced: `cgroup` or `rlimit`.
-    pub enforcement: &'static str,
     /// Its exit status, when it exits (negative: killed by that signal).
     pub exit: tokio::sync::oneshot::Receiver<i32>,
 }
 
 /// The log file of an instance directory.
 pub fn log_path(dir: &Path) -> PathBuf {
-    dir.join("output.log")
+    dir.join(LOG_FILE)
 }
 
-/// Prepares a cgroup for `id` with `limits`; `None` where cgroups are not writable.
-fn prepare_cgroup(id: &str, limits: Limits) -> Option<PathBuf> {
-    let root = Path::new(CGROUP_ROOT);
-    if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        return None;
+/// The working directory of an instance directory.
+pub fn work_dir(dir: &Path) -> PathBuf {
+    dir.join("work")
+}
+
+/// Makes an instance's directory: its own (the agent's, 0700: the instance reaches `work/`
+/// through its mount namespace, never by this path) and `work/` inside, owned by `user` when
+/// there is one.
+pub fn prepare_dir(dir: &Path, user: Option<u32>) -> io::Result<()> {
+    fs::create_dir_all(work_dir(dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    give(&work_dir(dir), user)
+}
+
+/// Gives `path` and everything under it to `user` (when there is one); the top is made 0700.
+pub fn give(path: &Path, user: Option<u32>) -> io::Result<()> {
+    let Some(uid) = user else {
+        return Ok(());
+    };
+    fn walk(path: &Path, uid: u32) -> io::Result<()> {
+        let id = Some(uid);
+        std::os::unix::fs::lchown(path, id, id)?;
+        if fs::symlink_metadata(path)?.is_dir() {
+            for entry in fs::read_dir(path)? {
+                walk(&entry?.path(), uid)?;
+            }
+        }
+        Ok(())
     }
-    fs::create_dir_all(root).ok()?;
-    // Delegate the controllers to our subtree; harmless if already done.
-    let _ = fs::write(root.join("cgroup.subtree_control"), "+memory +cpu");
-    let group = root.join(id);
-    fs::create_dir_all(&group).ok()?;
-    fs::write(group.join("memory.max"), limits.memory_bytes.to_string()).ok()?;
-    let _ = fs::write(group.join("memory.swap.max"), "0");
-    let quota = (limits.cpu_millis * 100).max(1000);
-    let _ = fs::write(group.join("cpu.max"), format!("{quota} 100000"));
-    Some(group)
+    walk(path, uid)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700))
 }
 
-/// Removes an instance's cgroup (after its processes are gone).
-pub fn remove_cgroup(id: &str) {
-    let _ = fs::remove_dir(Path::new(CGROUP_ROOT).join(id));
-}
-
-/// Starts an instance. Its output goes to [`log_path`].
+/// Starts an instance; its output goes to its log through the stage-1 wrapper.
 pub fn spawn(launch: &Launch) -> io::Result<Started> {
-    fs::create_dir_all(&launch.dir)?;
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_path(&launch.dir))?;
-    let cgroup = prepare_cgroup(&launch.id, launch.limits);
+    let work = launch.work();
+    let inside = launch.work_inside();
+    let tmp = if launch.user.is_some() {
+        PathBuf::from("/tmp")
+    } else {
+        // Without a namespace of its own, its temporary files stay in its directory.
+        let tmp = work.join(".tmp");
+        fs::create_dir_all(&tmp)?;
+        tmp
+    };
     let mut command = Command::new(&launch.wrapper);
     command
         .arg("instance-exec")
         .arg("--memory-bytes")
-        .arg(launch.limits.memory_bytes.to_string());
-    if let Some(group) = &cgroup {
+        .arg(launch.limits.memory_bytes.to_string())
+        .arg("--file-bytes")
+        .arg(launch.limits.file_bytes.to_string())
+        .arg("--log")
+        .arg(launch.dir.join(launch.log))
+        .arg("--log-bytes")
+        .arg(launch.limits.log_bytes.to_string())
+        .arg("--work")
+        .arg(&work);
+    for group in &launch.cgroups {
         command.arg("--cgroup").arg(group);
+    }
+    if let Some(uid) = launch.user {
+        command.arg("--user").arg(uid.to_string());
     }
     command
         .arg("--")
@@ -114,15 +173,13 @@ pub fn spawn(launch: &Launch) -> io::Result<Started> {
         .args(&launch.args)
         .current_dir(&launch.dir)
         .env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
-        )
-        .env("HOME", &launch.dir)
+        .env("PATH", INSTANCE_PATH)
+        .env("HOME", &inside)
+        .env("TMPDIR", &tmp)
         .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .process_group(0);
     let child = command.spawn()?;
     let pid = child.id();
@@ -141,34 +198,215 @@ pub fn spawn(launch: &Launch) -> io::Result<Started> {
     Ok(Started {
         pid,
         start_ticks: start_ticks(pid).unwrap_or(0),
-        enforcement: if cgroup.is_some() { "cgroup" } else { "rlimit" },
         exit,
     })
 }
 
-/// In the wrapper process: enter the cgroup, apply the limits, then become the program.
-/// Returns only on failure.
-pub fn exec_limited(
+/// What stage 1 is told.
+#[derive(Clone, Debug)]
+pub struct Stage1 {
+    /// Cgroup directories to join.
+    pub cgroups: Vec<PathBuf>,
+    /// The instance's uid (and gid): with it, a mount namespace of its own too.
+    pub user: Option<u32>,
+    /// The working directory on the host.
+    pub work: PathBuf,
+    /// The log file.
+    pub log: PathBuf,
+    /// Largest log before rotation.
+    pub log_bytes: u64,
+    /// Memory per process.
+    pub memory_bytes: u64,
+    /// Largest file.
+    pub file_bytes: u64,
+    /// The program and its arguments.
+    pub command: Vec<String>,
+}
+
+/// Stage 1, in the wrapper process: returns the exit status to leave with.
+pub fn stage1(stage: &Stage1) -> io::Result<i32> {
+    // Stops are for the program; this process carries its output to the end.
+    let mut blocked = SigSet::empty();
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        blocked.add(signal);
+    }
+    blocked
+        .thread_block()
+        .map_err(|e| io::Error::other(format!("cannot block signals: {e}")))?;
+    for group in &stage.cgroups {
+        fs::write(group.join("cgroup.procs"), std::process::id().to_string()).map_err(|e| {
+            io::Error::other(format!("cannot enter cgroup {}: {e}", group.display()))
+        })?;
+    }
+    let mut log = Log::open(&stage.log, stage.log_bytes)?;
+    let inside = match stage.user {
+        Some(_) => {
+            sandbox::enter_namespace(&stage.work)?;
+            PathBuf::from(WORK_DIR)
+        }
+        None => stage.work.clone(),
+    };
+    let writable = match stage.user {
+        Some(_) => PathBuf::from("/tmp"),
+        None => stage.work.clone(),
+    };
+    let (program, args) = stage
+        .command
+        .split_first()
+        .ok_or_else(|| io::Error::other("no program given"))?;
+    // /proc/self/exe reaches this binary even where its path is hidden or not traversable.
+    let mut command = Command::new("/proc/self/exe");
+    command
+        .arg("instance-run")
+        .arg("--memory-bytes")
+        .arg(stage.memory_bytes.to_string())
+        .arg("--file-bytes")
+        .arg(stage.file_bytes.to_string())
+        .arg("--writable")
+        .arg(&writable);
+    if stage.user.is_some() {
+        command.arg("--own-user");
+    }
+    command
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .current_dir(&inside)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(uid) = stage.user {
+        // std drops the supplementary groups of root when it changes the uid.
+        command.uid(uid).gid(uid);
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(error) => {
+            log.write(format!("nubo: cannot start the instance: {error}\n").as_bytes());
+            return Err(error);
+        }
+    };
+    let log = Arc::new(Mutex::new(log));
+    let pumps: Vec<_> = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|mut source| {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 16 * 1024];
+            while let Ok(n) = source.read(&mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                log.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write(&buffer[..n]);
+            }
+        })
+    })
+    .collect();
+    let status = child.wait()?;
+    for pump in pumps {
+        let _ = pump.join();
+    }
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// Stage 2, in the instance's process: restricts itself and becomes the program. Returns only
+/// on failure.
+pub fn stage2(
+    writable: &Path,
+    own_user: bool,
     memory_bytes: u64,
-    cgroup: Option<&Path>,
-    program: &str,
-    args: &[String],
+    file_bytes: u64,
+    command: &[String],
 ) -> io::Error {
-    if let Some(group) = cgroup
-        && let Err(error) = fs::write(group.join("cgroup.procs"), std::process::id().to_string())
-    {
-        eprintln!(
-            "nubo: cannot enter cgroup {}: {error}; using rlimits only",
-            group.display()
-        );
-    }
-    if let Err(error) = setrlimit(Resource::RLIMIT_DATA, memory_bytes, memory_bytes) {
-        return io::Error::other(format!("cannot limit memory: {error}"));
-    }
-    if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, NOFILE_MAX, NOFILE_MAX) {
-        return io::Error::other(format!("cannot limit open files: {error}"));
+    let Some((program, args)) = command.split_first() else {
+        return io::Error::other("no program given");
+    };
+    if let Err(error) = sandbox::restrict(writable, own_user, memory_bytes, file_bytes) {
+        return error;
     }
     Command::new(program).args(args).exec()
+}
+
+/// A log file written as output arrives, rotated when it would pass its cap: the file moves
+/// to `output.log.1` (replacing the previous one) and a new one starts. The directory is
+/// reached through a descriptor opened at start, so later mounts do not hide it, and files
+/// are opened without following links.
+struct Log {
+    dir: fs::File,
+    name: String,
+    file: Option<fs::File>,
+    written: u64,
+    cap: u64,
+}
+
+impl Log {
+    fn open(path: &Path, cap: u64) -> io::Result<Log> {
+        let parent = path.parent().unwrap_or(Path::new("."));
+        let dir = fs::File::open(parent)?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| io::Error::other("the log has no file name"))?
+            .to_string();
+        let mut log = Log {
+            dir,
+            name,
+            file: None,
+            written: 0,
+            cap: cap.max(4096),
+        };
+        log.reopen(false)?;
+        Ok(log)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}/{name}", self.dir.as_raw_fd()))
+    }
+
+    fn reopen(&mut self, truncate: bool) -> io::Result<()> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(!truncate)
+            .write(true)
+            .truncate(truncate)
+            .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(self.path(&self.name))?;
+        self.written = file.metadata().map_or(0, |m| m.len());
+        self.file = Some(file);
+        Ok(())
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        if self.written.saturating_add(bytes.len() as u64) > self.cap {
+            let old = format!("{}.1", self.name);
+            let _ = fs::rename(self.path(&self.name), self.path(&old));
+            if self.reopen(true).is_err() {
+                self.file = None;
+            }
+        }
+        if let Some(file) = self.file.as_mut()
+            && file.write_all(bytes).is_ok()
+        {
+            self.written += bytes.len() as u64;
+        }
+    }
 }
 
 /// The kernel's start time of `pid` (field 22 of /proc/PID/stat), in clock ticks.
@@ -192,17 +430,31 @@ pub fn is_same_process(pid: u32, ticks: u64) -> bool {
 
 /// Sends `signal` to the instance's process group.
 pub fn signal_group(pid: u32, signal: Signal) {
-    let _ = killpg(Pid::from_raw(pid as i32), signal);
+    let Ok(pid) = i32::try_from(pid) else {
+        return;
+    };
+    let _ = killpg(Pid::from_raw(pid), signal);
 }
 
-/// Keeps a log file under `max_bytes`: beyond it, the file moves to `.1` (replacing the
-/// previous one) and starts again empty. The instance keeps appending to the same file.
-pub fn cap_log(path: &Path, max_bytes: u64) -> io::Result<()> {
-    if fs::metadata(path)?.len() <= max_bytes {
-        return Ok(());
+/// Bytes the files under `dir` take on disk (blocks allocated, so a sparse file counts what it
+/// holds), not following links.
+pub fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::symlink_metadata(dir) else {
+        return 0;
+    };
+    let own = meta.blocks().saturating_mul(512);
+    if !meta.is_dir() {
+        return own;
     }
-    fs::copy(path, path.with_extension("log.1"))?;
-    OpenOptions::new().write(true).open(path)?.set_len(0)
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| disk_usage(&e.path()))
+                .fold(own, u64::saturating_add)
+        })
+        .unwrap_or(own)
 }
 
 /// The last `max_bytes` of an instance's log.
@@ -232,4 +484,41 @@ pub fn free_port(
             .ok()
             .map(|_| port)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_rotates_as_it_is_written_and_never_follows_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOG_FILE);
+        let mut log = Log::open(&path, 10_000).unwrap();
+        for _ in 0..100 {
+            log.write(&[b'x'; 1000]);
+            assert!(fs::metadata(&path).unwrap().len() <= 10_000);
+        }
+        assert_eq!(
+            fs::metadata(dir.path().join(LOG_FILE_OLD)).unwrap().len(),
+            10_000
+        );
+        // A link where the log goes is not followed.
+        let outside = dir.path().join("outside");
+        fs::write(&outside, "untouched").unwrap();
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&outside, &path).unwrap();
+        assert!(Log::open(&path, 10_000).is_err());
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "untouched");
+    }
+
+    #[test]
+    fn disk_usage_counts_blocks_not_apparent_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let sparse = fs::File::create(dir.path().join("sparse")).unwrap();
+        sparse.set_len(1 << 30).unwrap();
+        fs::write(dir.path().join("real"), vec![1u8; 64 * 1024]).unwrap();
+        let used = disk_usage(dir.path());
+        assert!((64 * 1024..1 << 20).contains(&used), "{used}");
+    }
 }

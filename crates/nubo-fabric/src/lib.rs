@@ -3,6 +3,9 @@
 //! ([`health`]). The agent decides *what* runs here; this crate knows *how*.
 
 pub mod artifact;
+pub mod cgroup;
 pub mod exec;
 pub mod health;
 pub mod policy;
+pub mod sandbox;
+pub mod uids;

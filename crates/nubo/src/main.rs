@@ -251,15 +251,50 @@ enum Command {
         after_help = "Example:\n  nubo grant --namespace web --key 3b6a...f1 --cpu 2 --memory 2GiB --instances 10"
     )]
     Grant(services::GrantArgs),
-    /// Run a program under limits (used by the agent to start instances).
+    /// Stage 1 of an instance: cgroups, namespace, then its output into its log (used by the
+    /// agent to start instances).
     #[command(hide = true)]
     InstanceExec {
-        /// Memory limit in bytes.
+        /// Memory limit of each process, in bytes.
         #[arg(long)]
         memory_bytes: u64,
-        /// A cgroup to enter first.
+        /// Largest file the instance may write.
         #[arg(long)]
-        cgroup: Option<PathBuf>,
+        file_bytes: u64,
+        /// The log file.
+        #[arg(long)]
+        log: PathBuf,
+        /// Largest log before rotation.
+        #[arg(long)]
+        log_bytes: u64,
+        /// The working directory.
+        #[arg(long)]
+        work: PathBuf,
+        /// A cgroup directory to enter (repeatable).
+        #[arg(long = "cgroup")]
+        cgroups: Vec<PathBuf>,
+        /// The instance's own uid and gid.
+        #[arg(long)]
+        user: Option<u32>,
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Stage 2 of an instance: restrictions, then the program (run by stage 1).
+    #[command(hide = true)]
+    InstanceRun {
+        /// Memory limit of the process, in bytes.
+        #[arg(long)]
+        memory_bytes: u64,
+        /// Largest file it may write.
+        #[arg(long)]
+        file_bytes: u64,
+        /// Where it may write.
+        #[arg(long)]
+        writable: PathBuf,
+        /// It runs as its own user (it may read what that user may).
+        #[arg(long)]
+        own_user: bool,
         /// The program and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -312,6 +347,14 @@ struct AgentArgs {
     /// scraper on this machine; the API stays on loopback unless --api says otherwise).
     #[arg(long)]
     metrics_public: bool,
+    /// Run services even where their limits cannot all be enforced (no writable cgroup):
+    /// a service could then take more memory or cpu than it declares.
+    #[arg(long)]
+    allow_unenforced_limits: bool,
+    /// The uids (and gids) instances run as when the agent is root, FIRST-LAST: a range no
+    /// user of this machine has.
+    #[arg(long, default_value = "3000000-3065535", value_parser = parse_uid_range)]
+    instance_uids: std::ops::RangeInclusive<u32>,
     /// Create a new cloud if the data directory belongs to none (instead of `nubo init`).
     #[arg(long, conflicts_with = "join")]
     bootstrap: bool,
@@ -407,6 +450,18 @@ fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String>
     let last: u16 = last.trim().parse().map_err(|_| "not a port number")?;
     if first == 0 || first > last {
         return Err("the range must be FIRST-LAST with 0 < FIRST <= LAST".into());
+    }
+    Ok(first..=last)
+}
+
+fn parse_uid_range(text: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
+    let (first, last) = text
+        .split_once('-')
+        .ok_or("a uid range is FIRST-LAST, e.g. 3000000-3065535")?;
+    let first: u32 = first.trim().parse().map_err(|_| "not a uid")?;
+    let last: u32 = last.trim().parse().map_err(|_| "not a uid")?;
+    if first < 1000 || first > last {
+        return Err("the range must be FIRST-LAST with 1000 <= FIRST <= LAST".into());
     }
     Ok(first..=last)
 }
@@ -551,13 +606,42 @@ fn run(command: Command) -> Result<(), String> {
         Command::Grant(args) => services::grant(args),
         Command::InstanceExec {
             memory_bytes,
-            cgroup,
+            file_bytes,
+            log,
+            log_bytes,
+            work,
+            cgroups,
+            user,
             command,
         } => {
-            let (program, args) = command.split_first().ok_or("no program given")?;
+            let stage = nubo_fabric::exec::Stage1 {
+                cgroups,
+                user,
+                work,
+                log,
+                log_bytes,
+                memory_bytes,
+                file_bytes,
+                command,
+            };
+            match nubo_fabric::exec::stage1(&stage) {
+                Ok(code) => std::process::exit(code),
+                Err(error) => Err(format!("cannot start the instance: {error}")),
+            }
+        }
+        Command::InstanceRun {
+            memory_bytes,
+            file_bytes,
+            writable,
+            own_user,
+            command,
+        } => {
             let error =
-                nubo_fabric::exec::exec_limited(memory_bytes, cgroup.as_deref(), program, args);
-            Err(format!("cannot run {program}: {error}"))
+                nubo_fabric::exec::stage2(&writable, own_user, memory_bytes, file_bytes, &command);
+            Err(format!(
+                "cannot run {}: {error}",
+                command.first().map_or("", String::as_str)
+            ))
         }
     }
 }
@@ -615,6 +699,8 @@ fn agent(args: AgentArgs) -> Result<(), String> {
         ports: args.port_range,
         dissemination: args.dissemination,
         metrics_public: args.metrics_public,
+        allow_unenforced_limits: args.allow_unenforced_limits,
+        instance_uids: args.instance_uids,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -812,6 +898,8 @@ fn print_status(status: &Status) {
             ),
         ),
         ("disk", format!("{} failed saves", status.persist_failures)),
+        ("limits", status.limits.clone()),
+        ("isolation", status.isolation.clone()),
     ];
     for (name, value) in rows {
         outln!("{name:<13} {value}");

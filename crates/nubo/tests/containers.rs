@@ -109,6 +109,7 @@ impl Lab {
             "NUBO_LOG=info",
             &self.image,
             "agent",
+            "--allow-unenforced-limits",
             "--listen",
             "0.0.0.0:7700",
             "--advertise",
@@ -320,7 +321,8 @@ impl Lab {
         let output = docker(&["top", &self.name(i)]);
         String::from_utf8_lossy(&output.stdout)
             .lines()
-            .filter(|l| l.contains("/bin/sleep 100000"))
+            // The program itself, not the wrapper that started it (its arguments name it too).
+            .filter(|l| l.contains("/bin/sleep 100000") && !l.contains("instance-"))
             .count()
     }
 

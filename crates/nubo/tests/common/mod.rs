@@ -48,6 +48,9 @@ impl Agent {
         command
             .args(["agent", "--listen", listen, "--api", "127.0.0.1:0"])
             .arg("--exit-with-parent")
+            // Where this machine has no writable cgroup the tests run anyway; the test of that
+            // refusal starts its agents without it.
+            .arg("--allow-unenforced-limits")
             .arg("--data-dir")
             .arg(dir)
             .args(extra)
