@@ -968,15 +968,18 @@ impl Runner {
             if let Some(code) = status {
                 let cgroup = format!("{}-{}", instance.id, self.config.node);
                 let service = &instance.service;
-                // Exit 128 + SIGXFSZ (25): a file past the disk budget.
+                // Killed for memory; or stopped at the disk budget (a file past it gets
+                // SIGXFSZ, exit 128 + 25, or EFBIG, which most programs die of).
                 if self.config.cgroups.oom_killed(&cgroup) && code == 128 + 9 {
                     instance.note = format!(
                         "killed: over its memory limit of {}",
                         nubo_proto::service::bytes_text(service.placement.demand.memory_bytes)
                     );
-                } else if code == 128 + 25 {
+                } else if code != 0
+                    && exec::disk_usage(&exec::work_dir(&instance.dir)) >= disk_budget(service)
+                {
                     instance.note = format!(
-                        "stopped: it wrote a file past its disk budget of {}",
+                        "stopped: its directory reached its disk budget of {}",
                         nubo_proto::service::bytes_text(disk_budget(service))
                     );
                 }
