@@ -29,7 +29,7 @@ pub struct EventRecord {
     pub seq: u64,
     /// When it was seen (Unix milliseconds).
     pub at_unix_ms: u64,
-    /// `deploy`, `update`, `placement`, `instance`, `node` or `drain`.
+    /// `deploy`, `update`, `placement`, `instance`, `limit`, `node` or `drain`.
     pub kind: String,
     /// The service it concerns.
     pub service: Option<String>,
@@ -85,7 +85,7 @@ pub struct EventLog {
     next_seq: u64,
     versions: BTreeMap<String, u64>,
     outcomes: BTreeSet<(String, u64)>,
-    instances: BTreeMap<(String, String, u64), (InstanceState, u32)>,
+    instances: BTreeMap<(String, String, u64), (InstanceState, u32, String)>,
     members: BTreeMap<NodeId, MemberState>,
     rollouts: BTreeMap<String, Rollout>,
     primed: bool,
@@ -246,7 +246,7 @@ impl EventLog {
             for fact in facts {
                 instances.insert(
                     (id.short(), fact.service.clone(), fact.version),
-                    (fact.state, fact.restarts),
+                    (fact.state, fact.restarts, fact.note.clone()),
                 );
             }
         };
@@ -350,9 +350,9 @@ impl EventLog {
 
     fn diff_instances(
         &mut self,
-        instances: &BTreeMap<(String, String, u64), (InstanceState, u32)>,
+        instances: &BTreeMap<(String, String, u64), (InstanceState, u32, String)>,
     ) {
-        for ((node, service, version), (state, restarts)) in instances {
+        for ((node, service, version), (state, restarts, note)) in instances {
             let id = (node.clone(), service.clone(), *version);
             let message = match self.instances.get(&id) {
                 None => Some(format!(
@@ -360,7 +360,7 @@ impl EventLog {
                     version_short(*version),
                     state.name()
                 )),
-                Some((before, _)) if before != state => Some(format!(
+                Some((before, _, _)) if before != state => Some(format!(
                     "instance of version {} {}",
                     version_short(*version),
                     state.name()
@@ -370,7 +370,16 @@ impl EventLog {
             if let Some(message) = message {
                 self.push("instance", Some(service), Some(node.clone()), message);
             }
-            if let Some((_, before)) = self.instances.get(&id)
+            if !note.is_empty()
+                && self
+                    .instances
+                    .get(&id)
+                    .is_none_or(|(_, _, before)| before != note)
+            {
+                let message = format!("instance of version {}: {note}", version_short(*version));
+                self.push("limit", Some(service), Some(node.clone()), message);
+            }
+            if let Some((_, before, _)) = self.instances.get(&id)
                 && restarts > before
             {
                 self.push(
@@ -430,6 +439,7 @@ mod tests {
             state,
             restarts: 0,
             ports: vec![],
+            note: String::new(),
         };
         node.set_instances(Time::ZERO, vec![fact(InstanceState::Starting)]);
         log.observe(&node, &plan);

@@ -51,6 +51,15 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// takes the refusing node out, and without this it would be asked again at once (it lends
 /// the same capacity on paper), and the service would move back and forth.
 const REFUSAL_HOLD: Duration = Duration::from_secs(60);
+/// `text` cut to at most `bytes`, at a character boundary.
+fn truncated(text: &str, bytes: usize) -> String {
+    let mut end = text.len().min(bytes);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
 /// Where a health-check command's output goes, in the instance's directory.
 const CHECK_LOG: &str = "check.log";
 /// How often the runner measures each instance's directory against its disk budget.
@@ -130,7 +139,7 @@ impl InstanceStatus {
             pid: None,
             limits: String::new(),
             version: fact.version,
-            note: String::new(),
+            note: fact.note.clone(),
         }
     }
 }
@@ -1114,6 +1123,7 @@ impl Runner {
                 state: instance.fact_state(),
                 restarts: instance.supervisor.restarts(),
                 ports: instance.ports.clone().into_iter().collect(),
+                note: truncated(&instance.note, nubo_proto::instance::NOTE_BYTES_MAX),
             };
             let mut status =
                 InstanceStatus::of_fact(&fact, self.config.node.clone(), self.config.host.clone());
@@ -1122,7 +1132,6 @@ impl Runner {
                 Some(uid) => format!("{}; uid {uid}", self.config.cgroups.describe()),
                 None => self.config.cgroups.describe(),
             };
-            status.note = instance.note.clone();
             report.instances.push(status);
             report.facts.push(fact);
             if let Some(reason) = &instance.failed {

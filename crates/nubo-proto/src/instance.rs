@@ -12,6 +12,8 @@ pub const INSTANCE_FACTS_MAX: usize = 64;
 pub const PORTS_MAX: usize = 8;
 /// Longest port name.
 pub const PORT_NAME_BYTES_MAX: usize = 63;
+/// Longest note.
+pub const NOTE_BYTES_MAX: usize = 200;
 
 /// Where an instance is in its life, as far as an update cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -67,12 +69,15 @@ pub struct InstanceFact {
     pub restarts: u32,
     /// Its named ports on the node's address.
     pub ports: Vec<(String, u16)>,
+    /// What it last hit that an operator should know (a limit), or nothing.
+    pub note: String,
 }
 
 impl InstanceFact {
     /// Whether every field respects its bound.
     pub fn is_within_bounds(&self) -> bool {
         self.service.len() <= KEY_BYTES_MAX
+            && self.note.len() <= NOTE_BYTES_MAX
             && self.ports.len() <= PORTS_MAX
             && self
                 .ports

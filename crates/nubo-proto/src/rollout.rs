@@ -280,6 +280,7 @@ mod tests {
             state,
             restarts: 0,
             ports: vec![],
+            note: String::new(),
         }
     }
 
