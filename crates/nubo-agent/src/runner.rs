@@ -859,6 +859,7 @@ impl Runner {
             }
             Err(error) => {
                 tracing::warn!(service = %instance.key, %error, "cannot prepare the artifact");
+                instance.note = error.clone();
                 let _ = std::fs::write(
                     exec::log_path(&instance.dir),
                     format!("nubo: cannot prepare the artifact: {error}\n"),

@@ -3,10 +3,11 @@
 //! and never by an outside program the service's environment could steer; any other blob is
 //! placed there as the file `artifact`.
 //!
-//! Unpacking keeps to the directory: entries with absolute paths or `..` are refused, only
-//! regular files and directories are made (links, devices and fifos are skipped and counted),
-//! permissions lose set-user-id and the like and every write bit but the owner's, and the
-//! bytes written are bounded, so a small archive cannot fill the disk.
+//! Unpacking keeps to the directory, and refuses the whole archive, naming the entry, for:
+//! a path that is absolute or climbs out with `..`; a symbolic or hard link whose target is
+//! absolute or climbs out; a device or a fifo; an entry (a sparse one counts its full size)
+//! or a total past the bytes allowed. Permissions lose set-user-id and the like and every
+//! write bit but the owner's.
 
 use std::fs;
 use std::io::{self, Read};
@@ -33,8 +34,6 @@ pub enum Unpacked {
         files: u64,
         /// Bytes written.
         bytes: u64,
-        /// Entries left out (links, devices).
-        skipped: u64,
     },
 }
 
@@ -75,40 +74,58 @@ pub fn unpack(bytes: &[u8], dir: &Path, bytes_max: u64) -> io::Result<Unpacked> 
     archive.set_mask(0o022);
     archive.set_unpack_xattrs(false);
     archive.set_overwrite(true);
-    let (mut files, mut written, mut skipped) = (0u64, 0u64, 0u64);
+    let (mut files, mut written) = (0u64, 0u64);
     for entry in archive.entries()? {
         let mut entry = entry?;
         let kind = entry.header().entry_type();
-        if !matches!(kind, EntryType::Regular | EntryType::Directory) {
-            skipped += 1;
-            continue;
-        }
         let path = entry.path()?.into_owned();
-        if path.is_absolute()
-            || path
-                .components()
-                .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
-            return Err(io::Error::new(
+        let refuse = |why: &str| {
+            io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!(
-                    "the archive names a path outside its directory: {}",
-                    path.display()
-                ),
-            ));
+                format!("the archive's entry {} {why}", path.display()),
+            )
+        };
+        if escapes(&path) {
+            return Err(refuse("lies outside the directory"));
         }
-        written = written.saturating_add(entry.size());
+        match kind {
+            EntryType::Regular | EntryType::Directory | EntryType::GNUSparse => {}
+            EntryType::Symlink | EntryType::Link => {
+                let target = entry
+                    .link_name()?
+                    .ok_or_else(|| refuse("is a link without a target"))?
+                    .into_owned();
+                // A symbolic link's target is relative to the link's own directory.
+                let resolved = match kind {
+                    EntryType::Symlink => path.parent().unwrap_or(Path::new("")).join(&target),
+                    _ => target.clone(),
+                };
+                if target.is_absolute() || escapes(&resolved) {
+                    return Err(refuse(&format!(
+                        "links to {}, outside the directory",
+                        target.display()
+                    )));
+                }
+            }
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                return Err(refuse("is a device or a fifo"));
+            }
+            other => return Err(refuse(&format!("is of a kind not unpacked ({other:?})"))),
+        }
+        let size = entry.header().size()?;
+        if size > bytes_max {
+            return Err(refuse(&format!(
+                "is {size} bytes, past the {bytes_max} bytes allowed"
+            )));
+        }
+        written = written.saturating_add(size);
         if written > bytes_max {
-            return Err(too_large(bytes_max));
+            return Err(refuse(&format!(
+                "makes the archive unpack to more than {bytes_max} bytes"
+            )));
         }
         if !entry.unpack_in(dir)? {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "the archive names a path outside its directory: {}",
-                    path.display()
-                ),
-            ));
+            return Err(refuse("lies outside the directory"));
         }
         files += u64::from(kind == EntryType::Regular);
     }
@@ -116,8 +133,27 @@ pub fn unpack(bytes: &[u8], dir: &Path, bytes_max: u64) -> io::Result<Unpacked> 
         format,
         files,
         bytes: written,
-        skipped,
     })
+}
+
+/// Whether a relative path climbs above its start (or is absolute).
+fn escapes(path: &Path) -> bool {
+    if path.is_absolute() {
+        return true;
+    }
+    let mut depth: i64 = 0;
+    for component in path.components() {
+        match component {
+            std::path::Component::ParentDir => depth -= 1,
+            std::path::Component::Normal(_) => depth += 1,
+            std::path::Component::CurDir => {}
+            _ => return true,
+        }
+        if depth < 0 {
+            return true;
+        }
+    }
+    false
 }
 
 fn too_large(bytes_max: u64) -> io::Error {
@@ -138,7 +174,8 @@ mod tests {
             header.set_entry_type(*kind);
             header.set_size(content.len() as u64);
             header.set_mode(0o4777);
-            if *kind == EntryType::Symlink {
+            let link = matches!(*kind, EntryType::Symlink | EntryType::Link);
+            if link {
                 header
                     .set_link_name(std::str::from_utf8(content).unwrap())
                     .unwrap();
@@ -148,11 +185,7 @@ mod tests {
             let name = path.as_bytes();
             header.as_old_mut().name[..name.len()].copy_from_slice(name);
             header.set_cksum();
-            let data: &[u8] = if *kind == EntryType::Symlink {
-                &[]
-            } else {
-                content
-            };
+            let data: &[u8] = if link { &[] } else { content };
             builder.append(&header, data).unwrap();
         }
         builder.into_inner().unwrap()
@@ -180,7 +213,6 @@ mod tests {
                     format,
                     files: 1,
                     bytes: 2,
-                    skipped: 0
                 }
             );
             assert_eq!(fs::read(dir.path().join("site/index.html")).unwrap(), b"v2");
@@ -207,48 +239,88 @@ mod tests {
     }
 
     #[test]
-    fn hostile_archives_write_nothing_outside() {
+    fn hostile_archives_are_refused_naming_the_entry_and_write_nothing_outside() {
         let outside = tempfile::tempdir().unwrap();
         let target = outside.path().join("victim");
         fs::write(&target, "untouched").unwrap();
-        let dir = tempfile::tempdir().unwrap();
         let escape = format!(
             "../{}/victim",
             outside.path().file_name().unwrap().to_str().unwrap()
         );
-        for archive in [
-            tar_of(&[(&escape, b"pwned", EntryType::Regular)]),
-            tar_of(&[(target.to_str().unwrap(), b"pwned", EntryType::Regular)]),
-        ] {
-            assert!(unpack(&archive, dir.path(), 1 << 20).is_err());
-        }
-        // A symlink to the outside, then a file through it: the link is never made.
-        let link = tar_of(&[
+        let target_text = target.to_str().unwrap();
+        let cases: Vec<(Vec<u8>, &str)> = vec![
             (
-                "output.log",
-                target.to_str().unwrap().as_bytes(),
-                EntryType::Symlink,
+                tar_of(&[(&escape, b"pwned", EntryType::Regular)]),
+                "lies outside",
             ),
-            ("output.log", b"pwned", EntryType::Regular),
-        ]);
-        let unpacked = unpack(&link, dir.path(), 1 << 20).unwrap();
-        assert!(matches!(unpacked, Unpacked::Archive { skipped: 1, .. }));
-        assert!(
-            !fs::symlink_metadata(dir.path().join("output.log"))
-                .unwrap()
-                .is_symlink()
-        );
+            (
+                tar_of(&[(target_text, b"pwned", EntryType::Regular)]),
+                "lies outside",
+            ),
+            (
+                tar_of(&[
+                    ("output.log", target_text.as_bytes(), EntryType::Symlink),
+                    ("output.log", b"pwned", EntryType::Regular),
+                ]),
+                "links to",
+            ),
+            (
+                tar_of(&[("up", b"../../etc", EntryType::Symlink)]),
+                "links to ../../etc",
+            ),
+            (
+                tar_of(&[("passwd", b"/etc/passwd", EntryType::Link)]),
+                "links to /etc/passwd",
+            ),
+            (
+                tar_of(&[("pipe", b"", EntryType::Fifo)]),
+                "device or a fifo",
+            ),
+            (tar_of(&[("tty", b"", EntryType::Char)]), "device or a fifo"),
+        ];
+        for (archive, why) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let error = unpack(&archive, dir.path(), 1 << 20).unwrap_err();
+            assert!(error.to_string().contains(why), "{error} (wanted {why})");
+            assert!(error.to_string().contains("entry "), "{error}");
+        }
         assert_eq!(fs::read_to_string(&target).unwrap(), "untouched");
-        // A bomb: more bytes than allowed.
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 1);
+        // A link that stays inside is fine.
+        let dir = tempfile::tempdir().unwrap();
+        let inside = tar_of(&[
+            ("site", b"", EntryType::Directory),
+            ("site/index.html", b"hi", EntryType::Regular),
+            ("index.html", b"site/index.html", EntryType::Symlink),
+        ]);
+        unpack(&inside, dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("index.html")).unwrap(),
+            "hi"
+        );
+        // A 10 GiB entry (as a sparse file's header says) in a 100 MiB budget, and a bomb of
+        // small entries past it.
+        let mut header = tar::Header::new_ustar();
+        header.set_path("huge").unwrap();
+        header.set_size(10 << 30);
+        header.set_entry_type(EntryType::Regular);
+        header.set_cksum();
+        let mut huge = header.as_bytes().to_vec();
+        huge.extend(vec![0u8; 1024]);
+        let error = unpack(&huge, dir.path(), 100 << 20).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("entry huge is 10737418240 bytes"),
+            "{error}"
+        );
+        assert!(!dir.path().join("huge").exists());
         let big = vec![0u8; 4096];
         let bomb = tar_of(&[
             ("a", &big, EntryType::Regular),
             ("b", &big, EntryType::Regular),
         ]);
         let error = unpack(&bomb, dir.path(), 5000).unwrap_err();
-        assert!(
-            error.to_string().contains("more than 5000 bytes"),
-            "{error}"
-        );
+        assert!(error.to_string().contains("entry b makes"), "{error}");
     }
 }
