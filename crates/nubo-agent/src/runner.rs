@@ -366,6 +366,15 @@ impl Runner {
                 }
             }
         }
+        // Directories of instances that did not survive are gone with them.
+        if let Ok(entries) = std::fs::read_dir(&config.root) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.path().is_dir() && !adopted.contains_key(&name) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         let (probe_tx, probe_rx) = mpsc::channel(256);
         let (prepared_tx, prepared_rx) = mpsc::channel(64);
         Runner {

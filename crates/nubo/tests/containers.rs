@@ -79,6 +79,8 @@ struct Lab {
     subnet: u8,
     image: String,
     nodes: usize,
+    /// Agents refuse services whose limits they cannot enforce (no `--allow-unenforced-limits`).
+    strict: bool,
 }
 
 impl Lab {
@@ -109,7 +111,6 @@ impl Lab {
             "NUBO_LOG=info",
             &self.image,
             "agent",
-            "--allow-unenforced-limits",
             "--listen",
             "0.0.0.0:7700",
             "--advertise",
@@ -118,6 +119,10 @@ impl Lab {
         match join {
             Some(token) => args.extend(["--join", token]),
             None => args.push("--bootstrap"),
+        }
+        if !self.strict {
+            // A container's cgroups are read-only: the tests run the services anyway.
+            args.push("--allow-unenforced-limits");
         }
         docker_ok(&args);
     }
@@ -188,12 +193,17 @@ fn docker_runs() -> bool {
 
 /// Builds the image, the network and a cloud of `nodes` containers, formed.
 fn lab(nodes: usize, tag: &str) -> Lab {
+    lab_with(nodes, tag, false)
+}
+
+fn lab_with(nodes: usize, tag: &str, strict: bool) -> Lab {
     let id = std::process::id();
     let lab = Lab {
         prefix: format!("nubo-test-{id}-{tag}"),
         subnet: ((id + tag.len() as u32 * 37) % 200) as u8 + 20,
         image: format!("nubo-test-{tag}:{id}"),
         nodes,
+        strict,
     };
     build_image(&lab.image);
     docker_ok(&[
@@ -440,4 +450,42 @@ replicas = 2
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(lab.total_sleepers(), 2);
     eprintln!("merged after {merged:?}; exactly 2 instances {exact:?} later");
+}
+
+#[test]
+fn a_node_that_cannot_enforce_limits_says_so_and_refuses_services() {
+    if !docker_runs() {
+        return;
+    }
+    let _one = ONE_CLOUD_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let lab = lab_with(1, "strict", true);
+    let status = lab.cli(1, &["status"]).unwrap();
+    let limits = status["limits"].as_str().unwrap_or("");
+    if !limits.starts_with("none") {
+        eprintln!("skipping: this container runtime gives writable cgroups ({limits})");
+        return;
+    }
+    assert!(
+        status["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("cannot all be enforced")),
+        "{status}"
+    );
+    let description = "name = \"sleeper\"\nnamespace = \"test\"\n[run]\ncommand = \"/bin/sleep\"\nargs = [\"100000\"]\n";
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), description).unwrap();
+    docker_ok(&[
+        "cp",
+        file.path().to_str().unwrap(),
+        &format!("{}:/tmp/sleeper.toml", lab.name(1)),
+    ]);
+    let refused = lab
+        .cli(1, &["deploy", "/tmp/sleeper.toml", "--wait", "20s"])
+        .unwrap_err();
+    assert!(refused.contains("cannot enforce limits"), "{refused}");
+    assert_eq!(lab.sleepers(1), 0);
 }
