@@ -80,7 +80,12 @@ impl std::fmt::Display for DescriptionError {
 /// How an instance is run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Run {
-    /// The program.
+    /// How it runs: a process of the node, or a container.
+    pub driver: Driver,
+    /// The container image (the docker driver): present on the node, or loaded from the
+    /// artifact (an image archive, `docker save`).
+    pub image: Option<String>,
+    /// The program (for the docker driver, the container's command; empty: the image's).
     pub command: String,
     /// Its arguments; `${NAME}` is replaced by the instance's environment variable NAME.
     pub args: Vec<String>,
@@ -88,6 +93,26 @@ pub struct Run {
     pub env: BTreeMap<String, String>,
     /// A blob to place in the instance's directory as `artifact` before starting.
     pub artifact: Option<String>,
+}
+
+/// How an instance runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Driver {
+    /// A process group of the node, isolated by the node's own means.
+    #[default]
+    Exec,
+    /// A Docker container, started by the node's Docker engine.
+    Docker,
+}
+
+impl Driver {
+    /// Its name, as descriptions and nodes say it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::Exec => "exec",
+            Driver::Docker => "docker",
+        }
+    }
 }
 
 /// How an instance's health is checked.
@@ -239,7 +264,8 @@ struct RawUpdate {
 #[serde(deny_unknown_fields)]
 struct RawRun {
     driver: Option<Spanned<String>>,
-    command: Spanned<String>,
+    image: Option<Spanned<String>>,
+    command: Option<Spanned<String>>,
     #[serde(default)]
     args: Vec<String>,
     #[serde(default)]
@@ -373,13 +399,50 @@ pub fn parse(text: &str) -> Result<Service, Vec<DescriptionError>> {
         }
         None => "default".to_string(),
     };
-    if let Some(driver) = &raw.run.driver
-        && driver.get_ref() != "exec"
+    let driver = match raw
+        .run
+        .driver
+        .as_ref()
+        .map(|d| (d.get_ref().as_str(), d.span()))
     {
-        problems.at(driver.span(), "unknown driver: the only driver is \"exec\"");
-    }
-    if raw.run.command.get_ref().trim().is_empty() {
-        problems.at(raw.run.command.span(), "the command is empty");
+        None | Some(("exec", _)) => Driver::Exec,
+        Some(("docker", _)) => Driver::Docker,
+        Some((_, span)) => {
+            problems.at(span, "unknown driver: \"exec\" or \"docker\"");
+            Driver::Exec
+        }
+    };
+    let command = raw
+        .run
+        .command
+        .as_ref()
+        .map(|c| c.get_ref().trim().to_string())
+        .unwrap_or_default();
+    match (driver, &raw.run.image) {
+        (Driver::Exec, Some(image)) => {
+            problems.at(image.span(), "image goes with driver = \"docker\"");
+        }
+        (Driver::Exec, None) if command.is_empty() => {
+            let span = raw.run.command.as_ref().map_or(0..0, |c| c.span());
+            problems.at(span, "the command is empty: [run] command = \"program\"");
+        }
+        (Driver::Docker, None) => problems.at(
+            raw.run.driver.as_ref().map_or(0..0, |d| d.span()),
+            "the docker driver needs image = \"name:tag\"",
+        ),
+        (Driver::Docker, Some(image)) => {
+            let valid = !image.get_ref().is_empty()
+                && image.get_ref().len() <= 255
+                && image
+                    .get_ref()
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "./:_-@".contains(c))
+                && !image.get_ref().starts_with('-');
+            if !valid {
+                problems.at(image.span(), "an image is a name such as \"nginx:1.27\"");
+            }
+        }
+        _ => {}
     }
     if let Some(artifact) = &raw.run.artifact
         && (artifact.get_ref().len() != 64
@@ -648,7 +711,9 @@ pub fn parse(text: &str) -> Result<Service, Vec<DescriptionError>> {
         namespace,
         name: raw.name.into_inner(),
         run: Run {
-            command: raw.run.command.into_inner(),
+            driver,
+            image: raw.run.image.map(Spanned::into_inner),
+            command,
             args: raw.run.args,
             env: raw.run.env,
             artifact: raw.run.artifact.map(Spanned::into_inner),

@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::actor::{Agent, AgentInfo, NodeKey, REMOVED_RETENTION, RunnerLink};
 use crate::clock::Clock;
+use crate::description::Driver;
 use crate::runner::{NodeLimits, Runner, RunnerConfig};
 use crate::setup::SetupError;
 
@@ -82,6 +83,9 @@ pub struct AgentOptions {
     pub allow_unenforced_limits: bool,
     /// The uids instances run as (when the agent is root).
     pub instance_uids: std::ops::RangeInclusive<u32>,
+    /// The drivers this node offers (docker is dropped with a warning when no engine
+    /// answers).
+    pub drivers: Vec<Driver>,
 }
 
 /// Why the agent could not start.
@@ -249,6 +253,22 @@ pub async fn run(mut options: AgentOptions) -> Result<(), AgentError> {
         }
         .into(),
     ));
+    let mut drivers = options.drivers.clone();
+    if drivers.contains(&Driver::Docker) && !nubo_fabric::docker::available() {
+        drivers.retain(|d| *d != Driver::Docker);
+        let warning =
+            "the docker driver is not offered: no Docker engine answers `docker version` here";
+        tracing::warn!("{warning}");
+        warnings.push(warning.to_string());
+    }
+    attributes.push((
+        planner::ATTR_DRIVERS.into(),
+        drivers
+            .iter()
+            .map(|d| d.name())
+            .collect::<Vec<_>>()
+            .join(","),
+    ));
     attributes.extend(options.attributes.iter().cloned());
     node.set_attributes(now, attributes);
     node.set_resources(host::resources());
@@ -332,6 +352,7 @@ pub async fn run(mut options: AgentOptions) -> Result<(), AgentError> {
         cgroups,
         uids,
         allow_unenforced_limits: options.allow_unenforced_limits,
+        drivers,
     });
     let (desired_tx, desired_rx) = tokio::sync::watch::channel(None);
     let (report_tx, report_rx) = tokio::sync::watch::channel(Default::default());

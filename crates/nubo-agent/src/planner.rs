@@ -16,7 +16,7 @@ use nubo_proto::{Node, NodeId};
 use serde::{Deserialize, Serialize};
 
 use crate::authority::{DRAIN_PREFIX, Intent, SignedDocument, drained_node};
-use crate::description::{self, Service};
+use crate::description::{self, Driver, Service};
 use crate::runner::{Assignment, Failure};
 use crate::status::{DeployStatus, Outcome, status_key};
 
@@ -27,6 +27,9 @@ pub const ATTR_MEMORY: &str = "nubo.memory_bytes";
 /// Attribute saying how a node enforces limits: `enforced`, `unenforced` (it refuses every
 /// service) or `unenforced-allowed` (its owner lets services run anyway).
 pub const ATTR_LIMITS: &str = "nubo.limits";
+/// The attribute naming the drivers a node offers, comma-separated (a node that does not
+/// say offers `exec` only).
+pub const ATTR_DRIVERS: &str = "nubo.drivers";
 /// Attribute listing the versions of services a node refuses, `key@version`, comma-separated.
 pub const ATTR_REFUSES: &str = "nubo.refuses";
 
@@ -94,6 +97,20 @@ fn unenforced(attributes: &BTreeMap<String, String>) -> bool {
     attributes
         .get(ATTR_LIMITS)
         .is_some_and(|v| v == "unenforced")
+}
+
+/// Whether a member offers `driver`.
+fn offers(attributes: &BTreeMap<String, String>, driver: Driver) -> bool {
+    match attributes.get(ATTR_DRIVERS) {
+        Some(list) => list.split(',').any(|d| d == driver.name()),
+        None => driver == Driver::Exec,
+    }
+}
+
+/// Whether a member will not run a service of `driver`: it does not offer the driver, or the
+/// node must enforce the limits itself and cannot (a container engine enforces its own).
+fn refuses_driver(attributes: &BTreeMap<String, String>, driver: Driver) -> bool {
+    !offers(attributes, driver) || (driver == Driver::Exec && unenforced(attributes))
 }
 
 fn demand_of(attributes: &BTreeMap<String, String>) -> Demand {
@@ -305,7 +322,7 @@ impl Planner {
                         id: m.id,
                         attributes: &m.attributes,
                         capacity: demand_of(&m.attributes),
-                        refuses: unenforced(&m.attributes)
+                        refuses: refuses_driver(&m.attributes, service.run.driver)
                             || m.attributes
                                 .get(ATTR_REFUSES)
                                 .is_some_and(|list| list.split(',').any(|k| k == refusal)),
@@ -374,7 +391,21 @@ impl Planner {
                         .reasons
                         .push(format!("{} nodes are draining", plan.drained.len()));
                 }
-                let cannot = members.iter().filter(|m| unenforced(&m.attributes)).count();
+                let driver = service.run.driver;
+                let without = members
+                    .iter()
+                    .filter(|m| !offers(&m.attributes, driver))
+                    .count();
+                if without > 0 {
+                    planned.reasons.push(format!(
+                        "{without} nodes do not offer the {} driver (their owners may add it with --drivers)",
+                        driver.name()
+                    ));
+                }
+                let cannot = members
+                    .iter()
+                    .filter(|m| driver == Driver::Exec && unenforced(&m.attributes))
+                    .count();
                 if cannot > 0 {
                     planned.reasons.push(format!(
                         "{cannot} nodes cannot enforce limits (their owners may start them with --allow-unenforced-limits)"

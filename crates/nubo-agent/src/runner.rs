@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nubo_fabric::cgroup::{Cgroups, GroupLimits};
+use nubo_fabric::docker;
 use nubo_fabric::exec::{self, Launch, Limits};
 use nubo_fabric::policy::{Action, Phase, Policy, Supervisor};
 use nubo_fabric::uids::UidPool;
@@ -36,7 +37,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::actor::Command;
-use crate::description::{DISK_DEFAULT, Probe, Service};
+use crate::description::{DISK_DEFAULT, Driver, Probe, Service};
 use crate::logs::{LogFile, add_checkpoint};
 
 /// How often the runner looks at its instances.
@@ -51,6 +52,11 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// takes the refusing node out, and without this it would be asked again at once (it lends
 /// the same capacity on paper), and the service would move back and forth.
 const REFUSAL_HOLD: Duration = Duration::from_secs(60);
+/// The name of an instance's container (the docker driver): unique on the machine.
+fn container_name(cgroup_id: &str) -> String {
+    format!("nubo-{cgroup_id}")
+}
+
 /// `text` cut to at most `bytes`, at a character boundary.
 fn truncated(text: &str, bytes: usize) -> String {
     let mut end = text.len().min(bytes);
@@ -286,6 +292,8 @@ pub struct RunnerConfig {
     pub uids: Option<UidPool>,
     /// Run services even though their limits cannot all be enforced here.
     pub allow_unenforced_limits: bool,
+    /// The drivers this node offers.
+    pub drivers: Vec<Driver>,
 }
 
 /// The runner task's state.
@@ -572,7 +580,19 @@ impl Runner {
     /// Starts an instance of `version` of `key`, within the owner's limits; a surge that does
     /// not fit beside the old instance becomes a replacement (the old one stops first).
     fn begin(&mut self, key: String, version: u64, service: Arc<Service>) {
-        if !self.config.cgroups.enforced().all() && !self.config.allow_unenforced_limits {
+        if !self.config.drivers.contains(&service.run.driver) {
+            if self.refused.get(&key).map(|(v, _)| *v) != Some(version) {
+                tracing::warn!(service = %key, driver = service.run.driver.name(), "refusing: this node does not offer the driver");
+                self.counters.refusals += 1;
+                self.refused.insert(key, (version, Instant::now()));
+            }
+            return;
+        }
+        // A container's limits are the engine's to enforce.
+        if service.run.driver == Driver::Exec
+            && !self.config.cgroups.enforced().all()
+            && !self.config.allow_unenforced_limits
+        {
             if self.refused.get(&key).map(|(v, _)| *v) != Some(version) {
                 tracing::warn!(service = %key, "refusing: this node cannot enforce its limits (its owner may allow it with --allow-unenforced-limits)");
                 self.counters.refusals += 1;
@@ -779,6 +799,50 @@ impl Runner {
         let env = self.environment(instance);
         let service = &instance.service;
         let demand = service.placement.demand;
+        let limits = Limits {
+            memory_bytes: demand.memory_bytes,
+            file_bytes: disk_budget(service),
+            log_bytes: LOG_BYTES_MAX,
+        };
+        if service.run.driver == Driver::Docker {
+            // The container is the sandbox: the wrapper runs `docker` as it is, and the
+            // engine applies the limits.
+            let name = container_name(&self.cgroup_id(instance));
+            let args = match check {
+                Some(argv) => docker::exec_args(&name, argv),
+                None => {
+                    let mut command: Vec<String> = Vec::new();
+                    if !service.run.command.is_empty() {
+                        command.push(service.run.command.clone());
+                    }
+                    command.extend(service.run.args.iter().map(|a| substitute(a, &env)));
+                    docker::run_args(&docker::Container {
+                        name: &name,
+                        image: service.run.image.as_deref().unwrap_or_default(),
+                        command: &command,
+                        env: &env,
+                        work: &exec::work_dir(&instance.dir),
+                        user: instance.uid,
+                        memory_bytes: demand.memory_bytes,
+                        cpu_millis: demand.cpu_millis,
+                        pids: service.pids_max,
+                        file_bytes: limits.file_bytes,
+                    })
+                }
+            };
+            return Ok(Launch {
+                dir: instance.dir.clone(),
+                command: "docker".into(),
+                args,
+                env: Vec::new(),
+                limits,
+                cgroups: Vec::new(),
+                user: None,
+                wrapper: self.config.wrapper.clone(),
+                log,
+                direct: true,
+            });
+        }
         let cgroups = self.config.cgroups.create(
             &self.cgroup_id(instance),
             GroupLimits {
@@ -809,15 +873,12 @@ impl Runner {
             command,
             args,
             env,
-            limits: Limits {
-                memory_bytes: demand.memory_bytes,
-                file_bytes: disk_budget(service),
-                log_bytes: LOG_BYTES_MAX,
-            },
+            limits,
             cgroups,
             user: instance.uid,
             wrapper: self.config.wrapper.clone(),
             log,
+            direct: false,
         })
     }
 
@@ -838,17 +899,23 @@ impl Runner {
         let work = exec::work_dir(&instance.dir);
         let limit = disk_budget(&instance.service);
         let uid = instance.uid;
+        let image = instance.service.run.driver == Driver::Docker;
         let cache = self.config.artifacts.clone();
         let commands = self.config.commands.clone();
         let done = self.prepared_tx.clone();
         let id = id.to_string();
         tokio::spawn(async move {
-            let outcome = prepare_artifact(&blob, &cache, &work, limit, &commands)
-                .await
-                .and_then(|()| {
-                    // Unpacked by the agent: the instance's files become its own.
-                    exec::give(&work, uid).map_err(|e| format!("cannot give the files over: {e}"))
-                });
+            let outcome = if image {
+                load_image(&blob, &cache, &commands).await
+            } else {
+                prepare_artifact(&blob, &cache, &work, limit, &commands)
+                    .await
+                    .and_then(|()| {
+                        // Unpacked by the agent: the instance's files become its own.
+                        exec::give(&work, uid)
+                            .map_err(|e| format!("cannot give the files over: {e}"))
+                    })
+            };
             let _ = done.send((id, outcome)).await;
         });
     }
@@ -957,6 +1024,11 @@ impl Runner {
                 Action::Kill => {
                     if let Some(pid) = instance.pid {
                         exec::signal_group(pid, Signal::SIGKILL);
+                    }
+                    // Killing `docker run` leaves its container: it goes too.
+                    if instance.service.run.driver == Driver::Docker {
+                        let name = container_name(&self.cgroup_id(instance));
+                        std::thread::spawn(move || docker::remove(&name));
                     }
                 }
             }
@@ -1073,6 +1145,10 @@ impl Runner {
             match instance.supervisor.phase() {
                 Phase::Stopped => {
                     self.config.cgroups.remove(&self.cgroup_id(instance));
+                    if instance.service.run.driver == Driver::Docker {
+                        let name = container_name(&self.cgroup_id(instance));
+                        std::thread::spawn(move || docker::remove(&name));
+                    }
                     if instance.retiring {
                         let _ = std::fs::remove_dir_all(&instance.dir);
                         if let (Some(pool), Some(uid)) = (&self.config.uids, instance.uid) {
@@ -1138,9 +1214,13 @@ impl Runner {
             let mut status =
                 InstanceStatus::of_fact(&fact, self.config.node.clone(), self.config.host.clone());
             status.pid = instance.pid;
+            let held_by = match instance.service.run.driver {
+                Driver::Exec => self.config.cgroups.describe(),
+                Driver::Docker => "docker engine".to_string(),
+            };
             status.limits = match instance.uid {
-                Some(uid) => format!("{}; uid {uid}", self.config.cgroups.describe()),
-                None => self.config.cgroups.describe(),
+                Some(uid) => format!("{held_by}; uid {uid}"),
+                None => held_by,
             };
             report.instances.push(status);
             report.facts.push(fact);
@@ -1231,6 +1311,42 @@ async fn run_check(launch: &Launch, limit: Duration) -> bool {
     }
 }
 
+/// The bytes of blob `blob` (hex id), from `cache`, where it is fetched into first unless it
+/// is there already; and its path there.
+async fn fetch_cached(
+    blob: &str,
+    cache: &std::path::Path,
+    commands: &mpsc::Sender<Command>,
+) -> Result<(Vec<u8>, PathBuf), String> {
+    let id: BlobId = blob
+        .parse()
+        .map_err(|_| format!("{blob} is not a blob id"))?;
+    let cached = cache.join(blob);
+    if let Ok(bytes) = tokio::fs::read(&cached).await
+        && nubo_proto::blob::id_of(&bytes) == Some(id)
+    {
+        return Ok((bytes, cached));
+    }
+    let bytes = crate::blobs::fetch(commands, id)
+        .await
+        .map_err(|e| format!("cannot fetch artifact {blob}: {e}"))?;
+    tokio::fs::create_dir_all(cache)
+        .await
+        .map_err(|e| format!("{}: {e}", cache.display()))?;
+    let private = |mode| std::os::unix::fs::PermissionsExt::from_mode(mode);
+    let _ = tokio::fs::set_permissions(cache, private(0o700)).await;
+    let temporary = cache.join(format!(".{blob}.partial"));
+    tokio::fs::write(&temporary, &bytes)
+        .await
+        .map_err(|e| format!("{}: {e}", temporary.display()))?;
+    let _ = tokio::fs::set_permissions(&temporary, private(0o600)).await;
+    tokio::fs::rename(&temporary, &cached)
+        .await
+        .map_err(|e| format!("{}: {e}", cached.display()))?;
+    tracing::info!(artifact = %blob, bytes = bytes.len(), "fetched an artifact");
+    Ok((bytes.to_vec(), cached))
+}
+
 /// Puts blob `blob` (hex id) in `dir`, unpacked, fetching it into `cache` first unless it is
 /// there already.
 async fn prepare_artifact(
@@ -1240,33 +1356,7 @@ async fn prepare_artifact(
     limit: u64,
     commands: &mpsc::Sender<Command>,
 ) -> Result<(), String> {
-    let id: BlobId = blob
-        .parse()
-        .map_err(|_| format!("{blob} is not a blob id"))?;
-    let cached = cache.join(blob);
-    let bytes = match tokio::fs::read(&cached).await {
-        Ok(bytes) if nubo_proto::blob::id_of(&bytes) == Some(id) => bytes,
-        _ => {
-            let bytes = crate::blobs::fetch(commands, id)
-                .await
-                .map_err(|e| format!("cannot fetch artifact {blob}: {e}"))?;
-            tokio::fs::create_dir_all(cache)
-                .await
-                .map_err(|e| format!("{}: {e}", cache.display()))?;
-            let private = |mode| std::os::unix::fs::PermissionsExt::from_mode(mode);
-            let _ = tokio::fs::set_permissions(cache, private(0o700)).await;
-            let temporary = cache.join(format!(".{blob}.partial"));
-            tokio::fs::write(&temporary, &bytes)
-                .await
-                .map_err(|e| format!("{}: {e}", temporary.display()))?;
-            let _ = tokio::fs::set_permissions(&temporary, private(0o600)).await;
-            tokio::fs::rename(&temporary, &cached)
-                .await
-                .map_err(|e| format!("{}: {e}", cached.display()))?;
-            tracing::info!(artifact = %blob, bytes = bytes.len(), "fetched an artifact");
-            bytes.to_vec()
-        }
-    };
+    let (bytes, _) = fetch_cached(blob, cache, commands).await?;
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir)?;
@@ -1276,4 +1366,17 @@ async fn prepare_artifact(
     .map_err(|e| e.to_string())?
     .map(|_| ())
     .map_err(|e| format!("cannot unpack the artifact: {e}"))
+}
+
+/// Loads blob `blob` (an image archive) into the node's Docker engine.
+async fn load_image(
+    blob: &str,
+    cache: &std::path::Path,
+    commands: &mpsc::Sender<Command>,
+) -> Result<(), String> {
+    let (_, path) = fetch_cached(blob, cache, commands).await?;
+    tokio::task::spawn_blocking(move || docker::load(&path))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot load the image: {e}"))
 }

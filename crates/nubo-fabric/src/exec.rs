@@ -69,6 +69,9 @@ pub struct Launch {
     /// Where the stage-1 wrapper writes: the log file (`output.log`), or another name in the
     /// directory (a health check's output).
     pub log: &'static str,
+    /// Run the command as it is, without stage 2 (no user, namespace or Landlock of its
+    /// own): a `docker` command, whose container is the sandbox.
+    pub direct: bool,
 }
 
 impl Launch {
@@ -164,7 +167,9 @@ pub fn spawn(launch: &Launch) -> io::Result<Started> {
     for group in &launch.cgroups {
         command.arg("--cgroup").arg(group);
     }
-    if let Some(uid) = launch.user {
+    if launch.direct {
+        command.arg("--direct");
+    } else if let Some(uid) = launch.user {
         command.arg("--user").arg(uid.to_string());
     }
     command
@@ -209,6 +214,8 @@ pub struct Stage1 {
     pub cgroups: Vec<PathBuf>,
     /// The instance's uid (and gid): with it, a mount namespace of its own too.
     pub user: Option<u32>,
+    /// Run the command as it is (see [`Launch::direct`]).
+    pub direct: bool,
     /// The working directory on the host.
     pub work: PathBuf,
     /// The log file.
@@ -238,7 +245,16 @@ pub fn stage1(stage: &Stage1) -> io::Result<i32> {
             io::Error::other(format!("cannot enter cgroup {}: {e}", group.display()))
         })?;
     }
-    let mut log = Log::open(&stage.log, stage.log_bytes)?;
+    let log = Log::open(&stage.log, stage.log_bytes)?;
+    let (program, args) = stage
+        .command
+        .split_first()
+        .ok_or_else(|| io::Error::other("no program given"))?;
+    if stage.direct {
+        let mut command = Command::new(program);
+        command.args(args);
+        return pump(command, log);
+    }
     let inside = match stage.user {
         Some(_) => {
             sandbox::enter_namespace(&stage.work)?;
@@ -250,10 +266,6 @@ pub fn stage1(stage: &Stage1) -> io::Result<i32> {
         Some(_) => PathBuf::from("/tmp"),
         None => stage.work.clone(),
     };
-    let (program, args) = stage
-        .command
-        .split_first()
-        .ok_or_else(|| io::Error::other("no program given"))?;
     // /proc/self/exe reaches this binary even where its path is hidden or not traversable.
     let mut command = Command::new("/proc/self/exe");
     command
@@ -271,14 +283,21 @@ pub fn stage1(stage: &Stage1) -> io::Result<i32> {
         .arg("--")
         .arg(program)
         .args(args)
-        .current_dir(&inside)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .current_dir(&inside);
     if let Some(uid) = stage.user {
         // std drops the supplementary groups of root when it changes the uid.
         command.uid(uid).gid(uid);
     }
+    pump(command, log)
+}
+
+/// Starts `command` with its output piped into `log`, copies it there until the command
+/// exits, and returns the status to leave with (128 + the signal that killed it, if one did).
+fn pump(mut command: Command, mut log: Log) -> io::Result<i32> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(error) => {

@@ -4,6 +4,7 @@
 
 pub mod artifact;
 pub mod cgroup;
+pub mod docker;
 pub mod exec;
 pub mod health;
 pub mod policy;

@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use nubo_agent::description::Driver;
 use nubo_agent::model::{BlobStored, Invite, LocalRecord, NodeInfo, Stats, Status, Written};
 use nubo_agent::{AgentOptions, Dissemination, setup};
 use nubo_net::JoinToken;
@@ -276,6 +277,9 @@ enum Command {
         /// The instance's own uid and gid.
         #[arg(long)]
         user: Option<u32>,
+        /// Run the command as it is (a `docker` command: the container is the sandbox).
+        #[arg(long, conflicts_with = "user")]
+        direct: bool,
         /// The program and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -355,6 +359,10 @@ struct AgentArgs {
     /// user of this machine has.
     #[arg(long, default_value = "3000000-3065535", value_parser = parse_uid_range)]
     instance_uids: std::ops::RangeInclusive<u32>,
+    /// The drivers this node offers, comma-separated: `exec` (processes isolated by the
+    /// agent) and `docker` (containers of the machine's Docker engine).
+    #[arg(long, value_delimiter = ',', default_value = "exec", value_parser = parse_driver)]
+    drivers: Vec<Driver>,
     /// Create a new cloud if the data directory belongs to none (instead of `nubo init`).
     #[arg(long, conflicts_with = "join")]
     bootstrap: bool,
@@ -452,6 +460,16 @@ fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String>
         return Err("the range must be FIRST-LAST with 0 < FIRST <= LAST".into());
     }
     Ok(first..=last)
+}
+
+fn parse_driver(text: &str) -> Result<Driver, String> {
+    match text {
+        "exec" => Ok(Driver::Exec),
+        "docker" => Ok(Driver::Docker),
+        other => Err(format!(
+            "unknown driver {other:?}: the drivers are exec and docker"
+        )),
+    }
 }
 
 fn parse_uid_range(text: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
@@ -612,11 +630,13 @@ fn run(command: Command) -> Result<(), String> {
             work,
             cgroups,
             user,
+            direct,
             command,
         } => {
             let stage = nubo_fabric::exec::Stage1 {
                 cgroups,
                 user,
+                direct,
                 work,
                 log,
                 log_bytes,
@@ -701,6 +721,7 @@ fn agent(args: AgentArgs) -> Result<(), String> {
         metrics_public: args.metrics_public,
         allow_unenforced_limits: args.allow_unenforced_limits,
         instance_uids: args.instance_uids,
+        drivers: args.drivers,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
