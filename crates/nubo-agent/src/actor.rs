@@ -1042,6 +1042,17 @@ impl Agent {
     /// Drains the core after an input: what changed is saved first, then messages leave,
     /// then waiting callers are answered (a deploy is acknowledged only once it is on disk).
     fn drain(&mut self) {
+        // Records first: the core holds back every acknowledgement of them until it hears
+        // whether they are on disk, and a failed save refuses the writes it would have
+        // acknowledged.
+        let changes = self.node.kv_mut().drain_changes();
+        let records_saved = self.state.save_records(&changes);
+        if let Err(error) = &records_saved {
+            self.persist_failures += 1;
+            tracing::error!(%error, records = changes.len(), "cannot save records; writes they belong to are refused");
+        }
+        self.node
+            .handle_saved(self.clock.now(), records_saved.is_ok());
         let mut outcomes = Vec::new();
         while let Some(event) = self.node.poll_event() {
             match event {
@@ -1054,11 +1065,6 @@ impl Agent {
                 Event::NeighborDown(peer) => tracing::debug!(peer = ?peer, "neighbour down"),
                 Event::Delivered(_) | Event::Lookup(_) => {}
             }
-        }
-        let changes = self.node.kv_mut().drain_changes();
-        if let Err(error) = self.state.save_records(&changes) {
-            self.persist_failures += 1;
-            tracing::error!(%error, records = changes.len(), "cannot save records; they stay in memory and on their other replicas");
         }
         let saved = self.save_suite(false);
         if let Err(error) = &saved {

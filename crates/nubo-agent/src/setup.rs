@@ -131,7 +131,7 @@ pub fn init(path: &Path, admin_key: &Path) -> Result<InitReport, SetupError> {
         return Err(SetupError::AdminKeyExists(admin_key.display().to_string()));
     }
     let data = DataDir::create(path)?;
-    let state = data.open_state()?;
+    let mut state = data.open_state()?;
     if let Some(admission) = cloud_of(&state)? {
         return Err(SetupError::AlreadyMember {
             path: path.display().to_string(),
@@ -159,7 +159,7 @@ pub fn init(path: &Path, admin_key: &Path) -> Result<InitReport, SetupError> {
 /// the cloud it already belongs to only adds the token's contacts.
 pub fn join(path: &Path, token: &JoinToken) -> Result<(), SetupError> {
     let data = DataDir::create(path)?;
-    let state = data.open_state()?;
+    let mut state = data.open_state()?;
     match cloud_of(&state)? {
         Some(admission) if admission.cloud != token.admission.cloud => {
             return Err(SetupError::AlreadyMember {

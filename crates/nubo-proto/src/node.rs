@@ -86,6 +86,10 @@ pub enum Event {
 ///    (calling it early is harmless), then drain again.
 /// 5. Report a peer that cannot be reached (dial failure, connection lost) with
 ///    [`Node::handle_peer_down`].
+/// 6. A driver that keeps key-value records on disk turns on [`Kv::track_changes`]; after each
+///    input it saves [`Kv::drain_changes`] *before* sending anything, then reports the result
+///    with [`Node::handle_saved`]. Messages that acknowledge those records leave only then,
+///    so no replica acknowledges what a crash would lose.
 ///
 /// The node never reads a clock, never draws OS randomness and never performs I/O; the same
 /// inputs with the same seed produce the same outputs, bit for bit.
@@ -250,6 +254,13 @@ impl Node {
     /// [`Kv::track_changes`], [`Kv::drain_changes`] and [`Kv::restore`].
     pub fn kv_mut(&mut self) -> &mut Kv {
         &mut self.kv
+    }
+
+    /// The records of the last [`Kv::drain_changes`] were saved (`ok`) or could not be: the
+    /// acknowledgements that waited for them leave, or become refusals.
+    pub fn handle_saved(&mut self, now: Time, ok: bool) {
+        self.kv.saved(now, ok);
+        self.flush(now);
     }
 
     /// Starts writing `value` under `key` (`None` deletes it); the outcome comes as an

@@ -15,7 +15,7 @@ use crate::slicing::SlicingMessage;
 use crate::suite::SuiteMessage;
 
 /// Version of the wire format; a peer speaking another version is refused.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// Largest encoded message, version byte included.
 pub const MESSAGE_BYTES_MAX: usize = 1024 * 1024;

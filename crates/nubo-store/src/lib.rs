@@ -50,8 +50,8 @@ pub enum StoreError {
         /// The cause.
         source: std::io::Error,
     },
-    /// The database failed (it may be held by another running agent).
-    #[error("state database: {0} (is another agent running with this data directory?)")]
+    /// The database failed.
+    #[error("state database: {0}")]
     Database(String),
     /// Stored bytes did not decode.
     #[error("state database holds a damaged entry: {0}")]
@@ -207,16 +207,31 @@ enum StoredRecord {
 ///
 /// Contract: [`StateDb::save_records`] is durable when it returns (an Immediate commit; blob
 /// files are synced first), so whatever it saved survives `kill -9`. A blob file whose content
-/// no longer matches its hash is skipped on load, never served.
+/// no longer matches its hash is skipped on load, never served. A write that fails (a full
+/// disk) leaves the database as its last successful write left it; the database is then
+/// closed and opened again, so that writes succeed once the cause is gone.
 pub struct StateDb {
-    db: Database,
+    /// `None` between a failed write and a successful reopening.
+    db: Option<Database>,
+    path: PathBuf,
     blobs: PathBuf,
+}
+
+/// Opens the database file, saying what to check when another process holds it.
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    Database::create(path).map_err(|error| match error {
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Database(format!(
+            "{} is in use (is another agent running with this data directory?)",
+            path.display()
+        )),
+        other => db_error(other),
+    })
 }
 
 impl StateDb {
     fn open(dir: &Path) -> Result<StateDb, StoreError> {
         let path = dir.join("state.redb");
-        let db = Database::create(&path).map_err(db_error)?;
+        let db = open_database(&path)?;
         // It holds the cloud's secret.
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(io(&path))?;
         let blobs = dir.join("blobs");
@@ -225,9 +240,13 @@ impl StateDb {
             .mode(0o700)
             .create(&blobs)
             .map_err(io(&blobs))?;
-        let state = StateDb { db, blobs };
+        let state = StateDb {
+            db: Some(db),
+            path,
+            blobs,
+        };
         // Create the tables, so that readers never meet a missing one.
-        let tx = state.db.begin_write().map_err(db_error)?;
+        let tx = state.db()?.begin_write().map_err(db_error)?;
         tx.open_table(META).map_err(db_error)?;
         tx.open_table(PEERS).map_err(db_error)?;
         tx.open_table(RECORDS).map_err(db_error)?;
@@ -236,9 +255,33 @@ impl StateDb {
         Ok(state)
     }
 
+    /// The open database.
+    fn db(&self) -> Result<&Database, StoreError> {
+        self.db.as_ref().ok_or_else(|| {
+            StoreError::Database(format!(
+                "{} is closed after a failed write and could not be opened again yet",
+                self.path.display()
+            ))
+        })
+    }
+
+    /// Runs a write; if it fails, closes and reopens the database (redb refuses every write
+    /// after an I/O error until then), so that the next write can succeed.
+    fn write<T>(
+        &mut self,
+        write: impl FnOnce(&StateDb) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let result = write(self);
+        if result.is_err() {
+            self.db = None;
+            self.db = open_database(&self.path).ok();
+        }
+        result
+    }
+
     /// A configuration entry.
     pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let tx = self.db.begin_read().map_err(db_error)?;
+        let tx = self.db()?.begin_read().map_err(db_error)?;
         let table = tx.open_table(META).map_err(db_error)?;
         Ok(table
             .get(name)
@@ -247,18 +290,20 @@ impl StateDb {
     }
 
     /// Sets a configuration entry.
-    pub fn set_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(db_error)?;
-        tx.open_table(META)
-            .map_err(db_error)?
-            .insert(name, value)
-            .map_err(db_error)?;
-        tx.commit().map_err(db_error)
+    pub fn set_meta(&mut self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.write(|state| {
+            let tx = state.db()?.begin_write().map_err(db_error)?;
+            tx.open_table(META)
+                .map_err(db_error)?
+                .insert(name, value)
+                .map_err(db_error)?;
+            tx.commit().map_err(db_error)
+        })
     }
 
     /// The peers remembered for rejoining after a restart.
     pub fn peers(&self) -> Result<Vec<(NodeId, SocketAddr)>, StoreError> {
-        let tx = self.db.begin_read().map_err(db_error)?;
+        let tx = self.db()?.begin_read().map_err(db_error)?;
         let table = tx.open_table(PEERS).map_err(db_error)?;
         let mut peers = Vec::new();
         for entry in table.iter().map_err(db_error)? {
@@ -271,8 +316,12 @@ impl StateDb {
     }
 
     /// Replaces the remembered peers (at most [`PEERS_MAX`] are kept).
-    pub fn set_peers(&self, peers: &[(NodeId, SocketAddr)]) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(db_error)?;
+    pub fn set_peers(&mut self, peers: &[(NodeId, SocketAddr)]) -> Result<(), StoreError> {
+        self.write(|state| state.write_peers(peers))
+    }
+
+    fn write_peers(&self, peers: &[(NodeId, SocketAddr)]) -> Result<(), StoreError> {
+        let tx = self.db()?.begin_write().map_err(db_error)?;
         {
             let mut table = tx.open_table(PEERS).map_err(db_error)?;
             table.retain(|_, _| false).map_err(db_error)?;
@@ -288,7 +337,7 @@ impl StateDb {
     /// Every record saved, blob values read back from their files. Records whose file is
     /// missing or damaged are left out (their replicas still hold them) and counted.
     pub fn records(&self) -> Result<(Vec<Record>, usize), StoreError> {
-        let tx = self.db.begin_read().map_err(db_error)?;
+        let tx = self.db()?.begin_read().map_err(db_error)?;
         let table = tx.open_table(RECORDS).map_err(db_error)?;
         let mut records = Vec::new();
         let mut damaged = 0;
@@ -311,11 +360,15 @@ impl StateDb {
     }
 
     /// Saves changed records (`None`: removed), durably.
-    pub fn save_records(&self, changes: &[(Bytes, Option<Record>)]) -> Result<(), StoreError> {
+    pub fn save_records(&mut self, changes: &[(Bytes, Option<Record>)]) -> Result<(), StoreError> {
         if changes.is_empty() {
             return Ok(());
         }
-        let tx = self.db.begin_write().map_err(db_error)?;
+        self.write(|state| state.write_records(changes))
+    }
+
+    fn write_records(&self, changes: &[(Bytes, Option<Record>)]) -> Result<(), StoreError> {
+        let tx = self.db()?.begin_write().map_err(db_error)?;
         {
             let mut table = tx.open_table(RECORDS).map_err(db_error)?;
             for (key, record) in changes {
@@ -360,11 +413,19 @@ impl StateDb {
     /// Replaces the saved versions of each key with the ones given (none: the key is gone),
     /// and records `now_unix_ms` as the time of the save, durably.
     pub fn save_suite(
+        &mut self,
+        keys: &[(String, Vec<(SuiteEntry, bool)>)],
+        now_unix_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.write(|state| state.write_suite(keys, now_unix_ms))
+    }
+
+    fn write_suite(
         &self,
         keys: &[(String, Vec<(SuiteEntry, bool)>)],
         now_unix_ms: u64,
     ) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(db_error)?;
+        let tx = self.db()?.begin_write().map_err(db_error)?;
         {
             let mut table = tx.open_table(SUITE).map_err(db_error)?;
             for (key, versions) in keys {
@@ -392,7 +453,7 @@ impl StateDb {
     /// milliseconds, `None` if never), and how many saved entries did not decode.
     #[allow(clippy::type_complexity)]
     pub fn suite(&self) -> Result<(Vec<(SuiteEntry, bool)>, Option<u64>, usize), StoreError> {
-        let tx = self.db.begin_read().map_err(db_error)?;
+        let tx = self.db()?.begin_read().map_err(db_error)?;
         let table = tx.open_table(SUITE).map_err(db_error)?;
         let mut entries = Vec::new();
         let mut damaged = 0;
@@ -498,7 +559,7 @@ mod tests {
             document: Bytes::from(format!("{key}@{version}")),
         };
         {
-            let state = data.open_state().unwrap();
+            let mut state = data.open_state().unwrap();
             assert_eq!(state.suite().unwrap(), (vec![], None, 0));
             state
                 .save_suite(
@@ -551,7 +612,7 @@ mod tests {
             value: Some(chunks[0].1.clone()),
         };
         {
-            let state = data.open_state().unwrap();
+            let mut state = data.open_state().unwrap();
             state.set_meta("cloud", b"c").unwrap();
             state
                 .set_peers(&[(NodeId(9), "127.0.0.1:7700".parse().unwrap())])
@@ -564,7 +625,7 @@ mod tests {
                 ])
                 .unwrap();
         }
-        let state = data.open_state().unwrap();
+        let mut state = data.open_state().unwrap();
         assert_eq!(state.meta("cloud").unwrap().unwrap(), b"c");
         assert_eq!(state.peers().unwrap().len(), 1);
         let (mut records, damaged) = state.records().unwrap();

@@ -23,6 +23,12 @@
 //!
 //! **Budgets**: keys, values and the node's whole store are bounded; a write that would exceed
 //! a replica's budget is refused by that replica, and nothing stored is ever evicted.
+//!
+//! **Durability**: on a node whose driver keeps records on disk ([`Kv::track_changes`]), no
+//! acknowledgement of a stored record (a `PutAck`, a hand-off's `Stored`, this node's own
+//! vote as a replica of a write it coordinates) leaves before the driver has saved the
+//! changes and said so with [`Kv::saved`]. A failed save turns them into refusals, so a write
+//! is never acknowledged by a replica that would lose it on a crash.
 
 pub mod store;
 pub mod version;
@@ -308,6 +314,22 @@ struct Op {
     hops: u8,
 }
 
+/// Acknowledgements of stored records that wait until the driver says the records are on
+/// disk ([`Kv::saved`]).
+#[derive(Debug, Default)]
+struct Unsaved {
+    /// Answers to other nodes: `PutAck`s and hand-off confirmations.
+    replies: Vec<(Peer, KvMessage)>,
+    /// Operations coordinated here whose local replica stored the record.
+    local: Vec<u64>,
+}
+
+impl Unsaved {
+    fn is_empty(&self) -> bool {
+        self.replies.is_empty() && self.local.is_empty()
+    }
+}
+
 /// A record handed to its replicas, waiting for each to confirm.
 #[derive(Clone, Debug)]
 struct Handoff {
@@ -337,6 +359,12 @@ pub struct Kv {
     counters: KvCounters,
     transmits: Vec<(Peer, KvMessage)>,
     outcomes: Vec<KvOutcome>,
+    /// Whether a driver saves the records (acknowledgements then wait for [`Kv::saved`]).
+    durable: bool,
+    /// Acknowledgements of changes not yet handed to the driver.
+    unsaved: Unsaved,
+    /// Acknowledgements of the changes handed out by the last [`Kv::drain_changes`].
+    saving: Unsaved,
 }
 
 impl Kv {
@@ -364,17 +392,26 @@ impl Kv {
             counters: KvCounters::default(),
             transmits: Vec::new(),
             outcomes: Vec::new(),
+            durable: false,
+            unsaved: Unsaved::default(),
+            saving: Unsaved::default(),
             config,
         }
     }
 
-    /// Starts tracking which records change, for a driver that keeps them on disk.
+    /// Starts tracking which records change, for a driver that keeps them on disk. From now
+    /// on, acknowledgements of stored records wait for [`Kv::saved`].
     pub fn track_changes(&mut self) {
         self.store.track_changes();
+        self.durable = true;
     }
 
     /// Records changed since the last call, each with what is stored now (`None`: removed).
+    /// The driver saves them, then calls [`Kv::saved`] with the result.
     pub fn drain_changes(&mut self) -> Vec<(Bytes, Option<Record>)> {
+        let unsaved = core::mem::take(&mut self.unsaved);
+        self.saving.replies.extend(unsaved.replies);
+        self.saving.local.extend(unsaved.local);
         let keys = self.store.drain_changed();
         keys.into_iter()
             .map(|key| {
@@ -382,6 +419,49 @@ impl Kv {
                 (key, record)
             })
             .collect()
+    }
+
+    /// The changes of the last [`Kv::drain_changes`] are on disk (`ok`), or could not be
+    /// saved: the acknowledgements waiting on them leave now, or become refusals.
+    pub fn saved(&mut self, now: Time, ok: bool) {
+        if self.saving.is_empty() {
+            return;
+        }
+        let saving = core::mem::take(&mut self.saving);
+        for (peer, reply) in saving.replies {
+            match reply {
+                KvMessage::PutAck { op, result } => {
+                    let result = if ok {
+                        result
+                    } else {
+                        Err(StoreError::NotSaved)
+                    };
+                    self.transmits
+                        .push((peer, KvMessage::PutAck { op, result }));
+                }
+                // An unconfirmed hand-off is sent again later.
+                stored @ KvMessage::Stored(_) if ok => self.transmits.push((peer, stored)),
+                _ => {}
+            }
+        }
+        for op in saving.local {
+            let reply = if ok {
+                Reply::Stored
+            } else {
+                self.counters.refused += 1;
+                Reply::Refused(StoreError::NotSaved)
+            };
+            self.on_reply(now, op, self.me.id, reply);
+        }
+    }
+
+    /// Sends an acknowledgement of stored records now, or once they are saved.
+    fn acknowledge(&mut self, to: Peer, message: KvMessage) {
+        if self.durable {
+            self.unsaved.replies.push((to, message));
+        } else {
+            self.transmits.push((to, message));
+        }
     }
 
     /// Puts back a record this node held before a restart. Call it before
@@ -512,7 +592,12 @@ impl Kv {
             };
             if peer.id == self.me.id {
                 let reply = self.answer_locally(now, message);
-                self.on_reply(now, op, self.me.id, reply);
+                if self.durable && matches!(reply, Reply::Stored) {
+                    // This node's vote counts once the record is on its disk.
+                    self.unsaved.local.push(op);
+                } else {
+                    self.on_reply(now, op, self.me.id, reply);
+                }
             } else {
                 self.transmits.push((peer, message));
             }
@@ -837,8 +922,12 @@ impl Kv {
             KvMessage::Put { op, record } => {
                 let result = self.apply(now, &record);
                 if op != 0 {
-                    self.transmits
-                        .push((from, KvMessage::PutAck { op, result }));
+                    let ack = KvMessage::PutAck { op, result };
+                    if result.is_ok() {
+                        self.acknowledge(from, ack);
+                    } else {
+                        self.transmits.push((from, ack));
+                    }
                 }
             }
             KvMessage::PutAck { op, result } => {
@@ -882,7 +971,7 @@ impl Kv {
                 }
                 if handoff && !stored.is_empty() {
                     for batch in pack(stored, |(k, _)| k.len() + 32) {
-                        self.transmits.push((from, KvMessage::Stored(batch)));
+                        self.acknowledge(from, KvMessage::Stored(batch));
                     }
                 }
             }
@@ -1123,6 +1212,88 @@ mod tests {
             },
         );
         assert_eq!(a.drain_outcomes().count(), 0);
+    }
+
+    #[test]
+    fn a_replica_that_saves_to_disk_acknowledges_only_once_the_driver_saved() {
+        let now = Time::from_secs(5);
+        let mut replica = kv(2);
+        replica.track_changes();
+        let put = |op| KvMessage::Put {
+            op,
+            record: record("k", 1_000, "v"),
+        };
+        replica.handle_message(now, peer(1), put(7));
+        assert_eq!(
+            replica.drain_transmits().count(),
+            0,
+            "no acknowledgement before the record is on disk"
+        );
+        let changes = replica.drain_changes();
+        assert_eq!(changes.len(), 1);
+        assert_eq!(
+            replica.drain_transmits().count(),
+            0,
+            "handed to the driver, not yet saved"
+        );
+        replica.saved(now, true);
+        assert_eq!(
+            replica.drain_transmits().collect::<Vec<_>>(),
+            vec![(
+                peer(1),
+                KvMessage::PutAck {
+                    op: 7,
+                    result: Ok(())
+                }
+            )]
+        );
+        // A failed save turns the acknowledgement into a refusal; a hand-off goes unconfirmed.
+        replica.handle_message(now, peer(1), put(8));
+        replica.handle_message(
+            now,
+            peer(3),
+            KvMessage::Records {
+                records: vec![record("h", 1_000, "v")],
+                handoff: true,
+            },
+        );
+        replica.drain_changes();
+        replica.saved(now, false);
+        assert_eq!(
+            replica.drain_transmits().collect::<Vec<_>>(),
+            vec![(
+                peer(1),
+                KvMessage::PutAck {
+                    op: 8,
+                    result: Err(StoreError::NotSaved)
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn a_write_fails_when_its_replicas_cannot_save_it() {
+        let now = Time::from_secs(5);
+        let mut a = kv(1);
+        a.track_changes();
+        a.put(now, bytes("k"), Some(bytes("v")), 42).unwrap();
+        a.drain_lookups().for_each(drop);
+        a.on_lookup(now, 1, &[peer(1), peer(2), peer(3)], 1);
+        a.drain_transmits().for_each(drop);
+        // One replica stored it, one could not save it: this node's vote, which waits for
+        // its own save, decides.
+        for (n, result) in [(2, Err(StoreError::NotSaved)), (3, Ok(()))] {
+            a.handle_message(now, peer(n), KvMessage::PutAck { op: 1, result });
+        }
+        assert_eq!(a.drain_outcomes().count(), 0);
+        a.drain_changes();
+        a.saved(now, false);
+        let outcomes: Vec<_> = a.drain_outcomes().collect();
+        assert_eq!(outcomes.len(), 1);
+        assert_eq!(
+            outcomes[0].result,
+            Err(KvError::Refused(StoreError::NotSaved))
+        );
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub enum StoreError {
     /// A content-addressed key whose value does not hash to it.
     #[error("the value does not match its content-addressed key")]
     Corrupt,
+    /// The replica could not save it to disk (its disk may be full).
+    #[error("the replica could not save it to disk (its disk may be full)")]
+    NotSaved,
 }
 
 /// A summary of the records in one slice of a range, for anti-entropy.

@@ -256,10 +256,25 @@ impl Cloud {
 
     /// Creates a cloud of `n` agents, agent `i` (from 1) started with `extra(i)` arguments.
     pub fn start_with(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cloud {
+        Cloud::start_prepared(n, extra, |_| {})
+    }
+
+    /// Like [`Cloud::start_with`], calling `prepare` on each agent's data directory (created
+    /// empty) before the agent first uses it.
+    pub fn start_prepared(
+        n: usize,
+        extra: impl Fn(usize) -> Vec<String>,
+        prepare: impl Fn(&Path),
+    ) -> Cloud {
         let root = tempfile::Builder::new()
             .prefix("nubo-test-")
             .tempdir()
             .unwrap();
+        for i in 1..=n {
+            let dir = root.path().join(format!("node{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            prepare(&dir);
+        }
         let first_dir = root.path().join("node1");
         let init = Command::new(NUBO)
             .args(["init", "--json", "--data-dir"])
