@@ -30,7 +30,7 @@ use crate::metrics::{Measured, Snapshot};
 use crate::model::{Invite, LocalRecord, NodeInfo, Stats, Status, version_text};
 use crate::planner::{ATTR_REFUSES, PlannedService, Planner};
 use crate::runner::{Assignment, InstanceStatus, RunnerReport};
-use crate::status::{DeployStatus, status_key};
+use nubo_proto::outcome::{DeployStatus, status_key};
 
 /// How often the peers to rejoin through are saved, resources re-read, and removals past
 /// their retention forgotten.
@@ -919,41 +919,17 @@ impl Agent {
             ));
         }
         if let Some(grant) = &signed.document.grant {
-            let alive = self.node.roster().alive();
-            let (cpu, memory, instances) =
-                self.planner
-                    .usage(&self.plan, &service.namespace, &entry.key);
-            let n = match &service.placement.count {
-                nubo_proto::service::Count::Replicas(n) => u64::from(*n),
-                nubo_proto::service::Count::Availability { target } => {
-                    u64::from(nubo_proto::service::replicas_for(
-                        *target,
-                        nubo_proto::service::NODE_AVAILABILITY_DEFAULT,
-                    ))
-                }
-                nubo_proto::service::Count::Share { fraction, .. } => {
-                    (fraction * alive as f64).ceil() as u64
-                }
-            };
-            let demand = service.placement.demand;
-            let quota = grant.grant.quota;
-            let total = |used: u64, each: u64| used.saturating_add(n.saturating_mul(each));
-            let over = [
-                (
-                    "cpu (millicores)",
-                    total(cpu, demand.cpu_millis),
-                    quota.cpu_millis,
-                ),
-                (
-                    "memory (bytes)",
-                    total(memory, demand.memory_bytes),
-                    quota.memory_bytes,
-                ),
-                ("instances", instances.saturating_add(n), quota.instances),
-            ]
-            .into_iter()
-            .find(|(_, want, allowed)| want > allowed);
-            if let Some((what, want, allowed)) = over {
+            let size = self.node.roster().alive();
+            let spec = crate::planner::spec_of(
+                &entry.key,
+                &signed,
+                &Ok(std::sync::Arc::new(service.clone())),
+            );
+            let used = self
+                .planner
+                .usage(self.node.suite(), &entry.key, size)
+                .plus(spec.usage(spec.wanted(size)));
+            if let Some((what, want, allowed)) = used.over(&grant.grant.quota) {
                 return Err(format!(
                     "over the quota of namespace {}: {what} would be {want}, the grant allows {allowed}",
                     service.namespace
@@ -970,7 +946,7 @@ impl Agent {
         let now = self.clock.now();
         let report = self.runner.report.borrow().clone();
         self.node.set_instances(now, report.facts.clone());
-        let plan = self.planner.plan(&self.node, &report.failures);
+        let plan = self.planner.plan(&self.node);
         self.plan = plan.services;
         self.drained = plan.drained;
         self.events.observe(&self.node, &self.plan);

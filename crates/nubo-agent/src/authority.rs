@@ -15,7 +15,7 @@ use nubo_net::{Identity, node_id_of, verify_signature};
 use nubo_proto::NodeId;
 use nubo_proto::suite::{SuiteCheck, SuiteEntry};
 
-use crate::status::DeployStatus;
+use nubo_proto::outcome::DeployStatus;
 use serde::{Deserialize, Serialize};
 
 const GRANT_PREFIX: &str = "nubogrant1_";
@@ -34,16 +34,7 @@ pub fn drained_node(key: &str) -> Option<NodeId> {
     key.strip_prefix(DRAIN_PREFIX)?.parse().ok()
 }
 
-/// The most a namespace may use across all its services.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Quota {
-    /// Thousandths of a core.
-    pub cpu_millis: u64,
-    /// Bytes of memory.
-    pub memory_bytes: u64,
-    /// Instances.
-    pub instances: u64,
-}
+pub use nubo_proto::spec::{Intent, Quota};
 
 /// The administrator's permission for one user key to deploy in one namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,17 +149,6 @@ pub struct Document {
     pub signer: [u8; 32],
     /// The signer's grant, unless the signer is the administrator.
     pub grant: Option<SignedGrant>,
-}
-
-/// What a document asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Intent {
-    /// Run the service as described.
-    Run,
-    /// Keep the description but run no instance.
-    Stop,
-    /// Remove the service.
-    Remove,
 }
 
 /// A document and its signer's signature.
@@ -391,7 +371,7 @@ mod tests {
         assert!(check.accepts(&removal) && check.ends_history(&removal));
         let run = SignedDocument::sign(&admin, document("web/site", &admin, None)).to_entry();
         assert!(!check.ends_history(&run));
-        let status = crate::status::DeployStatus::default().to_entry("web/site", None);
+        let status = nubo_proto::outcome::DeployStatus::default().to_entry("web/site", None);
         assert!(check.accepts(&status));
         let garbage = SuiteEntry {
             key: "web/site#status".into(),

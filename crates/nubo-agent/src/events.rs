@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::authority::{DRAIN_PREFIX, Intent, SignedDocument, drained_node};
 use crate::planner::PlannedService;
-use crate::status::{DeployStatus, Outcome, service_of_status};
+use nubo_proto::outcome::{DeployStatus, Outcome, service_of_status};
 
 /// Events kept.
 pub const EVENTS_MAX: usize = 10_000;

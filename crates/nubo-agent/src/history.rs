@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::authority::{Intent, SignedDocument};
 use crate::description::{self, Service};
-use crate::status::{DeployStatus, Outcome};
+use nubo_proto::outcome::{DeployStatus, Outcome};
 
 /// One version of a service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,7 +21,6 @@ pub mod planner;
 pub mod runner;
 pub mod serve;
 pub mod setup;
-pub mod status;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -1,76 +1,35 @@
 //! The planner: from the suite, the roster and the instances every member reports, what each
 //! service's rollout stands at and what this node must do. Every agent plans the whole cloud
-//! the same way ([`nubo_proto::rollout::plan`]) and carries out its own part; the first node
-//! placed for a version records in the suite that it completed, and a node whose new instance
+//! the same way ([`nubo_proto::placement::plan_service`]) and carries out its own part; the
+//! first node placed for a version records that it completed, and the node whose instance
 //! failed records that.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use nubo_proto::instance::InstanceFact;
-use nubo_proto::rollout::{self, Phase, Release, RolloutInput};
+use nubo_proto::outcome::{DeployStatus, Outcome, status_key};
+use nubo_proto::placement::{
+    Member, RecordedOutcome, ServiceInput, lent, namespace_usage, plan_service,
+};
 use nubo_proto::roster::MemberState;
-use nubo_proto::service::{Candidate, Count, Demand, explain};
+use nubo_proto::spec::{Intent, ServiceSpec};
 use nubo_proto::suite::SuiteEntry;
 use nubo_proto::{Node, NodeId};
-use serde::{Deserialize, Serialize};
 
-use crate::authority::{DRAIN_PREFIX, Intent, SignedDocument, drained_node};
-use crate::description::{self, Driver, Service};
-use crate::runner::{Assignment, Failure};
-use crate::status::{DeployStatus, Outcome, status_key};
+pub use nubo_proto::placement::{ATTR_CPU, ATTR_DRIVERS, ATTR_LIMITS, ATTR_MEMORY, PlannedService};
 
-/// Attribute announcing the cores (in thousandths) a node lends.
-pub const ATTR_CPU: &str = "nubo.cpu_millis";
-/// Attribute announcing the memory a node lends.
-pub const ATTR_MEMORY: &str = "nubo.memory_bytes";
-/// Attribute saying how a node enforces limits: `enforced`, `unenforced` (it refuses every
-/// service) or `unenforced-allowed` (its owner lets services run anyway).
-pub const ATTR_LIMITS: &str = "nubo.limits";
-/// The attribute naming the drivers a node offers, comma-separated (a node that does not
-/// say offers `exec` only).
-pub const ATTR_DRIVERS: &str = "nubo.drivers";
+use crate::authority::{DRAIN_PREFIX, SignedDocument, drained_node};
+use crate::description::{self, Service};
+use crate::runner::Assignment;
+
 /// Attribute listing the versions of services a node refuses, `key@version`, comma-separated.
 pub const ATTR_REFUSES: &str = "nubo.refuses";
-
-/// One service: where it runs and how its rollout stands.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct PlannedService {
-    /// `namespace/name`.
-    pub key: String,
-    /// The version in force.
-    pub version: u64,
-    /// `run`, `stop` or `remove`.
-    pub intent: String,
-    /// Instances wanted (0 when stopped).
-    pub wanted: usize,
-    /// The nodes placed, best first (short ids).
-    pub nodes: Vec<String>,
-    /// Why it does not run as wanted, if it does not.
-    pub problem: Option<String>,
-    /// What filtered nodes out, each with how many, when fewer nodes qualify than wanted.
-    #[serde(default)]
-    pub reasons: Vec<String>,
-    /// `steady`, `starting`, `rolling`, `reverting`, `failed` or `stopped`.
-    #[serde(default)]
-    pub phase: String,
-    /// The batch being updated and the batches in all, while rolling.
-    #[serde(default)]
-    pub batch: Option<(u32, u32)>,
-    /// The version instances converge to (the one in force, or the one reverted to).
-    #[serde(default)]
-    pub running_version: u64,
-    /// Placed nodes whose instance of that version is ready.
-    #[serde(default)]
-    pub ready: usize,
-    /// Whether the suite records that version as complete.
-    #[serde(default)]
-    pub recorded: bool,
-}
 
 struct Parsed {
     signed: SignedDocument,
     service: Result<Arc<Service>, String>,
+    spec: Arc<ServiceSpec>,
 }
 
 /// What a planning round decided.
@@ -86,44 +45,56 @@ pub struct Plan {
     pub drained: BTreeSet<NodeId>,
 }
 
-/// Plans, remembering parsed descriptions by key and version.
-#[derive(Default)]
-pub struct Planner {
-    cache: BTreeMap<(String, u64), Arc<Parsed>>,
-}
-
-/// Whether a member says it cannot enforce limits and will not run services.
-fn unenforced(attributes: &BTreeMap<String, String>) -> bool {
-    attributes
-        .get(ATTR_LIMITS)
-        .is_some_and(|v| v == "unenforced")
-}
-
-/// Whether a member offers `driver`.
-fn offers(attributes: &BTreeMap<String, String>, driver: Driver) -> bool {
-    match attributes.get(ATTR_DRIVERS) {
-        Some(list) => list.split(',').any(|d| d == driver.name()),
-        None => driver == Driver::Exec,
+/// What placement and rollouts read of a signed document.
+pub fn spec_of(
+    key: &str,
+    signed: &SignedDocument,
+    service: &Result<Arc<Service>, String>,
+) -> ServiceSpec {
+    let document = &signed.document;
+    let mut spec = ServiceSpec {
+        key: key.to_string(),
+        intent: document.intent,
+        problem: None,
+        placement: nubo_proto::service::PlacementSpec {
+            count: nubo_proto::service::Count::Replicas(0),
+            constraints: Vec::new(),
+            spread: None,
+            demand: nubo_proto::service::Demand::default(),
+        },
+        update: Default::default(),
+        fingerprint: 0,
+        surge_possible: true,
+        driver: "exec".into(),
+        quota: document.grant.as_ref().map(|g| g.grant.quota),
+    };
+    match service {
+        Ok(service) => {
+            spec.placement = service.placement.clone();
+            spec.update = service.update;
+            spec.fingerprint = service.fingerprint();
+            spec.surge_possible = service.surge_possible();
+            spec.driver = service.run.driver.name().into();
+        }
+        Err(problem) if document.intent == Intent::Run => spec.problem = Some(problem.clone()),
+        Err(_) => {}
     }
+    spec
 }
 
-/// Whether a member will not run a service of `driver`: it does not offer the driver, or the
-/// node must enforce the limits itself and cannot (a container engine enforces its own).
-fn refuses_driver(attributes: &BTreeMap<String, String>, driver: Driver) -> bool {
-    !offers(attributes, driver) || (driver == Driver::Exec && unenforced(attributes))
-}
-
-fn demand_of(attributes: &BTreeMap<String, String>) -> Demand {
-    let read = |name: &str| attributes.get(name).and_then(|v| v.parse().ok());
-    Demand {
-        cpu_millis: read(ATTR_CPU).unwrap_or(u64::MAX),
-        memory_bytes: read(ATTR_MEMORY).unwrap_or(u64::MAX),
-        disk_bytes: u64::MAX,
-    }
+/// The versions of `key@version` refused, from a member's attributes.
+fn refused_versions(attributes: &BTreeMap<String, String>, key: &str) -> Vec<u64> {
+    attributes.get(ATTR_REFUSES).map_or_else(Vec::new, |list| {
+        list.split(',')
+            .filter_map(|item| item.rsplit_once('@'))
+            .filter(|(k, _)| *k == key)
+            .filter_map(|(_, v)| v.parse().ok())
+            .collect()
+    })
 }
 
 /// A member as planning sees it.
-struct Member {
+struct Known {
     id: NodeId,
     attributes: BTreeMap<String, String>,
     instances: Vec<InstanceFact>,
@@ -131,6 +102,12 @@ struct Member {
 
 fn unix_ms() -> u64 {
     crate::clock::unix_now().as_millis() as u64
+}
+
+/// Plans, remembering parsed descriptions by key and version.
+#[derive(Default)]
+pub struct Planner {
+    cache: BTreeMap<(String, u64), Arc<Parsed>>,
 }
 
 impl Planner {
@@ -154,40 +131,44 @@ impl Planner {
                     ))
                 }
             });
-        let parsed = Arc::new(Parsed { signed, service });
+        let spec = Arc::new(spec_of(&entry.key, &signed, &service));
+        let parsed = Arc::new(Parsed {
+            signed,
+            service,
+            spec,
+        });
         self.cache.insert(id, parsed.clone());
         Some(parsed)
     }
 
-    /// What the namespace's services other than `except` use in `plan`: cores (thousandths),
-    /// memory and instances.
-    pub fn usage(&self, plan: &[PlannedService], namespace: &str, except: &str) -> (u64, u64, u64) {
-        let mut used = (0u64, 0u64, 0u64);
-        for planned in plan {
-            if planned.key == except || !planned.key.starts_with(&format!("{namespace}/")) {
-                continue;
-            }
-            let Some(Ok(service)) = self
-                .cache
-                .get(&(planned.key.clone(), planned.version))
-                .map(|p| &p.service)
-            else {
-                continue;
-            };
-            let n = planned.nodes.len() as u64;
-            let demand = service.placement.demand;
-            used.0 = used.0.saturating_add(n.saturating_mul(demand.cpu_millis));
-            used.1 = used.1.saturating_add(n.saturating_mul(demand.memory_bytes));
-            used.2 = used.2.saturating_add(n);
-        }
-        used
+    /// What the namespace's services other than `except` want, as placement counts it for
+    /// quotas (shares against a cloud of `size` nodes).
+    pub fn usage(
+        &self,
+        suite: &nubo_proto::suite::Suite,
+        except: &str,
+        size: usize,
+    ) -> nubo_proto::spec::Usage {
+        let in_force: Vec<&ServiceSpec> = suite
+            .entries()
+            .filter(|e| e.key != except)
+            .filter_map(|e| self.cache.get(&(e.key.clone(), e.version)))
+            .map(|p| p.spec.as_ref())
+            .collect();
+        let namespace = nubo_proto::spec::namespace_of(except);
+        in_force
+            .into_iter()
+            .filter(|s| s.namespace() == namespace)
+            .fold(nubo_proto::spec::Usage::default(), |used, s| {
+                used.plus(s.usage(s.wanted(size)))
+            })
     }
 
-    /// Plans every service; `failures` are the versions that failed on this node.
-    pub fn plan(&mut self, node: &Node, failures: &[Failure]) -> Plan {
+    /// Plans every service.
+    pub fn plan(&mut self, node: &Node) -> Plan {
         let me = node.id();
         let roster = node.roster();
-        let members: Vec<Member> = std::iter::once(Member {
+        let known: Vec<Known> = std::iter::once(Known {
             id: me,
             attributes: roster.me().attributes.iter().cloned().collect(),
             instances: roster.me().instances.clone(),
@@ -196,7 +177,7 @@ impl Planner {
             roster
                 .members()
                 .filter(|m| m.state == MemberState::Alive)
-                .map(|m| Member {
+                .map(|m| Known {
                     id: m.announce.peer.id,
                     attributes: m.announce.attributes.iter().cloned().collect(),
                     instances: m.announce.instances.clone(),
@@ -214,7 +195,7 @@ impl Planner {
             }
         }
         let mut facts: BTreeMap<&str, Vec<(NodeId, &InstanceFact)>> = BTreeMap::new();
-        for member in &members {
+        for member in &known {
             for fact in &member.instances {
                 facts
                     .entry(fact.service.as_str())
@@ -222,8 +203,6 @@ impl Planner {
                     .push((member.id, fact));
             }
         }
-        // Per namespace: (cpu, memory, instances) used so far, services taken in key order.
-        let mut used: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
         let services: Vec<SuiteEntry> = suite
             .entries()
             .filter(|e| nubo_proto::suite::annotated(&e.key).is_none())
@@ -233,242 +212,100 @@ impl Planner {
         // Only the versions the suite still holds stay parsed.
         self.cache
             .retain(|(key, version), _| suite.history(key).any(|e| e.version == *version));
+        let in_force: Vec<Arc<ServiceSpec>> = services
+            .iter()
+            .filter_map(|e| self.parsed(e).map(|p| p.spec.clone()))
+            .collect();
+        let size = known.len();
         for entry in services {
             let Some(parsed) = self.parsed(&entry) else {
                 continue;
             };
             let key = entry.key.clone();
-            let intent = parsed.signed.document.intent;
-            let mut planned = PlannedService {
-                key: key.clone(),
-                version: entry.version,
-                intent: match intent {
-                    Intent::Run => "run",
-                    Intent::Stop => "stop",
-                    Intent::Remove => "remove",
-                }
-                .into(),
-                phase: "stopped".into(),
-                ..PlannedService::default()
-            };
-            let service_facts = facts.get(key.as_str()).map_or(&[][..], Vec::as_slice);
-            if intent != Intent::Run {
-                if intent == Intent::Stop {
-                    plan.services.push(planned);
-                }
+            if parsed.signed.document.intent == Intent::Remove {
                 continue;
             }
-            let service = match &parsed.service {
-                Ok(service) => service.clone(),
-                Err(problem) => {
-                    planned.problem = Some(problem.clone());
-                    plan.services.push(planned);
-                    continue;
-                }
-            };
             // Every version held: what its instances run.
+            let mut specs: BTreeMap<u64, Arc<ServiceSpec>> = BTreeMap::new();
             let mut versions: BTreeMap<u64, Arc<Service>> = BTreeMap::new();
             let history: Vec<SuiteEntry> = suite.history(&key).cloned().collect();
             for old in &history {
-                if let Some(p) = self.parsed(old)
-                    && p.signed.document.intent == Intent::Run
-                    && let Ok(s) = &p.service
-                {
-                    versions.insert(old.version, s.clone());
+                if let Some(p) = self.parsed(old) {
+                    specs.insert(old.version, p.spec.clone());
+                    if p.signed.document.intent == Intent::Run
+                        && let Ok(s) = &p.service
+                    {
+                        versions.insert(old.version, s.clone());
+                    }
                 }
             }
-            let fingerprints: BTreeMap<u64, u64> = versions
-                .iter()
-                .map(|(v, s)| (*v, s.fingerprint()))
-                .collect();
             let status = suite
                 .get(&status_key(&key))
                 .and_then(DeployStatus::from_entry)
                 .unwrap_or_default();
-            fn release(version: u64, service: &Service) -> Release<'_> {
-                Release {
-                    version,
-                    fingerprint: service.fingerprint(),
-                    placement: &service.placement,
-                    policy: service.update,
-                    surge_possible: service.surge_possible(),
-                }
-            }
-            let target = release(entry.version, &service);
-            // Where a failed target goes back to: the newest older version recorded complete,
-            // or, if newer, one that instances run ready now (its completion may not be
-            // recorded yet when the next version comes).
-            let failed_before = |v: u64| status.failed(v);
-            let running_ready = service_facts
+            let refusals: Vec<Vec<u64>> = known
                 .iter()
-                .filter(|(_, f)| {
-                    f.version < entry.version
-                        && f.state == nubo_proto::instance::InstanceState::Ready
-                        && !failed_before(f.version)
+                .map(|m| refused_versions(&m.attributes, &key))
+                .collect();
+            let members: Vec<Member<'_>> = known
+                .iter()
+                .zip(&refusals)
+                .map(|(m, refused)| Member {
+                    id: m.id,
+                    attributes: &m.attributes,
+                    capacity: lent(&m.attributes),
+                    refused,
                 })
-                .map(|(_, f)| f.version)
-                .filter(|v| versions.contains_key(v))
-                .max();
-            let stable = status
-                .stable_below(entry.version)
-                .max(running_ready)
-                .and_then(|v| versions.get(&v).map(|s| (v, s.clone())));
-            let candidates_refusing = |version: u64| -> Vec<Candidate<'_>> {
-                let refusal = format!("{key}@{version}");
-                members
-                    .iter()
-                    .filter(|m| !plan.drained.contains(&m.id))
-                    .map(|m| Candidate {
-                        id: m.id,
-                        attributes: &m.attributes,
-                        capacity: demand_of(&m.attributes),
-                        refuses: refuses_driver(&m.attributes, service.run.driver)
-                            || m.attributes
-                                .get(ATTR_REFUSES)
-                                .is_some_and(|list| list.split(',').any(|k| k == refusal)),
-                    })
-                    .collect()
-            };
-            let decide = |candidates: &[Candidate<'_>]| {
-                rollout::plan(&RolloutInput {
-                    key: &key,
-                    target,
-                    stable: stable.as_ref().map(|(v, s)| release(*v, s)),
-                    target_failed: status.failed(entry.version),
-                    target_complete: status.completed(entry.version),
-                    fingerprints: &fingerprints,
-                    facts: service_facts,
-                    candidates,
-                })
-            };
-            // A refusal holds for the version refused: place again if the rollout goes back.
-            let mut candidates = candidates_refusing(entry.version);
-            let mut rollout = decide(&candidates);
-            if rollout.version != entry.version {
-                candidates = candidates_refusing(rollout.version);
-                rollout = decide(&candidates);
-            }
-            let effective = versions.get(&rollout.version).unwrap_or(&service).clone();
-            // Quotas count every service of the namespace, in key order; only granted
-            // deployers are held to them (the administrator is not).
-            let demand = effective.placement.demand;
-            let n = rollout.placed.len() as u64;
-            let entry_used = used.entry(service.namespace.clone()).or_default();
-            let after = (
-                entry_used
-                    .0
-                    .saturating_add(demand.cpu_millis.saturating_mul(n)),
-                entry_used
-                    .1
-                    .saturating_add(demand.memory_bytes.saturating_mul(n)),
-                entry_used.2.saturating_add(n),
-            );
-            if let Some(grant) = &parsed.signed.document.grant {
-                let quota = grant.grant.quota;
-                if after.0 > quota.cpu_millis
-                    || after.1 > quota.memory_bytes
-                    || after.2 > quota.instances
-                {
-                    planned.problem = Some("over the namespace's quota".into());
-                    plan.services.push(planned);
-                    continue;
-                }
-            }
-            *entry_used = after;
-            planned.wanted = match effective.placement.count {
-                Count::Replicas(n) => n as usize,
-                _ => rollout.placed.len(),
-            };
-            if rollout.placed.len() < planned.wanted {
-                planned.problem = Some(format!(
-                    "only {} of {} wanted instances can be placed",
-                    rollout.placed.len(),
-                    planned.wanted
-                ));
-                planned.reasons = explain(&effective.placement, &candidates);
-                if !plan.drained.is_empty() {
-                    planned
-                        .reasons
-                        .push(format!("{} nodes are draining", plan.drained.len()));
-                }
-                let driver = service.run.driver;
-                let without = members
-                    .iter()
-                    .filter(|m| !offers(&m.attributes, driver))
-                    .count();
-                if without > 0 {
-                    planned.reasons.push(format!(
-                        "{without} nodes do not offer the {} driver (their owners may add it with --drivers)",
-                        driver.name()
-                    ));
-                }
-                let cannot = members
-                    .iter()
-                    .filter(|m| driver == Driver::Exec && unenforced(&m.attributes))
-                    .count();
-                if cannot > 0 {
-                    planned.reasons.push(format!(
-                        "{cannot} nodes cannot enforce limits (their owners may start them with --allow-unenforced-limits)"
-                    ));
-                }
-            }
-            planned.phase = match rollout.phase {
-                Phase::Steady => "steady",
-                Phase::Starting => "starting",
-                Phase::Rolling { .. } => "rolling",
-                Phase::Reverting => "reverting",
-                Phase::Failed => "failed",
-            }
-            .into();
-            if let Phase::Rolling { batch, batches } = rollout.phase {
-                planned.batch = Some((batch, batches));
-            }
-            if rollout.target_failed && planned.problem.is_none() {
-                planned.problem = Some(match status.outcomes.get(&entry.version) {
-                    Some(Outcome::Failed { node, reason, .. }) => {
-                        format!("version {} failed on {node}: {reason}", entry.version)
-                    }
-                    _ => format!("version {} failed", entry.version),
-                });
-            }
-            planned.running_version = rollout.version;
-            planned.ready = rollout.ready;
-            planned.recorded = status.completed(rollout.version);
-            planned.nodes = rollout.placed.iter().map(NodeId::short).collect();
-            // Outcomes this node records.
+                .collect();
+            let service_facts = facts.get(key.as_str()).map_or(&[][..], Vec::as_slice);
+            let planned = plan_service(&ServiceInput {
+                key: &key,
+                version: entry.version,
+                versions: &specs,
+                status: &status,
+                facts: service_facts,
+                members: &members,
+                drained: &plan.drained,
+                namespace_used: namespace_usage(in_force.iter().map(Arc::as_ref), &key, size),
+                size,
+            });
+            // Outcomes this node records: completion by the first node placed, a failure by
+            // the node it happened on.
             let previous = suite.get(&status_key(&key)).map(|e| e.version);
-            if rollout.complete
-                && rollout.placed.first() == Some(&me)
-                && let Some(next) = status.with(
-                    rollout.version,
-                    Outcome::Complete {
-                        at_unix_ms: unix_ms(),
-                    },
-                )
-            {
-                plan.writes.push(next.to_entry(&key, previous));
-            } else if let Some(failure) = failures
-                .iter()
-                .find(|f| f.key == key && f.version == entry.version)
-                && let Some(next) = status.with(
-                    entry.version,
+            let outcome = match &planned.record {
+                Some((version, RecordedOutcome::Complete))
+                    if planned.summary.nodes.first() == Some(&me.short()) =>
+                {
+                    Some((
+                        *version,
+                        Outcome::Complete {
+                            at_unix_ms: unix_ms(),
+                        },
+                    ))
+                }
+                Some((version, RecordedOutcome::Failed { node, reason })) if *node == me => Some((
+                    *version,
                     Outcome::Failed {
                         at_unix_ms: unix_ms(),
                         node: me.short(),
-                        reason: failure.reason.clone(),
+                        reason: reason.clone(),
                     },
-                )
+                )),
+                _ => None,
+            };
+            if let Some((version, outcome)) = outcome
+                && let Some(next) = status.with(version, outcome)
             {
                 plan.writes.push(next.to_entry(&key, previous));
             }
-            if let Some(task) = rollout.tasks.get(&me) {
+            if let Some(task) = planned.tasks.get(&me) {
                 plan.mine.push(Assignment {
                     key: key.clone(),
                     task: *task,
                     versions,
                 });
             }
-            plan.services.push(planned);
+            plan.services.push(planned.summary);
         }
         plan
     }

@@ -150,17 +150,6 @@ impl InstanceStatus {
     }
 }
 
-/// A version that failed on this node.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Failure {
-    /// The service.
-    pub key: String,
-    /// The version.
-    pub version: u64,
-    /// Why.
-    pub reason: String,
-}
-
 /// What the runner did since start.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RunnerCounters {
@@ -185,8 +174,6 @@ pub struct RunnerReport {
     pub facts: Vec<InstanceFact>,
     /// Versions of services this node will not run (over its limits, or failing here).
     pub refused: BTreeSet<(String, u64)>,
-    /// Versions that failed here.
-    pub failures: Vec<Failure>,
     /// Each instance's log file.
     pub logs: Vec<LogFile>,
     /// What the runner did since start.
@@ -1209,7 +1196,12 @@ impl Runner {
                 state: instance.fact_state(),
                 restarts: instance.supervisor.restarts(),
                 ports: instance.ports.clone().into_iter().collect(),
-                note: truncated(&instance.note, nubo_proto::instance::NOTE_BYTES_MAX),
+                // A failed instance says why: the planner records it as the version's
+                // failure here.
+                note: truncated(
+                    instance.failed.as_ref().unwrap_or(&instance.note),
+                    nubo_proto::instance::NOTE_BYTES_MAX,
+                ),
             };
             let mut status =
                 InstanceStatus::of_fact(&fact, self.config.node.clone(), self.config.host.clone());
@@ -1224,13 +1216,6 @@ impl Runner {
             };
             report.instances.push(status);
             report.facts.push(fact);
-            if let Some(reason) = &instance.failed {
-                report.failures.push(Failure {
-                    key: instance.key.clone(),
-                    version: instance.version,
-                    reason: reason.clone(),
-                });
-            }
             report.logs.push(LogFile {
                 key: instance.key.clone(),
                 version: instance.version,

@@ -13,9 +13,12 @@
 //! - [`ring`]: the structured overlay: successors, fingers, lookups of key owners;
 //! - [`kv`]: the replicated key-value store on the ring's replicas;
 //! - [`blob`]: content-addressed chunked blobs stored in the key-value store;
+//! - [`liveness`]: which members are gone, confirmed by probes and told once to all;
 //! - [`roster`]: every member and what it says of itself, its instances included;
 //! - [`suite`]: every service description, with its history, the same on every node;
 //! - [`service`], [`rollout`]: placement, and how a new version replaces the old one;
+//! - [`spec`], [`placement`], [`outcome`]: what the core reads of a service document, the
+//!   planning of one service, and the recorded outcomes of its updates;
 //! - [`node`]: the composition and its driving contract;
 //! - [`wire`]: the versioned, bounded encoding of every message.
 
@@ -25,14 +28,18 @@ pub mod broadcast;
 pub mod id;
 pub mod instance;
 pub mod kv;
+pub mod liveness;
 pub mod membership;
 pub mod node;
+pub mod outcome;
+pub mod placement;
 pub mod ring;
 pub mod rng;
 pub mod rollout;
 pub mod roster;
 pub mod service;
 pub mod slicing;
+pub mod spec;
 pub mod suite;
 pub mod time;
 pub mod view;

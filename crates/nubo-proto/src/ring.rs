@@ -315,6 +315,37 @@ impl Ring {
         before < replicas
     }
 
+    /// How many nodes the cloud has, as the spacing of this node's ring neighbours suggests:
+    /// exact when the cloud is small enough for the lists to wrap around (or this node is
+    /// alone), else the span from the farthest predecessor to the farthest successor known,
+    /// spread evenly (within a few tens of percent). `None` while the lists are neither full
+    /// nor known to wrap (a node still joining).
+    pub fn size_estimate(&self, now: Time) -> Option<usize> {
+        let listed = self.successors.len() + self.predecessors.len();
+        let mut ids: Vec<NodeId> = self
+            .successors()
+            .chain(self.predecessors())
+            .map(|p| p.id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() < listed || (listed == 0 && self.is_settled(now)) {
+            return Some(ids.len() + 1);
+        }
+        let full = self.config.successors;
+        if self.successors.len() < full || self.predecessors.len() < full {
+            return None;
+        }
+        let first = self.predecessors.last()?.peer.id.0;
+        let last = self.successors.last()?.peer.id.0;
+        let span = distance(first, last) as f64;
+        if span <= 0.0 {
+            return None;
+        }
+        let estimate = listed as f64 * (u128::MAX as f64) / span;
+        Some(estimate.clamp(1.0, 1e12) as usize)
+    }
+
     /// The first `count` nodes at or after `key` that this node knows (itself included): the
     /// key's replicas, exact for keys close behind this node once its lists are right.
     pub fn replicas_of(&self, key: Position, count: usize) -> Vec<Peer> {

@@ -2,16 +2,15 @@
 //! (`namespace/name#status`), so that every node, also after a restart of the whole cloud,
 //! knows which version completed (where a failed one reverts to) and which failed.
 //!
-//! Two kinds of node write it: the first node placed for a version records that it
-//! completed (every placed node ready), and a node whose new instance never became healthy
-//! records that the version failed there. Each writes the outcome it saw merged into the
+//! The node that plans a service records that a version completed (every placed node ready)
+//! or that it failed on a node (its instance never became healthy there). Each writes the outcome it saw merged into the
 //! status it holds, one version higher; an outcome once recorded for a version is never
 //! changed. If two nodes write at once, the suite keeps one of the two documents everywhere
 //! and the other writer, not finding its outcome, writes it again.
 
 use std::collections::BTreeMap;
 
-use nubo_proto::suite::SuiteEntry;
+use crate::suite::SuiteEntry;
 use serde::{Deserialize, Serialize};
 
 /// The suffix of a status annotation's key.
