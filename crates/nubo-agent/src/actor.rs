@@ -1039,7 +1039,11 @@ impl Agent {
                 }
                 Event::NeighborUp(peer) => tracing::debug!(peer = ?peer, "neighbour up"),
                 Event::NeighborDown(peer) => tracing::debug!(peer = ?peer, "neighbour down"),
-                Event::Delivered(_) | Event::Lookup(_) => {}
+                Event::MemberGone { id, left } => {
+                    tracing::info!(node = %id.short(), left, "a member is gone")
+                }
+                Event::MemberBack(id) => tracing::info!(node = %id.short(), "a member is back"),
+                Event::Delivered(_) | Event::Lookup(_) | Event::TasksChanged => {}
             }
         }
         let saved = self.save_suite(false);

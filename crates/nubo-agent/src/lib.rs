@@ -181,6 +181,11 @@ pub async fn run(mut options: AgentOptions) -> Result<(), AgentError> {
                 dissemination: options.dissemination,
                 ..BroadcastConfig::default()
             },
+            // The agent still places with its own planner over the roster.
+            coordination: nubo_proto::coordination::CoordinationConfig {
+                enabled: false,
+                ..Default::default()
+            },
             ..Config::default()
         },
         u64::from_le_bytes(seed),

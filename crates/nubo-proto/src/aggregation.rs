@@ -129,7 +129,9 @@ impl Default for AggregationConfig {
     fn default() -> Self {
         AggregationConfig {
             enabled: true,
-            interval: Duration::from_secs(1),
+            // An exchange every 5 s: epochs of 150 s. The cloud's size and totals change
+            // slowly, and nothing urgent waits on them.
+            interval: Duration::from_secs(5),
             epoch_cycles: 30,
             count_instances: 8,
         }

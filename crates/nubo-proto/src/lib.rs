@@ -15,6 +15,8 @@
 //! - [`blob`]: content-addressed chunked blobs stored in the key-value store;
 //! - [`liveness`]: which members are gone, confirmed by probes and told once to all;
 //! - [`roster`]: every member and what it says of itself, its instances included;
+//! - [`coordination`]: one coordinator per service plans it from what the nodes concerned
+//!   report, and tells each its task;
 //! - [`suite`]: every service description, with its history, the same on every node;
 //! - [`service`], [`rollout`]: placement, and how a new version replaces the old one;
 //! - [`spec`], [`placement`], [`outcome`]: what the core reads of a service document, the
@@ -25,6 +27,7 @@
 pub mod aggregation;
 pub mod blob;
 pub mod broadcast;
+pub mod coordination;
 pub mod id;
 pub mod instance;
 pub mod kv;

@@ -49,7 +49,7 @@ impl Default for LivenessConfig {
         LivenessConfig {
             enabled: true,
             helpers: 3,
-            probe_timeout: Duration::from_millis(1_500),
+            probe_timeout: Duration::from_millis(1_000),
             remember: Duration::from_secs(600),
             departed_max: 100_000,
         }
@@ -181,6 +181,8 @@ pub struct Liveness {
     probes: BTreeMap<NodeId, Probe>,
     helping: BTreeMap<u64, Help>,
     departed: BTreeMap<NodeId, Departed>,
+    /// When the oldest departure is to be forgotten.
+    next_forget: Time,
     /// Lives members announced when they refuted news of their death: older news of their
     /// death is stale. Every node hears the same refutations, so all judge news alike.
     lives: BTreeMap<NodeId, u64>,
@@ -201,6 +203,7 @@ impl Liveness {
             probes: BTreeMap::new(),
             helping: BTreeMap::new(),
             departed: BTreeMap::new(),
+            next_forget: Time::MAX,
             lives: BTreeMap::new(),
             transmits: Vec::new(),
             news: Vec::new(),
@@ -208,6 +211,11 @@ impl Liveness {
             counters: LivenessCounters::default(),
             config,
         }
+    }
+
+    /// How many helpers a probe asks.
+    pub fn helpers_wanted(&self) -> usize {
+        self.config.helpers
     }
 
     /// This node's life.
@@ -253,12 +261,18 @@ impl Liveness {
         }
         let nonce = self.nonce();
         self.counters.probes += 1;
+        // The suspect's other neighbours probe it at about the same time: each waits a
+        // little longer, by an amount of its own, so that the first verdict usually reaches
+        // the others before they declare it too.
+        let mut pair = (self.me.id.0 ^ peer.id.0.rotate_left(64)) as u64;
+        let spread = u64::try_from(self.config.probe_timeout.as_micros() / 2).unwrap_or(0);
+        let jitter = Duration::from_micros(crate::rng::splitmix64(&mut pair) % spread.max(1));
         self.probes.insert(
             peer.id,
             Probe {
                 target: peer,
                 nonce,
-                deadline: now + self.config.probe_timeout,
+                deadline: now + self.config.probe_timeout + jitter,
             },
         );
         self.transmits.push((peer, LivenessMessage::Ping { nonce }));
@@ -304,8 +318,13 @@ impl Liveness {
             self.counters.refuted_by_probe += 1;
         }
         let wait = self.config.probe_timeout;
+        if self.departed.get(&peer.id).is_some_and(|d| d.left) {
+            // It said goodbye, and talks again: it came back (a new life).
+            self.departed.remove(&peer.id);
+            self.events.push(LivenessEvent::Back(peer.id));
+            return;
+        }
         if let Some(departed) = self.departed.get_mut(&peer.id)
-            && !departed.left
             && departed.told.is_none_or(|t| t + wait <= now)
         {
             departed.told = Some(now);
@@ -417,8 +436,10 @@ impl Liveness {
                     }
                     return;
                 }
+                // News older than a refutation is stale, whoever sent it (a node that left,
+                // came back and refuted its old goodbye is alive).
                 let known = self.lives.get(&id).copied().unwrap_or(0);
-                if life >= known || left {
+                if life >= known {
                     self.probes.remove(&id);
                     self.depart(now, id, life.max(known), left);
                 }
@@ -459,6 +480,7 @@ impl Liveness {
                 told: None,
             },
         );
+        self.next_forget = self.next_forget.min(now + self.config.remember);
         self.events.push(LivenessEvent::Gone(id, left));
     }
 
@@ -466,12 +488,7 @@ impl Liveness {
     pub fn poll_timeout(&self) -> Time {
         let probe = self.probes.values().map(|p| p.deadline).min();
         let help = self.helping.values().map(|h| h.deadline).min();
-        let forget = self
-            .departed
-            .values()
-            .map(|d| d.since + self.config.remember)
-            .min();
-        [probe, help, forget]
+        [probe, help, Some(self.next_forget)]
             .into_iter()
             .flatten()
             .min()
@@ -498,8 +515,16 @@ impl Liveness {
             self.depart(now, probe.target.id, life, false);
         }
         self.helping.retain(|_, h| h.deadline > now);
-        let remember = self.config.remember;
-        self.departed.retain(|_, d| d.since + remember > now);
+        if self.next_forget <= now {
+            let remember = self.config.remember;
+            self.departed.retain(|_, d| d.since + remember > now);
+            self.next_forget = self
+                .departed
+                .values()
+                .map(|d| d.since + remember)
+                .min()
+                .unwrap_or(Time::MAX);
+        }
     }
 
     /// Messages to send.
@@ -559,8 +584,14 @@ mod tests {
         // Suspected again meanwhile: one probe only.
         a.suspect(now, peer(2), &[peer(3)]);
         assert_eq!(a.drain_transmits().count(), 0);
-        assert_eq!(a.poll_timeout(), now + Duration::from_millis(1_500));
-        a.handle_timeout(now + Duration::from_millis(1_500));
+        let deadline = a.poll_timeout();
+        assert!(
+            deadline >= now + Duration::from_millis(1_000)
+                && deadline < now + Duration::from_millis(1_500)
+        );
+        a.handle_timeout(Time::from_micros(deadline.as_micros() - 1));
+        assert_eq!(a.drain_news().count(), 0, "not before its deadline");
+        a.handle_timeout(deadline);
         assert_eq!(
             a.drain_news().collect::<Vec<_>>(),
             vec![LivenessNews::Gone {

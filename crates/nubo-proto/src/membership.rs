@@ -73,10 +73,13 @@ impl Default for MembershipConfig {
             shuffle_active: 3,
             shuffle_passive: 4,
             shuffle_walk_length: 6,
-            shuffle_interval: Duration::from_secs(5),
+            // A quiet cloud costs little: passive views are refreshed every 20 s, an idle
+            // link gets a keepalive every second, and a neighbour silent for 3 s is suspected
+            // (liveness then confirms it before anyone acts).
+            shuffle_interval: Duration::from_secs(20),
             maintain_interval: Duration::from_millis(250),
-            keepalive_interval: Duration::from_millis(500),
-            peer_timeout: Duration::from_millis(2_000),
+            keepalive_interval: Duration::from_millis(1_000),
+            peer_timeout: Duration::from_millis(3_000),
             request_timeout: Duration::from_millis(1_500),
             lost_max: 16,
             reconnect_backoff_min: Duration::from_secs(1),
@@ -328,6 +331,17 @@ impl Membership {
         } else {
             self.passive.iter().nth(pick - self.active.len())
         }
+    }
+
+    /// Up to `count` distinct members to ask for help, `except` excluded: neighbours first
+    /// (they are alive), then nodes of the passive view.
+    pub fn helpers(&mut self, count: usize, except: NodeId) -> Vec<Peer> {
+        let mut chosen = self.active.sample(&mut self.rng, count, |id| id == except);
+        let more = count.saturating_sub(chosen.len());
+        if more > 0 {
+            chosen.extend(self.passive.sample(&mut self.rng, more, |id| id == except));
+        }
+        chosen
     }
 
     /// A neighbour chosen uniformly: unlike the passive view, the active view is watched by

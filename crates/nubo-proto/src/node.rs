@@ -1,18 +1,22 @@
 //! A node of the cloud: every protocol layer composed behind one sans-IO interface.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
 
 use crate::aggregation::{Aggregation, AggregationConfig, CloudStats, Resources};
 use crate::broadcast::{Broadcast, BroadcastConfig, BroadcastError, Delivery, MessageId};
+use crate::coordination::{Coordination, CoordinationConfig};
 use crate::id::{NodeId, Peer};
 use crate::kv::{Kv, KvConfig, KvError, KvOutcome};
+use crate::liveness::{Liveness, LivenessConfig, LivenessEvent, LivenessNews};
 use crate::membership::{Membership, MembershipConfig, MembershipEvent};
 use crate::ring::{LookupPurpose, LookupResult, Position, Ring, RingConfig};
 use crate::rng::Rng;
+use crate::rollout::Task;
 use crate::roster::{Roster, RosterConfig, RosterNews};
 use crate::slicing::{Slicing, SlicingConfig};
+use crate::spec::{PlainReader, SpecReader};
 use crate::suite::{AcceptAll, Suite, SuiteCheck, SuiteConfig, SuiteEntry};
 use crate::time::Time;
 use crate::wire::Message;
@@ -36,16 +40,25 @@ pub struct Config {
     pub roster: RosterConfig,
     /// The service suite.
     pub suite: SuiteConfig,
+    /// Which members are gone.
+    pub liveness: LivenessConfig,
+    /// Who runs each service.
+    pub coordination: CoordinationConfig,
 }
 
 /// Lookup tags with this bit set belong to the key-value store.
 const KV_LOOKUP: u64 = 1 << 63;
+/// Lookup tags with this bit set belong to coordination.
+const COORDINATION_LOOKUP: u64 = 1 << 62;
+/// Bits of a lookup tag reserved by the core.
+const RESERVED_LOOKUP: u64 = KV_LOOKUP | COORDINATION_LOOKUP;
 
 /// First byte of a broadcast payload: whose it is. The application's payloads and the
 /// roster's news share one broadcast layer.
 const PAYLOAD_APPLICATION: u8 = 0;
 const PAYLOAD_ROSTER: u8 = 1;
 const PAYLOAD_SUITE: u8 = 2;
+const PAYLOAD_LIVENESS: u8 = 3;
 
 /// A message the driver must send.
 #[derive(Clone, Debug, PartialEq)]
@@ -71,6 +84,17 @@ pub enum Event {
     Kv(KvOutcome),
     /// The suite entry of this key changed.
     SuiteChanged(String),
+    /// A member is gone (`left`: on purpose), as liveness decided or heard.
+    MemberGone {
+        /// The member.
+        id: NodeId,
+        /// It left on purpose.
+        left: bool,
+    },
+    /// A member thought gone is alive.
+    MemberBack(NodeId),
+    /// What this node must run changed: see [`Node::tasks`].
+    TasksChanged,
 }
 
 /// One node's protocol state: the deterministic core of nubo.
@@ -103,6 +127,10 @@ pub struct Node {
     kv: Kv,
     roster: Roster,
     suite: Suite,
+    liveness: Liveness,
+    coordination: Coordination,
+    /// The size estimate, with the ring changes and settledness it was computed at.
+    size_cache: (u64, bool, Option<usize>),
     enabled: Enabled,
     /// Whether the broadcast layer was handed anything since the last flush. Most inputs
     /// (membership shuffles above all) never reach it, and then neither its outputs nor its
@@ -127,6 +155,8 @@ struct Enabled {
     kv: bool,
     roster: bool,
     suite: bool,
+    liveness: bool,
+    coordination: bool,
 }
 
 impl Enabled {
@@ -138,6 +168,8 @@ impl Enabled {
             kv: config.kv.enabled,
             roster: config.roster.enabled,
             suite: config.suite.enabled,
+            liveness: config.liveness.enabled,
+            coordination: config.coordination.enabled,
         }
     }
 }
@@ -174,6 +206,9 @@ impl Node {
             kv: Kv::new(me, config.kv, now),
             roster: Roster::new(me, config.roster, now),
             suite: Suite::new(config.suite, Box::new(AcceptAll), now),
+            liveness: Liveness::new(me, config.liveness, now),
+            coordination: Coordination::new(me, config.coordination, Box::new(PlainReader), now),
+            size_cache: (u64::MAX, false, None),
             enabled,
             broadcast_touched: false,
             broadcast_deadline,
@@ -235,9 +270,9 @@ impl Node {
 
     /// Starts finding the owner (and replicas) of ring position `key`; the result comes as
     /// an [`Event::Lookup`] carrying `tag`. Returns false when too many lookups are in
-    /// progress, or when `tag` has its top bit set (reserved).
+    /// progress, or when `tag` has one of its two top bits set (reserved).
     pub fn lookup(&mut self, now: Time, key: Position, tag: u64) -> bool {
-        if tag & KV_LOOKUP != 0 {
+        if tag & RESERVED_LOOKUP != 0 {
             return false;
         }
         let started = self.ring.lookup(now, key, tag);
@@ -291,14 +326,67 @@ impl Node {
 
     /// Sets the attributes this node announces to the cloud.
     pub fn set_attributes(&mut self, now: Time, attributes: Vec<(String, String)>) {
+        if self.enabled.coordination {
+            self.coordination.set_attributes(attributes.clone());
+        }
         self.roster.set_attributes(now, attributes);
         self.flush(now);
     }
 
     /// Sets the service instances this node reports to the cloud.
     pub fn set_instances(&mut self, now: Time, instances: Vec<crate::instance::InstanceFact>) {
+        if self.enabled.coordination {
+            self.coordination.set_instances(&instances);
+        }
         self.roster.set_instances(now, instances);
         self.flush(now);
+    }
+
+    /// Sets the versions of services this node refuses to run (over its owner's limits, or
+    /// failing here): coordinators place them elsewhere.
+    pub fn set_refusals(&mut self, now: Time, refusals: &[(String, u64)]) {
+        self.coordination.set_refusals(refusals);
+        self.flush(now);
+    }
+
+    /// What this node must run, per service (a service not listed runs nothing here), as its
+    /// coordinators decided.
+    pub fn tasks(&self) -> &BTreeMap<String, Task> {
+        self.coordination.tasks()
+    }
+
+    /// The coordination layer: services coordinated here, with their plans, and the
+    /// services this node reports.
+    pub fn coordination(&self) -> &Coordination {
+        &self.coordination
+    }
+
+    /// Sets how suite documents are read (the agent reads signed TOML descriptions).
+    pub fn set_spec_reader(&mut self, reader: Box<dyn SpecReader>) {
+        self.coordination.set_reader(reader);
+    }
+
+    /// Liveness: members known to be gone, probes in progress.
+    pub fn liveness(&self) -> &Liveness {
+        &self.liveness
+    }
+
+    /// The cloud's size as this node estimates it: from its ring neighbours' spacing, else
+    /// from aggregation.
+    pub fn size_estimate(&self, now: Time) -> Option<usize> {
+        // A ring that seems to wrap around (a small cloud) while membership knows of more
+        // nodes than it holds only means this node has not met its ring neighbours yet.
+        let known = self.membership.active().len() + self.membership.passive().len();
+        let from_ring = if self.enabled.ring && self.ring.is_settled(now) {
+            self.ring.size_estimate(now).filter(|&n| n > known)
+        } else {
+            None
+        };
+        from_ring.or_else(|| {
+            self.aggregation
+                .stats()
+                .map(|stats| stats.size.round().clamp(1.0, 1e12) as usize)
+        })
     }
 
     /// What the broadcast layer did since start.
@@ -325,6 +413,13 @@ impl Node {
     /// Publishes a suite entry to the cloud: taken here, then broadcast. Returns false if the
     /// check refused it or a version at least as new is held.
     pub fn publish(&mut self, now: Time, entry: SuiteEntry) -> bool {
+        let taken = self.offer_and_broadcast(now, entry);
+        self.flush(now);
+        taken
+    }
+
+    /// Takes a suite entry and broadcasts it, if the suite takes it.
+    fn offer_and_broadcast(&mut self, now: Time, entry: SuiteEntry) -> bool {
         if !self.suite.offer(entry.clone()) {
             return false;
         }
@@ -332,7 +427,6 @@ impl Node {
             // If the broadcast layer is full, anti-entropy still spreads the entry.
             let _ = self.broadcast_mut().broadcast(now, Bytes::from(payload));
         }
-        self.flush(now);
         true
     }
 
@@ -346,6 +440,8 @@ impl Node {
     pub fn leave(&mut self, now: Time) {
         self.roster.leave();
         self.publish_roster_news(now);
+        self.liveness.leave();
+        self.publish_liveness_news(now);
         self.membership.leave();
         self.flush(now);
     }
@@ -367,6 +463,9 @@ impl Node {
         }
         self.membership.heard_from(now, from.id);
         let on = self.enabled;
+        if on.liveness {
+            self.liveness.heard_from(now, from);
+        }
         match message {
             Message::Membership(m) => self.membership.handle_message(now, from, m),
             Message::Broadcast(m) => {
@@ -380,6 +479,12 @@ impl Node {
             Message::Ring(m) if on.ring => self.ring.handle_message(now, from, m),
             Message::Kv(m) if on.kv => self.kv.handle_message(now, from, m),
             Message::Suite(m) if on.suite => self.suite.handle_message(from, m),
+            Message::Liveness(m) if on.liveness => self.liveness.handle_message(now, from, m),
+            Message::Coordination(m) if on.coordination => {
+                let liveness = &self.liveness;
+                self.coordination
+                    .handle_message(now, from, m, &self.ring, &|id| liveness.is_departed(id))
+            }
             // A layer switched off here ignores its messages (the sender's is on).
             _ => {}
         }
@@ -397,6 +502,9 @@ impl Node {
         }
         if self.enabled.kv {
             self.kv.peer_down(now, peer);
+        }
+        if self.enabled.coordination {
+            self.coordination.peer_down(now, peer);
         }
         self.flush(now);
     }
@@ -436,6 +544,12 @@ impl Node {
             let neighbor = self.membership.random_neighbor();
             self.suite.handle_timeout(now, neighbor);
         }
+        if on.liveness && self.liveness.poll_timeout() <= now {
+            self.liveness.handle_timeout(now);
+        }
+        if on.coordination && self.coordination.poll_timeout() <= now {
+            self.coordination.handle_timeout(now, &self.ring);
+        }
         self.flush(now);
     }
 
@@ -456,6 +570,10 @@ impl Node {
             .min(optional(on.kv, &|| self.kv.poll_timeout()))
             .min(optional(on.roster, &|| self.roster.poll_timeout()))
             .min(optional(on.suite, &|| self.suite.poll_timeout()))
+            .min(optional(on.liveness, &|| self.liveness.poll_timeout()))
+            .min(optional(on.coordination, &|| {
+                self.coordination.poll_timeout()
+            }))
     }
 
     /// The next message to send.
@@ -500,6 +618,11 @@ impl Node {
                     if on.roster {
                         self.roster.neighbor_failed(now, peer.id);
                     }
+                    if on.liveness {
+                        let wanted = self.liveness.helpers_wanted();
+                        let helpers = self.membership.helpers(wanted, peer.id);
+                        self.liveness.suspect(now, peer, &helpers);
+                    }
                 }
             }
         }
@@ -535,11 +658,27 @@ impl Node {
                         self.suite.offer(entry);
                     }
                 }
+                PAYLOAD_LIVENESS if on.liveness => {
+                    if let Ok(news) = postcard::from_bytes::<LivenessNews>(rest) {
+                        self.liveness.handle_news(now, news);
+                    }
+                }
                 _ => {}
             }
         }
         if on.roster {
             self.publish_roster_news(now);
+        }
+        if on.liveness {
+            self.flush_liveness(now);
+        }
+        if on.suite {
+            self.note_suite_changes();
+        }
+        if on.coordination {
+            self.flush_coordination(now);
+            // Outcomes it recorded changed the suite.
+            self.note_suite_changes();
         }
         let before = self.transmits.len();
         self.transmits
@@ -581,8 +720,6 @@ impl Node {
                     to,
                     message: Message::Suite(m),
                 }));
-            self.events
-                .extend(self.suite.drain_changed().map(Event::SuiteChanged));
         }
         for transmit in self.transmits.range(before..) {
             if matches!(
@@ -610,8 +747,19 @@ impl Node {
                     self.kv.on_lookup(now, *op, &[], 0);
                 }
             }
+            let coordination: Vec<(u64, Position)> =
+                if self.enabled.coordination && self.ring.is_settled(now) {
+                    self.coordination.drain_lookups().collect()
+                } else {
+                    Vec::new()
+                };
+            for (tag, position) in &coordination {
+                if !self.ring.lookup(now, *position, COORDINATION_LOOKUP | tag) {
+                    self.coordination.on_lookup(now, *tag, &[]);
+                }
+            }
             let results: Vec<LookupResult> = self.ring.drain_results().collect();
-            if lookups.is_empty() && results.is_empty() {
+            if lookups.is_empty() && coordination.is_empty() && results.is_empty() {
                 break;
             }
             for result in results {
@@ -619,6 +767,17 @@ impl Node {
                     LookupPurpose::External(tag) if tag & KV_LOOKUP != 0 => {
                         self.kv
                             .on_lookup(now, tag & !KV_LOOKUP, &result.replicas, result.hops);
+                    }
+                    LookupPurpose::External(tag) if tag & COORDINATION_LOOKUP != 0 => {
+                        // Routing nodes may not have heard of a departure yet.
+                        let live: Vec<Peer> = result
+                            .replicas
+                            .iter()
+                            .filter(|p| !self.liveness.is_departed(p.id))
+                            .copied()
+                            .collect();
+                        self.coordination
+                            .on_lookup(now, tag & !COORDINATION_LOOKUP, &live);
                     }
                     _ => self.events.push_back(Event::Lookup(result)),
                 }
@@ -641,6 +800,89 @@ impl Node {
     fn broadcast_mut(&mut self) -> &mut Broadcast {
         self.broadcast_touched = true;
         &mut self.broadcast
+    }
+
+    /// Tells coordination and the driver which suite keys changed.
+    fn note_suite_changes(&mut self) {
+        let coordination = self.enabled.coordination;
+        for key in self.suite.drain_changed() {
+            if coordination {
+                self.coordination.suite_changed(&key);
+            }
+            self.events.push_back(Event::SuiteChanged(key));
+        }
+    }
+
+    /// Broadcasts liveness news and routes its events to the layers above.
+    fn flush_liveness(&mut self, now: Time) {
+        self.publish_liveness_news(now);
+        let on = self.enabled;
+        let events: Vec<LivenessEvent> = self.liveness.drain_events().collect();
+        for event in events {
+            match event {
+                LivenessEvent::Gone(id, left) => {
+                    if on.ring {
+                        self.ring.departed(now, id);
+                    }
+                    if on.kv {
+                        self.kv.peer_down(now, id);
+                    }
+                    if on.coordination {
+                        self.coordination.departed(id);
+                    }
+                    self.events.push_back(Event::MemberGone { id, left });
+                }
+                LivenessEvent::Back(id) => {
+                    // Coordinators it takes back hand their services over when their rings
+                    // see it; their reporters are told to look again.
+                    if on.ring {
+                        self.ring.revive(id);
+                    }
+                    self.events.push_back(Event::MemberBack(id));
+                }
+            }
+        }
+        self.transmits
+            .extend(self.liveness.drain_transmits().map(|(to, m)| Transmit {
+                to,
+                message: Message::Liveness(m),
+            }));
+    }
+
+    /// Broadcasts what liveness has to say.
+    fn publish_liveness_news(&mut self, now: Time) {
+        let news: Vec<LivenessNews> = self.liveness.drain_news().collect();
+        for item in news {
+            if let Ok(payload) = postcard::to_extend(&item, vec![PAYLOAD_LIVENESS]) {
+                // A full broadcast store only delays the news: anti-entropy spreads it.
+                let _ = self.broadcast_mut().broadcast(now, Bytes::from(payload));
+            }
+        }
+    }
+
+    /// Moves coordination's outputs: lookups go to the ring (next round of the ring's
+    /// loop), recorded outcomes into the suite, messages out.
+    fn flush_coordination(&mut self, now: Time) {
+        // The estimate changes only with the ring's lists (or the aggregation's epoch, read
+        // along when it is recomputed).
+        let key = (self.ring.changes(), self.ring.is_settled(now));
+        if (self.size_cache.0, self.size_cache.1) != key {
+            self.size_cache = (key.0, key.1, self.size_estimate(now));
+        }
+        let size = self.size_cache.2;
+        self.coordination.flush(now, &self.suite, &self.ring, size);
+        let writes: Vec<SuiteEntry> = self.coordination.drain_writes().collect();
+        for entry in writes {
+            self.offer_and_broadcast(now, entry);
+        }
+        self.transmits
+            .extend(self.coordination.drain_transmits().map(|(to, m)| Transmit {
+                to,
+                message: Message::Coordination(m),
+            }));
+        if self.coordination.take_tasks_changed() {
+            self.events.push_back(Event::TasksChanged);
+        }
     }
 
     /// Broadcasts what the roster has to say.

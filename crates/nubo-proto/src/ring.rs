@@ -113,8 +113,12 @@ pub struct RingConfig {
     pub enabled: bool,
     /// Length of the successor (and predecessor) list; the most replicas a key can have.
     pub successors: usize,
-    /// Period of view exchanges and finger lookups.
+    /// Period of view exchanges and finger lookups while the lists change.
     pub interval: Duration,
+    /// Longest period once they stop changing: each cycle that changes nothing doubles the
+    /// period up to this, any change brings it back to `interval` (a quiet ring costs
+    /// little; a newcomer or a departure is worked in at full speed).
+    pub interval_max: Duration,
     /// A node not heard from (directly or through others) for this long is dropped.
     pub stale_after: Duration,
     /// A node seen failing is refused from others' views for this long.
@@ -139,7 +143,10 @@ impl Default for RingConfig {
             enabled: true,
             successors: 8,
             interval: Duration::from_secs(1),
-            stale_after: Duration::from_secs(20),
+            interval_max: Duration::from_secs(30),
+            // Exchanges may be `interval_max` apart and fingers are refreshed one at a time,
+            // so entries age slowly; departures reach the ring as news (`Ring::departed`).
+            stale_after: Duration::from_secs(600),
             dead_for: Duration::from_secs(30),
             lookup_timeout: Duration::from_secs(2),
             lookup_attempts: 4,
@@ -239,6 +246,12 @@ pub struct Ring {
     forwarded: VecDeque<Forwarded>,
     next_id: u64,
     next_cycle: Time,
+    /// The period of the next cycle (`interval` to `interval_max`).
+    period: Duration,
+    /// Counts changes of the lists, so that what is derived from them is computed once.
+    changes: u64,
+    /// The ids of the lists at the last cycle, to tell whether they changed.
+    shape: u64,
     next_finger: u8,
     /// From when the node is settled: `settle_after` from its start, or earlier once its
     /// closest neighbours confirmed its view.
@@ -265,6 +278,9 @@ impl Ring {
             forwarded: VecDeque::new(),
             next_id: now.as_micros(),
             next_cycle: now + offset,
+            period: config.interval,
+            changes: 0,
+            shape: 0,
             next_finger: 127,
             settled_at: now + config.settle_after,
             settling: Vec::new(),
@@ -474,6 +490,21 @@ impl Ring {
         }
     }
 
+    /// `peer` is gone for good (liveness said so): it is dropped and kept out of views for
+    /// `stale_after`, until [`Ring::revive`].
+    pub fn departed(&mut self, now: Time, peer: NodeId) {
+        self.peer_down(now, peer);
+        self.dead.insert(
+            peer,
+            now + self.config.stale_after.max(self.config.dead_for),
+        );
+    }
+
+    /// `peer`, thought gone, is alive: views may name it again.
+    pub fn revive(&mut self, peer: NodeId) {
+        self.dead.remove(&peer);
+    }
+
     /// Runs a cycle (view exchanges, a finger lookup, expiry) and retries overdue lookups.
     pub fn handle_timeout(&mut self, now: Time, random: Option<Peer>) {
         if !self.config.enabled {
@@ -483,8 +514,17 @@ impl Ring {
         if now < self.next_cycle {
             return;
         }
-        self.next_cycle = now + self.config.interval;
         self.expire(now);
+        // Quiet rings slow down: a cycle that finds the lists as the last one left them
+        // doubles the period.
+        let shape = self.shape();
+        self.period = if shape == self.shape {
+            (self.period * 2).min(self.config.interval_max.max(self.config.interval))
+        } else {
+            self.config.interval
+        };
+        self.shape = shape;
+        self.next_cycle = now + self.period;
         let view = self.view(now);
         if let Some(successor) = self.successors.first().map(|k| k.peer) {
             self.transmits.push((
@@ -785,8 +825,11 @@ impl Ring {
         }
         let me = self.position();
         let r = self.config.successors;
-        insert_sorted(&mut self.successors, peer, heard, r, |p| distance(me, p));
-        insert_sorted(&mut self.predecessors, peer, heard, r, |p| distance(p, me));
+        let inserted = insert_sorted(&mut self.successors, peer, heard, r, |p| distance(me, p))
+            | insert_sorted(&mut self.predecessors, peer, heard, r, |p| distance(p, me));
+        if inserted {
+            self.hurry();
+        }
         // Every finger this node improves: the first known node at or after its target.
         let lowest = self.lowest_finger();
         for k in lowest..=127u8 {
@@ -829,15 +872,58 @@ impl Ring {
     }
 
     fn forget(&mut self, peer: NodeId) {
+        let before = self.successors.len() + self.predecessors.len();
         self.successors.retain(|k| k.peer.id != peer);
         self.predecessors.retain(|k| k.peer.id != peer);
         self.fingers.retain(|_, k| k.peer.id != peer);
+        if self.successors.len() + self.predecessors.len() != before {
+            self.hurry();
+        }
+    }
+
+    /// A number that grows whenever the successor or predecessor lists change.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// The lists changed: work it in at full speed.
+    fn hurry(&mut self) {
+        self.changes = self.changes.wrapping_add(1);
+        self.period = self.config.interval;
+        // (Equal to the scheduled cycle when the period never grows.)
+        let soon = self.next_cycle.min(self.last_cycle_plus_interval());
+        self.next_cycle = soon;
+    }
+
+    /// When the next cycle would come if the period were `interval`.
+    fn last_cycle_plus_interval(&self) -> Time {
+        self.next_cycle.saturating_sub(self.period) + self.config.interval
+    }
+
+    /// A fingerprint of the ids in the lists.
+    fn shape(&self) -> u64 {
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        for known in self
+            .successors
+            .iter()
+            .chain(&self.predecessors)
+            .chain(self.fingers.values())
+        {
+            for byte in known.peer.id.0.to_le_bytes() {
+                hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        hash
     }
 
     fn expire(&mut self, now: Time) {
         let oldest = now.saturating_sub(self.config.stale_after);
+        let before = self.successors.len() + self.predecessors.len();
         self.successors.retain(|k| k.heard >= oldest);
         self.predecessors.retain(|k| k.heard >= oldest);
+        if self.successors.len() + self.predecessors.len() != before {
+            self.changes = self.changes.wrapping_add(1);
+        }
         self.fingers.retain(|_, k| k.heard >= oldest);
         self.dead.retain(|_, until| *until > now);
     }
@@ -888,18 +974,19 @@ fn insert_sorted(
     heard: Time,
     max: usize,
     key: impl Fn(Position) -> u128,
-) {
+) -> bool {
     if let Some(known) = list.iter_mut().find(|k| k.peer.id == peer.id) {
         known.refresh(peer, heard);
-        return;
+        return false;
     }
     let d = key(peer.id.0);
     let at = list.partition_point(|k| key(k.peer.id.0) < d);
     if at >= max {
-        return;
+        return false;
     }
     list.insert(at, Known { peer, heard });
     list.truncate(max);
+    true
 }
 
 /// Milliseconds from `heard` to `now`, saturated.
@@ -930,6 +1017,7 @@ mod tests {
         let config = RingConfig {
             successors: 3,
             settle_after: Duration::ZERO,
+            stale_after: Duration::from_secs(20),
             ..RingConfig::default()
         };
         let mut ring = Ring::new(peer(me), config, Rng::from_seed(1), Time::ZERO);

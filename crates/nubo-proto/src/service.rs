@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::id::NodeId;
 
 /// What a service needs from a node, per instance.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Demand {
     /// Thousandths of a core.
     pub cpu_millis: u64,

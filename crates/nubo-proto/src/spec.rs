@@ -187,6 +187,17 @@ pub enum SimpleDocument {
     },
 }
 
+impl SimpleDocument {
+    /// The suite entry carrying this document under `key` at `version`.
+    pub fn to_entry(&self, key: &str, version: u64) -> SuiteEntry {
+        SuiteEntry {
+            key: key.to_string(),
+            version,
+            document: postcard::to_allocvec(self).unwrap_or_default().into(),
+        }
+    }
+}
+
 impl SpecReader for PlainReader {
     fn read(&self, entry: &SuiteEntry) -> Document {
         if crate::suite::annotated(&entry.key).is_some() {

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregation::AggregationMessage;
 use crate::broadcast::{BroadcastMessage, TreeMessage};
+use crate::coordination::CoordinationMessage;
 use crate::kv::KvMessage;
+use crate::liveness::LivenessMessage;
 use crate::membership::MembershipMessage;
 use crate::ring::RingMessage;
 use crate::slicing::SlicingMessage;
@@ -40,6 +42,10 @@ pub enum Message {
     /// A message between two agents that the core does not read (a request for an instance's
     /// log and its answer); the driver handles it, bounded by the frame size.
     Agent(bytes::Bytes),
+    /// Liveness probes.
+    Liveness(LivenessMessage),
+    /// Reports and tasks between nodes and the coordinators of their services.
+    Coordination(CoordinationMessage),
 }
 
 impl Message {
@@ -53,7 +59,8 @@ impl Message {
             Message::Ring(m) => m.is_within_bounds(),
             Message::Kv(m) => m.is_within_bounds(),
             Message::Suite(m) => m.is_within_bounds(),
-            Message::Agent(_) => true,
+            Message::Agent(_) | Message::Liveness(_) => true,
+            Message::Coordination(m) => m.is_within_bounds(),
         }
     }
 
@@ -116,6 +123,21 @@ impl Message {
                 SuiteMessage::Entries(_) => "suite_entries",
             },
             Message::Agent(_) => "agent",
+            Message::Liveness(m) => match m {
+                LivenessMessage::Ping { .. } => "live_ping",
+                LivenessMessage::Pong { .. } => "live_pong",
+                LivenessMessage::Check { .. } => "live_check",
+                LivenessMessage::Reached { .. } => "live_reached",
+                LivenessMessage::Declared { .. } => "live_declared",
+            },
+            Message::Coordination(m) => match m {
+                CoordinationMessage::Report { .. } => "coord_report",
+                CoordinationMessage::Beat { .. } => "coord_beat",
+                CoordinationMessage::Resend => "coord_resend",
+                CoordinationMessage::Tasks { .. } => "coord_tasks",
+                CoordinationMessage::NotMine { .. } => "coord_not_mine",
+                CoordinationMessage::Handover { .. } => "coord_handover",
+            },
         }
     }
 }

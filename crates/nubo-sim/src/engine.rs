@@ -24,9 +24,15 @@ use nubo_proto::wire::{self, Message};
 use nubo_proto::{Config, Event, Node, NodeId, Peer, Rng, Time};
 
 use crate::queue::{CalendarQueue, Entry};
+use crate::runner::{RunnerTiming, SimRunner};
 
 /// Index of a node in the simulation (stable across crashes and restarts).
 pub type NodeIndex = u32;
+
+/// What one message costs on a real network besides its encoding, counted with traffic: a
+/// QUIC packet of one frame (IPv4 20, UDP 8, short header about 22, AEAD tag 16 bytes). The
+/// packets QUIC sends of its own (acknowledgements, keep-alives) are not counted.
+pub const FRAMING_BYTES: u64 = 66;
 
 /// The port every simulated machine listens on.
 const SIM_PORT: u16 = 7946;
@@ -169,16 +175,22 @@ struct Machine {
     peer: Peer,
     resources: Resources,
     rank_value: f64,
+    attributes: Vec<(String, String)>,
     incarnation: u32,
     group: u16,
     alive: bool,
 }
 
-/// The running node of one machine and its pending wake-up; touched only by its shard.
+/// The running node of one machine, its simulated runner (when nodes run services), its
+/// pending wake-up and what it sent; touched only by its shard.
 #[derive(Default)]
 struct NodeSlot {
     node: Option<Node>,
+    runner: Option<SimRunner>,
     wake: Option<Time>,
+    /// Messages and bytes sent while counting ([`Sim::count_traffic`]).
+    sent_msgs: u64,
+    sent_bytes: u64,
 }
 
 /// Logical shards; machine `i` belongs to shard `i % SHARDS`. Fixed, so that a run gives the
@@ -206,6 +218,7 @@ pub struct Sim {
     threads: usize,
     /// Smaller simulations run every window on one thread.
     parallel_nodes_min: usize,
+    runner_timing: RunnerTiming,
 }
 
 /// More wake-ups of one node at one instant than any protocol needs: a busy loop.
@@ -228,12 +241,101 @@ impl Sim {
                 index: HashMap::new(),
                 network,
                 blocked: BTreeSet::new(),
+                count_traffic: false,
+                time_plans: false,
             },
             config,
             shards,
             threads,
             parallel_nodes_min: PARALLEL_NODES_MIN,
+            runner_timing: RunnerTiming::default(),
         }
+    }
+
+    /// How long simulated instances take to start and stop (for machines booted from now).
+    pub fn set_runner_timing(&mut self, timing: RunnerTiming) {
+        self.runner_timing = timing;
+    }
+
+    /// Starts (or stops) counting the messages and bytes each node sends: every message is
+    /// encoded to be measured, which costs time.
+    pub fn count_traffic(&mut self, on: bool) {
+        self.world.count_traffic = on;
+    }
+
+    /// Messages and bytes machine `i` sent while counting, since it last booted.
+    pub fn traffic(&self, i: NodeIndex) -> (u64, u64) {
+        let slot = &self.shards[i as usize % SHARDS].nodes[i as usize / SHARDS];
+        (slot.sent_msgs, slot.sent_bytes)
+    }
+
+    /// Bytes sent by kind while counting traffic, since the last reset.
+    pub fn bytes_by_kind(&self) -> KindCounts {
+        let mut total = KindCounts::new();
+        for shard in &self.shards {
+            for (kind, bytes) in &shard.kind_bytes {
+                *total.entry(kind).or_insert(0) += bytes;
+            }
+        }
+        total
+    }
+
+    /// Sets every node's traffic counters back to zero.
+    pub fn reset_traffic(&mut self) {
+        for shard in &mut self.shards {
+            shard.kind_bytes.clear();
+            for slot in &mut shard.nodes {
+                slot.sent_msgs = 0;
+                slot.sent_bytes = 0;
+            }
+        }
+    }
+
+    /// Starts measuring the wall time of every step in which a node planned a service.
+    pub fn time_plans(&mut self, on: bool) {
+        self.world.time_plans = on;
+    }
+
+    /// Wall times (microseconds) of the steps in which a node planned, with the number of
+    /// plans each made, since the last call.
+    pub fn take_plan_times(&mut self) -> Vec<(u64, u64)> {
+        let mut all = Vec::new();
+        for shard in &mut self.shards {
+            all.append(&mut shard.plan_times);
+        }
+        all
+    }
+
+    /// The attributes of machine `i`.
+    pub fn attributes(&self, i: NodeIndex) -> &[(String, String)] {
+        &self.world.machines[i as usize].attributes
+    }
+
+    /// The simulated runner of machine `i`, if it runs.
+    pub fn runner(&self, i: NodeIndex) -> Option<&SimRunner> {
+        self.shards[i as usize % SHARDS].nodes[i as usize / SHARDS]
+            .runner
+            .as_ref()
+    }
+
+    /// Sets the attributes machine `i` announces (kept across restarts).
+    pub fn set_attributes(&mut self, i: NodeIndex, attributes: Vec<(String, String)>) {
+        self.world.machines[i as usize].attributes = attributes.clone();
+        let mut observer = NoObserver;
+        self.start(i, &mut observer, |node, now| {
+            node.set_attributes(now, attributes);
+            true
+        });
+    }
+
+    /// Publishes a suite entry from machine `i`; false if it is down or the suite refused it.
+    pub fn publish(
+        &mut self,
+        i: NodeIndex,
+        entry: nubo_proto::suite::SuiteEntry,
+        observer: &mut impl Observer,
+    ) -> bool {
+        self.start(i, observer, |node, now| node.publish(now, entry))
     }
 
     /// Runs the shards of each window on at most `threads` threads (1: all on the caller's).
@@ -326,6 +428,7 @@ impl Sim {
             peer: Peer::with_addr(id, machine_addr(index)),
             resources: Resources::default(),
             rank_value: 0.0,
+            attributes: Vec::new(),
             incarnation: 0,
             group: 0,
             alive: false,
@@ -593,9 +696,18 @@ impl Sim {
         let mut node = Node::new(machine.peer, self.config.clone(), seed, now);
         node.set_resources(machine.resources);
         node.set_rank_value(now, machine.rank_value);
+        if !machine.attributes.is_empty() {
+            node.set_attributes(now, machine.attributes.clone());
+        }
+        let runner = self
+            .config
+            .coordination
+            .enabled
+            .then(|| SimRunner::new(self.runner_timing));
         *self.slot(i) = NodeSlot {
             node: Some(node),
-            wake: None,
+            runner,
+            ..NodeSlot::default()
         };
         let mut worker = Worker {
             world: &self.world,
@@ -644,6 +756,8 @@ struct Shard {
     rng: Rng,
     stats: EngineStats,
     kinds: KindCounts,
+    /// Bytes sent by kind, while counting traffic.
+    kind_bytes: KindCounts,
     last_wake: (NodeIndex, Time),
     wakes_at_once: u32,
     /// This window's actions from the queue, in queue order (time, then insertion).
@@ -655,6 +769,8 @@ struct Shard {
     /// By shard: what that shard sent here, to be queued when this shard next runs.
     inboxes: Vec<Vec<(Time, Action)>>,
     seen: Vec<Seen>,
+    /// Wall time (µs) and plans of each step in which a node planned, while timing.
+    plan_times: Vec<(u64, u64)>,
 }
 
 impl Shard {
@@ -669,6 +785,7 @@ impl Shard {
             rng,
             stats: EngineStats::default(),
             kinds: KindCounts::new(),
+            kind_bytes: KindCounts::new(),
             last_wake: (NodeIndex::MAX, Time::MAX),
             wakes_at_once: 0,
             due: VecDeque::new(),
@@ -676,6 +793,7 @@ impl Shard {
             outboxes: (0..SHARDS).map(|_| Vec::new()).collect(),
             inboxes: (0..SHARDS).map(|_| Vec::new()).collect(),
             seen: Vec::new(),
+            plan_times: Vec::new(),
         }
     }
 
@@ -743,6 +861,8 @@ struct World {
     index: HashMap<NodeId, NodeIndex>,
     network: NetworkConfig,
     blocked: BTreeSet<(u16, u16)>,
+    count_traffic: bool,
+    time_plans: bool,
 }
 
 impl World {
@@ -800,6 +920,28 @@ impl Worker<'_> {
     }
 
     fn dispatch(&mut self, now: Time, action: Action) {
+        if !self.world.time_plans {
+            return self.dispatch_untimed(now, action);
+        }
+        let node = action.target();
+        let plans = |worker: &mut Self| {
+            worker
+                .slot(node)
+                .node
+                .as_ref()
+                .map_or(0, |n| n.coordination().counters().plans)
+        };
+        let before = plans(self);
+        let started = std::time::Instant::now();
+        self.dispatch_untimed(now, action);
+        let elapsed = started.elapsed().as_micros() as u64;
+        let made = plans(self).saturating_sub(before);
+        if made > 0 {
+            self.shard.plan_times.push((elapsed, made));
+        }
+    }
+
+    fn dispatch_untimed(&mut self, now: Time, action: Action) {
         match action {
             Action::Deliver { from, to, message } => {
                 if self.slot(to).node.is_none() {
@@ -855,6 +997,13 @@ impl Worker<'_> {
                     self.shard.last_wake = (i, now);
                     self.shard.wakes_at_once = 0;
                 }
+                let slot = self.slot(i);
+                if let (Some(node), Some(runner)) = (slot.node.as_mut(), slot.runner.as_mut())
+                    && runner.poll() <= now
+                    && runner.tick(now, node.suite())
+                {
+                    node.set_instances(now, runner.facts());
+                }
                 if let Some(node) = self.slot(i).node.as_mut() {
                     node.handle_timeout(now);
                     self.after_step(now, i);
@@ -887,6 +1036,16 @@ impl Worker<'_> {
                 return;
             };
             if let Some(event) = node.poll_event() {
+                // Like an agent's runner, which looks again at every tick: a task may name a
+                // version the node's suite receives only later.
+                if matches!(event, Event::TasksChanged | Event::SuiteChanged(_)) {
+                    let slot = self.slot(i);
+                    if let (Some(node), Some(runner)) = (slot.node.as_mut(), slot.runner.as_mut())
+                        && runner.set_tasks(now, node.tasks(), node.suite())
+                    {
+                        node.set_instances(now, runner.facts());
+                    }
+                }
                 self.shard.seen.push(Seen::Event {
                     at: now,
                     node: i,
@@ -907,7 +1066,8 @@ impl Worker<'_> {
         let Some(node) = slot.node.as_ref() else {
             return;
         };
-        let at = node.poll_timeout().max(now);
+        let runner = slot.runner.as_ref().map_or(Time::MAX, SimRunner::poll);
+        let at = node.poll_timeout().min(runner).max(now);
         if slot.wake.is_none_or(|w| at < w) {
             slot.wake = Some(at);
             self.push(at, Action::Wake { node: i });
@@ -917,6 +1077,13 @@ impl Worker<'_> {
     fn send(&mut self, now: Time, from: NodeIndex, to: Peer, message: Message) {
         self.shard.stats.sent += 1;
         *self.shard.kinds.entry(message.kind()).or_insert(0) += 1;
+        if self.world.count_traffic {
+            let bytes = wire::encode(&message).map_or(0, |b| b.len() as u64) + FRAMING_BYTES;
+            *self.shard.kind_bytes.entry(message.kind()).or_insert(0) += bytes;
+            let slot = self.slot(from);
+            slot.sent_msgs += 1;
+            slot.sent_bytes += bytes;
+        }
         let Some(to) = self.world.machine_of(to) else {
             return;
         };

@@ -10,5 +10,6 @@ pub mod kv_tracker;
 pub mod overlay;
 pub mod queue;
 pub mod report;
+pub mod runner;
 pub mod tracker;
 pub mod workload;

@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-use nubo_sim::experiments::{aggregate, dht, fuzz, hyparview, ring, slicing};
+use nubo_sim::experiments::{aggregate, cloud, dht, fuzz, hyparview, ring, slicing};
 
 /// Large simulations allocate and free millions of small message buffers per second across
 /// gigabytes of node state, which is touched at random: mimalloc serves the small sizes from
@@ -44,6 +44,11 @@ enum Command {
     ///
     /// Example: nubo-sim dht --nodes 16384 --keys-per-node 100 --fail 0.2 --replicas 3 --json
     Dht(dht::DhtArgs),
+    /// The whole node with services: deploy, kill a fraction, churn, partition; traffic,
+    /// memory, time to agree on the placement, instances missing or doubled.
+    ///
+    /// Example: nubo-sim cloud --nodes 20000 --services 300 --fail 0.1 --seed 1 --json
+    Cloud(cloud::CloudArgs),
     /// Randomized runs with faults and invariant checks; every option derives from the seed.
     ///
     /// Example: nubo-sim fuzz --seed 1 --runs 100
@@ -58,6 +63,7 @@ fn main() -> ExitCode {
         Command::Aggregate(args) => aggregate::run(&args).print(args.json),
         Command::Slicing(args) => slicing::run(&args).print(args.json),
         Command::Ring(args) => ring::run(&args).print(args.json),
+        Command::Cloud(args) => cloud::run(&args).print(args.json),
         Command::Dht(args) => dht::run(&args).print(args.json),
         Command::Fuzz(args) => {
             let (report, passed) = fuzz::run(&args);

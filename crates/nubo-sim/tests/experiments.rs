@@ -153,3 +153,33 @@ fn dht_keeps_every_key_with_a_surviving_copy() {
     );
     assert!(report["rounds_to_full_after_churn"].is_u64(), "{report}");
 }
+
+#[test]
+fn a_cloud_places_its_services_heals_a_mass_failure_churn_and_a_partition_exactly() {
+    use nubo_sim::experiments::cloud::{CloudArgs, run};
+    let report = run(&CloudArgs {
+        nodes: 150,
+        services: 30,
+        fail: 0.2,
+        churn: 0.05,
+        churn_minutes: 1,
+        partition: 20,
+        idle_seconds: 10,
+        seed: 5,
+        json: true,
+    })
+    .to_json();
+    assert!(number(&report, "deploy_s") <= 30.0, "{report}");
+    assert!(number(&report, "placement_agreement_s") <= 30.0, "{report}");
+    assert!(number(&report, "churn_settled_s") <= 60.0, "{report}");
+    assert!(number(&report, "healed_s") <= 90.0, "{report}");
+    for key in [
+        "instances_missing_final",
+        "instances_doubled_final",
+        "instances_misplaced_final",
+    ] {
+        assert_eq!(number(&report, key), 0.0, "{key}: {report}");
+    }
+    // Quiet when nothing changes: a few messages a second per node.
+    assert!(number(&report, "idle_msgs_per_node_s") < 20.0, "{report}");
+}

@@ -219,6 +219,9 @@ pub struct BroadcastConfig {
     pub ae_settle: Duration,
     /// Most messages remembered; the oldest are forgotten first.
     pub store_max: usize,
+    /// Most bytes of remembered messages (payloads, plus a fixed cost per message); the
+    /// oldest are forgotten first.
+    pub store_bytes_max: usize,
     /// Most missing messages tracked at once.
     pub missing_max: usize,
     /// Most announcers remembered per missing message.
@@ -237,9 +240,12 @@ impl Default for BroadcastConfig {
             graft_retry: Duration::from_millis(500),
             ihave_interval: Duration::from_millis(20),
             retention: Duration::from_secs(120),
-            ae_interval: Duration::from_secs(2),
+            // Pushing and announcing deliver nearly everything; anti-entropy repairs what a
+            // node missed while cut off, and need not run often.
+            ae_interval: Duration::from_secs(10),
             ae_settle: Duration::from_secs(1),
             store_max: 100_000,
+            store_bytes_max: 64 << 20,
             missing_max: 10_000,
             announcers_max: 8,
             clock_skew_max: Duration::from_secs(60),
@@ -317,6 +323,8 @@ pub struct Broadcast {
     /// `ihave_interval`, but the first after a quiet spell goes at once.
     quiet_from: Time,
     next_ae: Time,
+    /// Ids listed in answers to digests so far: where the next answer starts.
+    ids_listed: usize,
     next_expire: Time,
     counters: BroadcastCounters,
     transmits: Vec<(Peer, BroadcastMessage)>,
@@ -335,13 +343,14 @@ impl Broadcast {
             next_seq: now.as_micros(),
             neighbors: Vec::new(),
             tree,
-            store: MessageStore::new(config.retention, config.store_max),
+            store: MessageStore::new(config.retention, config.store_max, config.store_bytes_max),
             missing: BTreeMap::new(),
             missing_deadlines: BTreeSet::new(),
             lazy_queue: BTreeMap::new(),
             next_flush: None,
             quiet_from: now,
             next_ae: now + ae_offset,
+            ids_listed: 0,
             next_expire: now + expire_interval(&config),
             counters: BroadcastCounters::default(),
             transmits: Vec::new(),
@@ -379,6 +388,11 @@ impl Broadcast {
     /// What the layer did so far.
     pub fn counters(&self) -> BroadcastCounters {
         self.counters
+    }
+
+    /// Bytes the store of delivered messages holds, as its bound counts them.
+    pub fn stored_bytes(&self) -> usize {
+        self.store.bytes()
     }
 
     /// Number of messages remembered (with or without payload).
@@ -593,7 +607,12 @@ impl Broadcast {
         if !differing.contains(&true) {
             return;
         }
-        let ids = self.store.ids_in_buckets(start, end, &differing, IDS_MAX);
+        // More ids may differ than one answer lists: each answer starts where the last left
+        // off, so a node that lacks many gets them all over a few rounds.
+        let ids = self
+            .store
+            .ids_in_buckets(start, end, &differing, IDS_MAX, self.ids_listed);
+        self.ids_listed = self.ids_listed.wrapping_add(ids.len());
         if !ids.is_empty() {
             self.send(from, BroadcastMessage::Ids(ids));
         }

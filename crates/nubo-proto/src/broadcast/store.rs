@@ -2,7 +2,7 @@
 //! answer grafts and to compare digests in anti-entropy.
 
 use core::time::Duration;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
 
@@ -18,16 +18,25 @@ struct Stored {
     payload: Option<Bytes>,
 }
 
-/// Delivered messages by id and by birth time, bounded in count and in age.
+/// What one remembered message costs besides its payload (its entries in both indexes), as
+/// the byte bound counts it.
+pub const ENTRY_BYTES: usize = 160;
+
+/// Delivered messages by id and by birth time, bounded in count, in bytes and in age.
 ///
-/// Payloads live `retention` after their birth, ids twice as long; at most `capacity` ids are
-/// kept, the oldest forgotten first.
+/// Payloads live `retention` after their birth, ids twice as long; at most `capacity` ids and
+/// `bytes_max` bytes (payloads plus [`ENTRY_BYTES`] each) are kept, the oldest forgotten
+/// first.
 #[derive(Clone, Debug)]
 pub struct MessageStore {
     by_id: BTreeMap<MessageId, Stored>,
-    by_born: BTreeSet<(Time, MessageId)>,
+    /// Sorted by birth; messages arrive nearly in that order, so a queue holds them without
+    /// a map's per-entry nodes.
+    by_born: VecDeque<(Time, MessageId)>,
     retention: Duration,
     capacity: usize,
+    bytes_max: usize,
+    bytes: usize,
 }
 
 const MIN_ID: MessageId = MessageId {
@@ -41,13 +50,32 @@ const MAX_ID: MessageId = MessageId {
 
 impl MessageStore {
     /// An empty store.
-    pub fn new(retention: Duration, capacity: usize) -> MessageStore {
+    pub fn new(retention: Duration, capacity: usize, bytes_max: usize) -> MessageStore {
         MessageStore {
             by_id: BTreeMap::new(),
-            by_born: BTreeSet::new(),
+            by_born: VecDeque::new(),
             retention,
             capacity,
+            bytes_max,
+            bytes: 0,
         }
+    }
+
+    /// Bytes counted against the bound.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn forget_oldest(&mut self) -> bool {
+        let Some((_, oldest)) = self.by_born.pop_front() else {
+            return false;
+        };
+        if let Some(stored) = self.by_id.remove(&oldest) {
+            self.bytes = self
+                .bytes
+                .saturating_sub(ENTRY_BYTES + stored.payload.map_or(0, |p| p.len()));
+        }
+        true
     }
 
     /// Number of ids remembered.
@@ -67,15 +95,24 @@ impl MessageStore {
             hops: gossip.hops,
             payload: Some(gossip.payload.clone()),
         };
-        if self.by_id.insert(gossip.id, stored).is_none() {
-            self.by_born.insert((gossip.born, gossip.id));
+        let size = ENTRY_BYTES + gossip.payload.len();
+        match self.by_id.insert(gossip.id, stored) {
+            None => {
+                let entry = (gossip.born, gossip.id);
+                let at = self.by_born.partition_point(|e| *e < entry);
+                self.by_born.insert(at, entry);
+                self.bytes += size;
+            }
+            Some(old) => {
+                self.bytes = self
+                    .bytes
+                    .saturating_sub(ENTRY_BYTES + old.payload.map_or(0, |p| p.len()))
+                    + size;
+            }
         }
-        while self.by_id.len() > self.capacity {
-            let Some((_, oldest)) = self.by_born.pop_first() else {
-                break;
-            };
-            self.by_id.remove(&oldest);
-        }
+        while (self.by_id.len() > self.capacity || self.bytes > self.bytes_max)
+            && self.forget_oldest()
+        {}
     }
 
     /// The message as we would send it on: one more hop, if its payload is still kept.
@@ -97,17 +134,22 @@ impl MessageStore {
     /// Drops payloads older than the retention window and ids older than twice that.
     pub fn expire(&mut self, now: Time) {
         let forget_before = now.saturating_sub(self.retention.saturating_mul(2));
-        while let Some(&(born, id)) = self.by_born.first() {
-            if born >= forget_before {
-                break;
-            }
-            self.by_born.pop_first();
-            self.by_id.remove(&id);
+        while self
+            .by_born
+            .front()
+            .is_some_and(|&(born, _)| born < forget_before)
+        {
+            self.forget_oldest();
         }
         let drop_payload_before = now.saturating_sub(self.retention);
-        for (_, id) in self.by_born.range(..(drop_payload_before, MIN_ID)) {
-            if let Some(stored) = self.by_id.get_mut(id) {
-                stored.payload = None;
+        let end = self
+            .by_born
+            .partition_point(|e| *e < (drop_payload_before, MIN_ID));
+        for (_, id) in self.by_born.range(..end) {
+            if let Some(stored) = self.by_id.get_mut(id)
+                && let Some(payload) = stored.payload.take()
+            {
+                self.bytes = self.bytes.saturating_sub(payload.len());
             }
         }
     }
@@ -124,28 +166,39 @@ impl MessageStore {
     }
 
     /// Ids born in `[start, end]` whose bucket is flagged in `buckets` and whose payload is
-    /// still kept, at most `limit` of them.
+    /// still kept, at most `limit` of them, starting at the `skip`-th (modulo their number)
+    /// and wrapping around: a caller that moves `skip` on lists them all over its calls, however
+    /// many there are.
     pub fn ids_in_buckets(
         &self,
         start: Time,
         end: Time,
         buckets: &[bool; DIGEST_BUCKETS],
         limit: usize,
+        skip: usize,
     ) -> Vec<MessageId> {
-        self.born_between(start, end)
-            .filter(|id| buckets[bucket_of(id)])
-            .filter(|id| self.by_id.get(id).is_some_and(|s| s.payload.is_some()))
+        let candidates = || {
+            self.born_between(start, end)
+                .filter(|id| buckets[bucket_of(id)])
+                .filter(|id| self.by_id.get(id).is_some_and(|s| s.payload.is_some()))
+        };
+        let total = candidates().count();
+        if total == 0 {
+            return Vec::new();
+        }
+        let first = skip % total;
+        candidates()
+            .skip(first)
+            .chain(candidates().take(first))
             .take(limit)
             .copied()
             .collect()
     }
 
     fn born_between(&self, start: Time, end: Time) -> impl Iterator<Item = &MessageId> + '_ {
-        let range = if start <= end {
-            Some(self.by_born.range((start, MIN_ID)..=(end, MAX_ID)))
-        } else {
-            None
-        };
+        let from = self.by_born.partition_point(|e| *e < (start, MIN_ID));
+        let to = self.by_born.partition_point(|e| *e <= (end, MAX_ID));
+        let range = (start <= end && from < to).then(|| self.by_born.range(from..to));
         range.into_iter().flatten().map(|(_, id)| id)
     }
 }
@@ -172,7 +225,7 @@ mod tests {
 
     #[test]
     fn capacity_forgets_the_oldest_first() {
-        let mut store = MessageStore::new(Duration::from_secs(60), 2);
+        let mut store = MessageStore::new(Duration::from_secs(60), 2, usize::MAX);
         store.insert(&gossip(1, 30));
         store.insert(&gossip(2, 10));
         store.insert(&gossip(3, 20));
@@ -181,9 +234,28 @@ mod tests {
     }
 
     #[test]
+    fn bytes_bound_forgets_the_oldest_and_expired_payloads_stop_counting() {
+        let mut store = MessageStore::new(Duration::from_secs(60), 100, 3 * (ENTRY_BYTES + 1));
+        for (seq, born) in [(1, 30), (2, 10), (3, 20), (4, 40)] {
+            store.insert(&gossip(seq, born));
+        }
+        assert!(!store.contains(&gossip(2, 0).id), "the oldest went first");
+        assert_eq!(store.len(), 3);
+        assert_eq!(store.bytes(), 3 * (ENTRY_BYTES + 1));
+        store.expire(Time::from_secs(61));
+        assert_eq!(
+            store.bytes(),
+            3 * ENTRY_BYTES,
+            "payloads past retention dropped"
+        );
+        store.expire(Time::from_secs(121));
+        assert_eq!((store.len(), store.bytes()), (0, 0));
+    }
+
+    #[test]
     fn digests_differ_exactly_in_the_buckets_of_missing_ids() {
-        let mut full = MessageStore::new(Duration::from_secs(60), 100);
-        let mut partial = MessageStore::new(Duration::from_secs(60), 100);
+        let mut full = MessageStore::new(Duration::from_secs(60), 100, usize::MAX);
+        let mut partial = MessageStore::new(Duration::from_secs(60), 100, usize::MAX);
         for seq in 0..20 {
             full.insert(&gossip(seq, 1_000));
             if seq != 7 {
@@ -197,7 +269,7 @@ mod tests {
         assert_eq!(differing, vec![bucket_of(&gossip(7, 0).id)]);
         let mut flags = [false; DIGEST_BUCKETS];
         flags[differing[0]] = true;
-        let listed = full.ids_in_buckets(start, end, &flags, 10);
+        let listed = full.ids_in_buckets(start, end, &flags, 10, 0);
         assert!(listed.contains(&gossip(7, 0).id));
         // A window that excludes the birth time sees nothing.
         assert_eq!(

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use nubo_proto::aggregation::AggregationConfig;
 use nubo_proto::broadcast::{BroadcastConfig, Dissemination, TreeConfig};
+use nubo_proto::coordination::CoordinationConfig;
 use nubo_proto::kv::{KvConfig, KvValue};
+use nubo_proto::liveness::LivenessConfig;
 use nubo_proto::membership::MembershipConfig;
 use nubo_proto::ring::RingConfig;
 use nubo_proto::roster::RosterConfig;
@@ -20,12 +22,24 @@ use nubo_proto::suite::SuiteConfig;
 use nubo_proto::{Config, Rng};
 
 use crate::engine::{NetworkConfig, NodeIndex, Sim};
+use crate::experiments::cloud;
 use crate::experiments::ring::ring_quality;
 use crate::kv_tracker::KvTracker;
 use crate::overlay::overlay_health;
 use crate::report::Report;
 use crate::tracker::BroadcastTracker;
-use crate::workload::add_node;
+use crate::workload;
+use nubo_proto::service::Count;
+use nubo_proto::spec::ServiceSpec;
+
+/// Adds a machine lending random resources, with attributes (a region) drawn from a
+/// generator of its own, so that the run's other choices stay as they were.
+fn add_node(sim: &mut Sim, rng: &mut Rng) -> NodeIndex {
+    let node = workload::add_node(sim, rng);
+    let mut own = Rng::from_seed(0xA77E ^ u64::from(node));
+    sim.set_attributes(node, cloud::machine_attributes(&mut own));
+    node
+}
 use nubo_proto::slicing::node_key;
 
 /// How big and long each run is.
@@ -169,6 +183,7 @@ impl Scenario {
                 enabled: true,
                 successors,
                 interval: cycle,
+                interval_max: cycle,
                 stale_after: cycle * (10 + rng.below(20) as u32),
                 dead_for: cycle * (5 + rng.below(30) as u32),
                 lookup_timeout: latency_max * 40,
@@ -194,15 +209,29 @@ impl Scenario {
                 key_max: 64,
                 value_max: 256,
             },
-            // The roster is exercised by the agent's multi-process tests; its broadcasts
-            // would only add load to these scenarios.
+            // The full roster gave way to liveness and coordination.
             roster: RosterConfig {
                 enabled: false,
                 ..RosterConfig::default()
             },
             suite: SuiteConfig {
-                enabled: false,
+                enabled: true,
+                sync_interval: cycle * (2 + rng.below(8) as u32),
                 ..SuiteConfig::default()
+            },
+            liveness: LivenessConfig {
+                enabled: true,
+                helpers: 1 + rng.index(3),
+                probe_timeout: latency_max * 6 + cycle / 2,
+                ..LivenessConfig::default()
+            },
+            coordination: CoordinationConfig {
+                enabled: true,
+                reach_min: 2 + rng.index(16),
+                reach_per_instance: 1 + rng.index(4),
+                beat_interval: cycle * (2 + rng.below(10) as u32),
+                gather: latency_max * 6 + cycle / 2,
+                reporters_max: 16 + rng.index(240),
             },
         };
         Scenario {
@@ -268,6 +297,13 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
         sim.join(node, &contacts, &mut obs.0);
     }
     sim.run_for(scenario.config.membership.shuffle_interval * 10, &mut obs);
+    let mut services = deploy_services(&mut sim, &mut rng, &mut obs);
+    log(format!(
+        "{} deployed {:?}",
+        sim.now(),
+        services.iter().map(|s| &s.key).collect::<Vec<_>>()
+    ));
+    let update_at = sim.now() + scenario.safety / 2;
 
     // Safety phase: faults and broadcasts, invariants checked all along.
     let end = sim.now() + scenario.safety;
@@ -278,9 +314,21 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
             let next = (sim.now() + Duration::from_millis(250)).min(step_end);
             sim.run_until(next, &mut obs);
             check_safety(&sim, &obs.0, &mut outcome);
+            check_placement_safety(&sim, &services, &mut outcome);
             if !outcome.violations.is_empty() {
                 return finish(outcome, &sim);
             }
+        }
+        if sim.now() >= update_at
+            && !services.is_empty()
+            && services.iter().all(|s| s.fingerprint < 1_000)
+        {
+            let which = rng.index(services.len());
+            let mut next = services[which].clone();
+            next.fingerprint += 1_000;
+            publish_from_random(&mut sim, &mut rng, &mut obs, &next, 2);
+            log(format!("{} updated {} to version 2", sim.now(), next.key));
+            services[which] = next;
         }
         if let Some(fault) = inject_fault(&mut sim, &mut rng, &mut obs.0, scenario) {
             outcome.faults += 1;
@@ -399,6 +447,14 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
     check_aggregation(&sim, &mut outcome);
     check_slicing(&sim, &mut outcome);
     check_ring(&sim, scenario.config.ring.successors, &mut outcome);
+    check_placement(
+        &mut sim,
+        &mut obs,
+        scenario,
+        &services,
+        verbose,
+        &mut outcome,
+    );
     check_kv(
         &mut sim,
         &mut rng,
@@ -416,20 +472,115 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
     outcome.kv_ops = obs.1.finished.len();
     for record in &obs.0.records[..first_after_heal] {
         if record.delivered_by.iter().any(|i| sim.is_alive(*i)) {
-            let missing = alive
+            let missing: Vec<NodeIndex> = alive
                 .iter()
+                .copied()
                 .filter(|i| !record.delivered_by.contains(i))
-                .count();
-            if missing > 0 {
+                .collect();
+            if !missing.is_empty() {
                 outcome.violations.push(format!(
-                    "broadcast {:?} delivered by some live nodes but not by {missing} others",
-                    record.id
+                    "broadcast {:?} delivered by some live nodes but not by {} others (e.g. {:?})",
+                    record.id,
+                    missing.len(),
+                    &missing[..missing.len().min(5)]
                 ));
             }
         }
     }
     outcome.broadcasts = obs.0.records.len();
     finish(outcome, &sim)
+}
+
+/// What a run watches: broadcasts and key-value operations.
+type Observers = (BroadcastTracker, KvTracker);
+
+/// Services of a run: one to four, one to three replicas, some held to a region.
+fn deploy_services(sim: &mut Sim, rng: &mut Rng, obs: &mut Observers) -> Vec<ServiceSpec> {
+    let count = 1 + rng.below(4) as u32;
+    let services: Vec<ServiceSpec> = (0..count)
+        .map(|j| {
+            let mut spec = cloud::service_spec(j, rng);
+            spec.placement.count = Count::Replicas(1 + rng.below(3) as u32);
+            spec
+        })
+        .collect();
+    for spec in &services {
+        publish_from_random(sim, rng, obs, spec, 1);
+    }
+    services
+}
+
+fn publish_from_random(
+    sim: &mut Sim,
+    rng: &mut Rng,
+    obs: &mut Observers,
+    spec: &ServiceSpec,
+    version: u64,
+) {
+    let alive = sim.alive();
+    if alive.is_empty() {
+        return;
+    }
+    let from = alive[rng.index(alive.len())];
+    sim.publish(from, cloud::entry_of(spec, version), &mut obs.0);
+}
+
+/// At every instant: no instance runs where its service's constraints forbid it.
+fn check_placement_safety(sim: &Sim, services: &[ServiceSpec], outcome: &mut Outcome) {
+    let state = cloud::placement(sim, services);
+    if state.misplaced > 0 {
+        outcome.violations.push(format!(
+            "{} instances run on nodes their constraints rule out",
+            state.misplaced
+        ));
+    }
+}
+
+/// After healing: every service runs exactly its wanted instances (all up, at its newest
+/// version) on live nodes that satisfy its constraints, and none twice on one node.
+fn check_placement(
+    sim: &mut Sim,
+    obs: &mut Observers,
+    scenario: &Scenario,
+    services: &[ServiceSpec],
+    verbose: bool,
+    outcome: &mut Outcome,
+) {
+    let coordination = &scenario.config.coordination;
+    // A beat repairs what a lost message left behind; a gather settles a new coordinator.
+    let bound = coordination.beat_interval * 4 + coordination.gather * 8 + Duration::from_secs(10);
+    let end = sim.now() + bound;
+    let mut state = cloud::placement(sim, services);
+    while !state.is_exact() && sim.now() < end {
+        sim.run_for(Duration::from_millis(250), obs);
+        state = cloud::placement(sim, services);
+    }
+    let stale: Vec<String> = sim
+        .alive()
+        .into_iter()
+        .filter_map(|i| sim.runner(i).map(|r| (i, r)))
+        .flat_map(|(i, runner)| {
+            runner.running().filter_map(move |(key, version, _)| {
+                services
+                    .iter()
+                    .find(|s| s.key == key)
+                    .filter(|s| {
+                        let newest = if s.fingerprint >= 1_000 { 2 } else { 1 };
+                        version != newest
+                    })
+                    .map(|_| format!("{key}@{version} on {i}"))
+            })
+        })
+        .collect();
+    if !state.is_exact() || !stale.is_empty() {
+        if verbose {
+            cloud::explain_placement(sim, services);
+        }
+        outcome.violations.push(format!(
+            "placement not exact {} ms after healing: {state:?}; old versions running: {stale:?}",
+            bound.as_millis()
+        ));
+    }
 }
 
 fn finish(mut outcome: Outcome, sim: &Sim) -> Outcome {

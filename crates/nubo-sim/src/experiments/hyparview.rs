@@ -8,7 +8,9 @@ use clap::Args;
 use nubo_proto::Config;
 use nubo_proto::aggregation::AggregationConfig;
 use nubo_proto::broadcast::{BroadcastConfig, Dissemination, TreeConfig};
+use nubo_proto::coordination::CoordinationConfig;
 use nubo_proto::kv::KvConfig;
+use nubo_proto::liveness::LivenessConfig;
 use nubo_proto::membership::MembershipConfig;
 use nubo_proto::ring::RingConfig;
 use nubo_proto::roster::RosterConfig;
@@ -103,6 +105,11 @@ pub fn experiment_config(args: &HyparviewArgs, cycle: Duration) -> Config {
 pub fn overlay_only(cycle: Duration) -> Config {
     Config {
         membership: membership_config(5, 30, cycle),
+        // The anti-entropy period these experiments were measured with.
+        broadcast: BroadcastConfig {
+            ae_interval: Duration::from_secs(2),
+            ..BroadcastConfig::default()
+        },
         aggregation: AggregationConfig {
             enabled: false,
             ..AggregationConfig::default()
@@ -127,7 +134,14 @@ pub fn overlay_only(cycle: Duration) -> Config {
             enabled: false,
             ..SuiteConfig::default()
         },
-        ..Config::default()
+        liveness: LivenessConfig {
+            enabled: false,
+            ..LivenessConfig::default()
+        },
+        coordination: CoordinationConfig {
+            enabled: false,
+            ..CoordinationConfig::default()
+        },
     }
 }
 
