@@ -37,8 +37,11 @@ use nubo_proto::outcome::{DeployStatus, status_key};
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
 /// Most contacts in a join token.
 const INVITE_CONTACTS: usize = 8;
-/// How often placement is recomputed.
+/// How often placement is looked at: it is recomputed when the suite, the roster or this
+/// node's instances changed since, and at least every [`PLAN_INTERVAL_MAX`].
 const PLAN_INTERVAL: Duration = Duration::from_millis(500);
+/// Longest time between two plans when nothing seems to change (an update's timing).
+const PLAN_INTERVAL_MAX: Duration = Duration::from_secs(5);
 /// How long after start the roster is trusted for placement: until then a node would see
 /// itself nearly alone and start everything.
 const SETTLE: Duration = Duration::from_secs(5);
@@ -232,6 +235,10 @@ pub struct Agent {
     planner: Planner,
     plan: Vec<PlannedService>,
     next_plan: Instant,
+    /// When the last plan was made, and the roster's and suite's changes it saw.
+    planned_at: Instant,
+    planned_roster: u64,
+    suite_touched: bool,
     settled_at: Instant,
     announced_refusals: String,
     key: NodeKey,
@@ -268,6 +275,9 @@ impl Agent {
             planner: Planner::default(),
             plan: Vec::new(),
             next_plan: Instant::now(),
+            planned_at: Instant::now(),
+            planned_roster: u64::MAX,
+            suite_touched: true,
             settled_at: Instant::now() + SETTLE,
             announced_refusals: String::new(),
             key,
@@ -358,7 +368,14 @@ impl Agent {
                 }
                 if Instant::now() >= self.next_plan {
                     self.next_plan = Instant::now() + PLAN_INTERVAL;
-                    self.replan();
+                    let changed = self.suite_touched
+                        || self.planned_roster != self.node.roster().changes()
+                        || self.runner.report.has_changed().unwrap_or(false)
+                        || self.planned_at.elapsed() >= PLAN_INTERVAL_MAX
+                        || Instant::now() < self.settled_at + PLAN_INTERVAL;
+                    if changed {
+                        self.replan();
+                    }
                 }
             }
             Input::Command(command) => self.command(command),
@@ -944,7 +961,9 @@ impl Agent {
     /// node saw.
     fn replan(&mut self) {
         let now = self.clock.now();
-        let report = self.runner.report.borrow().clone();
+        self.planned_at = Instant::now();
+        self.suite_touched = false;
+        let report = self.runner.report.borrow_and_update().clone();
         self.node.set_instances(now, report.facts.clone());
         let plan = self.planner.plan(&self.node);
         self.plan = plan.services;
@@ -990,6 +1009,7 @@ impl Agent {
             }
             self.node.set_attributes(now, attributes);
         }
+        self.planned_roster = self.node.roster().changes();
     }
 
     /// Saves the suite keys changed since the last save (with `touch`, also when none did,
@@ -1034,6 +1054,7 @@ impl Agent {
             match event {
                 Event::Kv(outcome) => outcomes.push(outcome),
                 Event::SuiteChanged(key) => {
+                    self.suite_touched = true;
                     self.events.suite_changed(&key, self.node.suite());
                     self.suite_changed.insert(key);
                 }

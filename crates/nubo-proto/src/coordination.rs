@@ -288,8 +288,9 @@ struct Reporter {
 /// A service this node coordinates.
 #[derive(Clone, Debug)]
 struct Coordinated {
-    /// When it got the service: it decides from `since + gather` on.
-    since: Time,
+    /// It is planned, when dirty, from this time on: `gather` after this node got the
+    /// service, or when a wider reach's reports are in.
+    not_before: Time,
     dirty: bool,
     plan: Option<ServicePlan>,
     /// When this node last widened the service's reach.
@@ -935,7 +936,7 @@ impl Coordination {
         self.coordinated
             .entry(key.to_string())
             .or_insert_with(|| Coordinated {
-                since: now,
+                not_before: now + self.config.gather,
                 dirty: true,
                 plan: None,
                 widened: None,
@@ -1037,7 +1038,7 @@ impl Coordination {
         self.coordinated
             .entry(key.clone())
             .or_insert_with(|| Coordinated {
-                since: now.saturating_sub(self.config.gather),
+                not_before: now,
                 dirty: true,
                 plan: None,
                 widened: None,
@@ -1226,19 +1227,18 @@ impl Coordination {
         if !self.planning {
             return;
         }
-        let gather = self.config.gather;
         self.plan_wake = self
             .coordinated
             .values()
-            .filter(|c| c.dirty && now < c.since + gather)
-            .map(|c| c.since + gather)
+            .filter(|c| c.dirty && now < c.not_before)
+            .map(|c| c.not_before)
             .min()
             .unwrap_or(Time::MAX);
         self.planning = self.plan_wake != Time::MAX;
         let due: Vec<String> = self
             .coordinated
             .iter()
-            .filter(|(_, c)| c.dirty && now >= c.since + self.config.gather)
+            .filter(|(_, c)| c.dirty && now >= c.not_before)
             .map(|(k, _)| k.clone())
             .collect();
         if due.is_empty() {
@@ -1382,7 +1382,9 @@ impl Coordination {
         }
         let steps = reach_steps(suite, key);
         let wanted = plan.summary.wanted as u64;
-        if steps >= REACH_STEPS_MAX || self.reach_fraction(wanted, steps) >= 1.0 {
+        // Other nodes may take the cloud for several times larger than this node does (size
+        // estimates differ): widen until the reach is well beyond this node's estimate.
+        if steps >= REACH_STEPS_MAX || self.reach_fraction(wanted, steps) >= 4.0 {
             return;
         }
         // Once per wait: the wider reach's reports take a moment to come.
@@ -1390,7 +1392,14 @@ impl Coordination {
         let Some(coordinated) = self.coordinated.get_mut(key) else {
             return;
         };
-        if coordinated.widened.is_some_and(|at| at + wait > now) {
+        if let Some(at) = coordinated.widened
+            && at + wait > now
+        {
+            // Plan again once the reports of the last widening had time to come.
+            coordinated.dirty = true;
+            coordinated.not_before = at + wait;
+            self.planning = true;
+            self.plan_wake = self.plan_wake.min(at + wait);
             return;
         }
         coordinated.widened = Some(now);

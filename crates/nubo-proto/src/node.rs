@@ -129,8 +129,9 @@ pub struct Node {
     suite: Suite,
     liveness: Liveness,
     coordination: Coordination,
-    /// The size estimate, with the ring changes and settledness it was computed at.
-    size_cache: (u64, bool, Option<usize>),
+    /// The size estimate, with the ring changes, settledness and membership size it was
+    /// computed at.
+    size_cache: (u64, bool, usize, Option<usize>),
     enabled: Enabled,
     /// Whether the broadcast layer was handed anything since the last flush. Most inputs
     /// (membership shuffles above all) never reach it, and then neither its outputs nor its
@@ -208,7 +209,7 @@ impl Node {
             suite: Suite::new(config.suite, Box::new(AcceptAll), now),
             liveness: Liveness::new(me, config.liveness, now),
             coordination: Coordination::new(me, config.coordination, Box::new(PlainReader), now),
-            size_cache: (u64::MAX, false, None),
+            size_cache: (u64::MAX, false, 0, None),
             enabled,
             broadcast_touched: false,
             broadcast_deadline,
@@ -374,9 +375,9 @@ impl Node {
     /// The cloud's size as this node estimates it: from its ring neighbours' spacing, else
     /// from aggregation.
     pub fn size_estimate(&self, now: Time) -> Option<usize> {
-        // A ring that seems to wrap around (a small cloud) while membership knows of more
-        // nodes than it holds only means this node has not met its ring neighbours yet.
-        let known = self.membership.active().len() + self.membership.passive().len();
+        // A ring that seems to wrap around within fewer nodes than membership knows alive
+        // only means this node has not met its ring neighbours yet.
+        let known = self.live_known();
         let from_ring = if self.enabled.ring && self.ring.is_settled(now) {
             self.ring.size_estimate(now).filter(|&n| n > known)
         } else {
@@ -615,9 +616,6 @@ impl Node {
                     if on.slicing {
                         self.slicing.departed(now, peer.id);
                     }
-                    if on.roster {
-                        self.roster.neighbor_failed(now, peer.id);
-                    }
                     if on.liveness {
                         let wanted = self.liveness.helpers_wanted();
                         let helpers = self.membership.helpers(wanted, peer.id);
@@ -802,6 +800,17 @@ impl Node {
         &mut self.broadcast
     }
 
+    /// Nodes of the membership views not known to be gone.
+    fn live_known(&self) -> usize {
+        let membership = &self.membership;
+        membership
+            .active()
+            .ids()
+            .chain(membership.passive().ids())
+            .filter(|id| !self.liveness.is_departed(*id))
+            .count()
+    }
+
     /// Tells coordination and the driver which suite keys changed.
     fn note_suite_changes(&mut self) {
         let coordination = self.enabled.coordination;
@@ -824,6 +833,9 @@ impl Node {
                     if on.ring {
                         self.ring.departed(now, id);
                     }
+                    if on.roster {
+                        self.roster.member_gone(now, id, left);
+                    }
                     if on.kv {
                         self.kv.peer_down(now, id);
                     }
@@ -837,6 +849,12 @@ impl Node {
                     // see it; their reporters are told to look again.
                     if on.ring {
                         self.ring.revive(id);
+                    }
+                    if on.roster
+                        && let Some(peer) = self.roster.member_back(now, id)
+                        && on.ring
+                    {
+                        self.ring.hear(now, peer);
                     }
                     self.events.push_back(Event::MemberBack(id));
                 }
@@ -865,11 +883,12 @@ impl Node {
     fn flush_coordination(&mut self, now: Time) {
         // The estimate changes only with the ring's lists (or the aggregation's epoch, read
         // along when it is recomputed).
-        let key = (self.ring.changes(), self.ring.is_settled(now));
-        if (self.size_cache.0, self.size_cache.1) != key {
-            self.size_cache = (key.0, key.1, self.size_estimate(now));
+        let known = self.live_known();
+        let key = (self.ring.changes(), self.ring.is_settled(now), known);
+        if (self.size_cache.0, self.size_cache.1, self.size_cache.2) != key {
+            self.size_cache = (key.0, key.1, key.2, self.size_estimate(now));
         }
-        let size = self.size_cache.2;
+        let size = self.size_cache.3;
         self.coordination.flush(now, &self.suite, &self.ring, size);
         let writes: Vec<SuiteEntry> = self.coordination.drain_writes().collect();
         for entry in writes {

@@ -1,27 +1,24 @@
-//! The roster: every node's list of the cloud's members, what they say about themselves and
-//! whether they are alive.
+//! The roster: a node's list of the cloud's members, what they say about themselves and
+//! whether they are alive, for operators and for the agent's view of the cloud.
 //!
-//! The overlays know only a few peers each; operators and placement want the whole list. Every
-//! node broadcasts an [`Announce`] of itself every `announce_interval` (and at once when it
-//! first gets a neighbour), numbered by its *incarnation* (its start time) and a sequence
-//! number that grows with every announcement, so that of two pieces of news about a member the
-//! newer is always known. A member is alive while its announcements keep coming; it is
-//! declared gone when
-//! - a neighbour's failure detector reports it (HyParView's `Departed`): that neighbour
-//!   broadcasts [`RosterNews::Gone`] naming the last announcement it knew, so every node learns
-//!   of the failure within one broadcast rather than after a silence;
-//! - or nothing was heard from it for `silence_max` (covers a member whose neighbours all
-//!   failed with it).
+//! Every node broadcasts an [`Announce`] of itself when what it says changes (its address,
+//! attributes or instances, and at once when it first gets a neighbour), numbered by its
+//! *incarnation* (its start time) and a sequence number that grows with every announcement,
+//! so that of two pieces of news about a member the newer is always known. Nothing is
+//! announced while nothing changes, but for a refresh every `refresh_interval` that brings
+//! members who missed the news (they joined after, or sat in a partition longer than the
+//! broadcast layer remembers) up to date.
 //!
-//! Any announcement newer than the one a member was declared gone at brings it back, so a
-//! member cut off by a partition reappears with its first announcement after the healing. A
-//! member that hears of its own death announces itself at once, undoing a wrong declaration
-//! within one broadcast (SWIM's refutation, with the sequence number in the role of SWIM's
-//! incarnation). A member that leaves says so in its last announcement. Gone members are
+//! Whether a member is alive comes from [`crate::liveness`]: its departures (confirmed by
+//! probes, told once) mark the member gone or left ([`Roster::member_gone`]), a refutation
+//! brings it back ([`Roster::member_back`]), and so does any announcement newer than the one
+//! it was marked gone at (a member back from a partition, or restarted). A member silent for
+//! `silence_max` (several refreshes) is marked gone as a last resort. Gone members are
 //! forgotten after `forget_after`.
 //!
-//! Cost: one broadcast per member per interval, so the traffic grows with the square of the
-//! cloud's size; the defaults suit clouds up to a few thousand nodes.
+//! Cost: one broadcast per change of a member and one per member per `refresh_interval`; the
+//! roster holds every member, so its memory grows with the cloud (placement does not need it:
+//! see [`crate::coordination`]).
 
 use core::time::Duration;
 use std::collections::BTreeMap;
@@ -42,9 +39,9 @@ pub const ATTRIBUTE_BYTES_MAX: usize = 256;
 pub struct RosterConfig {
     /// Whether this node announces itself and keeps a roster.
     pub enabled: bool,
-    /// How often a node announces itself.
-    pub announce_interval: Duration,
-    /// A member not heard from for this long is declared gone.
+    /// How often a node announces itself when nothing changed.
+    pub refresh_interval: Duration,
+    /// A member not heard from for this long is declared gone (liveness usually tells first).
     pub silence_max: Duration,
     /// A gone member is forgotten after this long.
     pub forget_after: Duration,
@@ -56,8 +53,8 @@ impl Default for RosterConfig {
     fn default() -> Self {
         RosterConfig {
             enabled: true,
-            announce_interval: Duration::from_secs(2),
-            silence_max: Duration::from_secs(10),
+            refresh_interval: Duration::from_secs(600),
+            silence_max: Duration::from_secs(1_800),
             forget_after: Duration::from_secs(600),
             members_max: 100_000,
         }
@@ -92,17 +89,8 @@ impl Announce {
 /// Roster news, carried by broadcast.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RosterNews {
-    /// A member is alive (or leaving).
+    /// A member is alive (or leaving), as it says.
     Alive(Announce),
-    /// A member was found dead after this announcement.
-    Gone {
-        /// The member.
-        id: NodeId,
-        /// The incarnation of the last announcement known.
-        incarnation: u64,
-        /// Its sequence number.
-        seq: u64,
-    },
 }
 
 impl RosterNews {
@@ -120,7 +108,6 @@ impl RosterNews {
                         .iter()
                         .all(InstanceFact::is_within_bounds)
             }
-            RosterNews::Gone { .. } => true,
         }
     }
 }
@@ -165,18 +152,17 @@ pub struct Member {
 pub struct RosterCounters {
     /// Announcements of ourselves sent.
     pub announced: u64,
-    /// Members declared gone on a neighbour's report.
+    /// Members marked gone on liveness news.
     pub reported_gone: u64,
     /// Members declared gone after a silence.
     pub silent_gone: u64,
-    /// Times this node refuted news of its own death.
-    pub refuted: u64,
 }
 
 /// One node's roster.
 ///
 /// Contract: feed it every roster broadcast delivered ([`Roster::handle_news`]) and every
-/// failed neighbour ([`Roster::neighbor_failed`]); call [`Roster::handle_timeout`] when
+/// departure and return liveness decides ([`Roster::member_gone`], [`Roster::member_back`]);
+/// call [`Roster::handle_timeout`] when
 /// [`Roster::poll_timeout`] comes; broadcast whatever [`Roster::drain_news`] yields. It holds
 /// at most `members_max` members and never lists itself as anything but alive.
 #[derive(Debug)]
@@ -187,6 +173,8 @@ pub struct Roster {
     news: Vec<RosterNews>,
     next_announce: Time,
     counters: RosterCounters,
+    /// Grows with every change of what the roster holds.
+    changes: u64,
 }
 
 impl Roster {
@@ -207,6 +195,7 @@ impl Roster {
             members: BTreeMap::new(),
             news: Vec::new(),
             counters: RosterCounters::default(),
+            changes: 0,
         }
     }
 
@@ -227,6 +216,12 @@ impl Roster {
             .values()
             .filter(|m| m.state == MemberState::Alive)
             .count()
+    }
+
+    /// A number that grows whenever what the roster holds changes (a member, its state, what
+    /// it says, or what this node says).
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// Counters since start.
@@ -267,22 +262,36 @@ impl Roster {
         }
     }
 
-    /// A neighbour's failure detector found `peer` dead.
-    pub fn neighbor_failed(&mut self, now: Time, peer: NodeId) {
+    /// Liveness found `peer` gone (or it left).
+    pub fn member_gone(&mut self, now: Time, peer: NodeId, left: bool) {
         let Some(member) = self.members.get_mut(&peer) else {
             return;
         };
         if member.state != MemberState::Alive {
             return;
         }
-        member.state = MemberState::Gone;
+        member.state = if left {
+            MemberState::Left
+        } else {
+            MemberState::Gone
+        };
         member.since = now;
         self.counters.reported_gone += 1;
-        self.news.push(RosterNews::Gone {
-            id: peer,
-            incarnation: member.announce.incarnation,
-            seq: member.announce.seq,
-        });
+        self.changes += 1;
+    }
+
+    /// Liveness found `peer`, thought gone, alive: it may have missed nothing, so it is alive
+    /// again as its last announcement says.
+    pub fn member_back(&mut self, now: Time, peer: NodeId) -> Option<Peer> {
+        let member = self.members.get_mut(&peer)?;
+        if member.state == MemberState::Alive || member.announce.leaving {
+            return None;
+        }
+        member.state = MemberState::Alive;
+        member.since = now;
+        member.last_heard = now;
+        self.changes += 1;
+        Some(member.announce.peer)
     }
 
     /// This node leaves: its last announcement says so.
@@ -303,14 +312,6 @@ impl Roster {
         }
         match news {
             RosterNews::Alive(announce) => self.on_alive(now, announce),
-            RosterNews::Gone {
-                id,
-                incarnation,
-                seq,
-            } => {
-                self.on_gone(now, id, (incarnation, seq));
-                None
-            }
         }
     }
 
@@ -340,6 +341,7 @@ impl Roster {
                 }
                 member.state = state;
                 member.announce = announce;
+                self.changes += 1;
                 member.last_heard = now;
                 arrived.then_some(peer)
             }
@@ -347,6 +349,7 @@ impl Roster {
                 if self.members.len() >= self.config.members_max {
                     return None;
                 }
+                self.changes += 1;
                 self.members.insert(
                     id,
                     Member {
@@ -361,23 +364,6 @@ impl Roster {
         }
     }
 
-    fn on_gone(&mut self, now: Time, id: NodeId, after: (u64, u64)) {
-        if id == self.me.peer.id {
-            if !self.me.leaving {
-                self.counters.refuted += 1;
-                self.announce_now(now);
-            }
-            return;
-        }
-        if let Some(member) = self.members.get_mut(&id)
-            && member.announce.order() <= after
-            && member.state == MemberState::Alive
-        {
-            member.state = MemberState::Gone;
-            member.since = now;
-        }
-    }
-
     fn announce_now(&mut self, now: Time) {
         if !self.config.enabled {
             return;
@@ -385,7 +371,8 @@ impl Roster {
         self.me.seq += 1;
         self.news.push(RosterNews::Alive(self.me.clone()));
         self.counters.announced += 1;
-        self.next_announce = now + self.config.announce_interval;
+        self.changes += 1;
+        self.next_announce = now + self.config.refresh_interval;
     }
 
     /// When [`Roster::handle_timeout`] should run next.
@@ -401,7 +388,7 @@ impl Roster {
         if !self.me.leaving {
             self.announce_now(now);
         } else {
-            self.next_announce = now + self.config.announce_interval;
+            self.next_announce = now + self.config.refresh_interval;
         }
         let silent_since = now.saturating_sub(self.config.silence_max);
         let forget_since = now.saturating_sub(self.config.forget_after);
@@ -410,10 +397,15 @@ impl Roster {
                 member.state = MemberState::Gone;
                 member.since = now;
                 self.counters.silent_gone += 1;
+                self.changes += 1;
             }
         }
+        let before = self.members.len();
         self.members
             .retain(|_, m| m.state == MemberState::Alive || m.since >= forget_since);
+        if self.members.len() != before {
+            self.changes += 1;
+        }
     }
 
     /// News to broadcast.
@@ -452,7 +444,7 @@ mod tests {
     }
 
     #[test]
-    fn first_timeout_announces_with_the_start_time_as_incarnation() {
+    fn a_node_announces_at_start_on_change_and_then_only_once_a_refresh() {
         let mut r = roster(1);
         assert_eq!(r.poll_timeout(), Time::from_secs(100));
         r.handle_timeout(Time::from_secs(100));
@@ -468,80 +460,63 @@ mod tests {
                 leaving: false,
             })]
         );
-        assert_eq!(r.poll_timeout(), Time::from_secs(102));
+        assert_eq!(r.poll_timeout(), Time::from_secs(700));
+        // Nothing changed: nothing said. A change is said at once.
+        r.handle_timeout(Time::from_secs(300));
+        assert_eq!(r.drain_news().count(), 0);
+        r.set_attributes(Time::from_secs(301), vec![("region".into(), "eu".into())]);
+        assert_eq!(r.drain_news().count(), 1);
+        r.set_attributes(Time::from_secs(302), vec![("region".into(), "eu".into())]);
+        assert_eq!(
+            r.drain_news().count(),
+            1,
+            "attributes set again are said again"
+        );
+        r.set_instances(Time::from_secs(303), vec![]);
+        assert_eq!(r.drain_news().count(), 0, "the same instances are not news");
     }
 
     #[test]
-    fn a_reported_failure_is_broadcast_once_and_undone_only_by_newer_news() {
+    fn liveness_marks_members_gone_and_back_and_only_newer_news_revives_them() {
         let mut r = roster(1);
         let now = Time::from_secs(101);
         let two = Some(Peer::new(NodeId(2)));
         assert_eq!(r.handle_news(now, alive(2, 7, 3)), two);
-        assert_eq!(state(&r, 2), Some(MemberState::Alive));
         assert_eq!(r.alive(), 2);
-        r.neighbor_failed(now, NodeId(2));
-        r.neighbor_failed(now, NodeId(2));
-        assert_eq!(
-            r.drain_news().collect::<Vec<_>>(),
-            vec![RosterNews::Gone {
-                id: NodeId(2),
-                incarnation: 7,
-                seq: 3
-            }]
-        );
+        r.member_gone(now, NodeId(2), false);
         assert_eq!(state(&r, 2), Some(MemberState::Gone));
+        assert_eq!(r.counters().reported_gone, 1);
         // The same announcement, arriving late, does not revive it; a later one does.
         assert_eq!(r.handle_news(now, alive(2, 7, 3)), None);
         assert_eq!(state(&r, 2), Some(MemberState::Gone));
         assert_eq!(r.handle_news(now, alive(2, 7, 4)), two);
         assert_eq!(state(&r, 2), Some(MemberState::Alive));
-        // Newer news of a member already alive is no arrival.
-        assert_eq!(r.handle_news(now, alive(2, 7, 5)), None);
-        // A Gone about an older announcement changes nothing.
-        let gone = r.handle_news(
-            now,
-            RosterNews::Gone {
-                id: NodeId(2),
-                incarnation: 7,
-                seq: 3,
-            },
-        );
-        assert_eq!(gone, None);
+        // A refutation liveness heard brings it back as it last said.
+        r.member_gone(now, NodeId(2), false);
+        assert_eq!(r.member_back(now, NodeId(2)), two);
         assert_eq!(state(&r, 2), Some(MemberState::Alive));
+        // One that left is marked so.
+        r.member_gone(now, NodeId(2), true);
+        assert_eq!(state(&r, 2), Some(MemberState::Left));
     }
 
     #[test]
-    fn news_of_its_own_death_is_refuted_at_once() {
-        let mut r = roster(1);
-        let now = Time::from_secs(101);
-        r.handle_news(
-            now,
-            RosterNews::Gone {
-                id: NodeId(1),
-                incarnation: 100_000,
-                seq: 0,
-            },
-        );
-        let news: Vec<_> = r.drain_news().collect();
-        assert!(matches!(&news[..], [RosterNews::Alive(a)] if a.seq == 1));
-        assert_eq!(r.counters().refuted, 1);
-    }
-
-    #[test]
-    fn silent_members_are_declared_gone_revived_by_news_then_forgotten() {
+    fn silent_members_are_declared_gone_at_last_then_forgotten() {
         let mut r = roster(1);
         r.handle_news(Time::from_secs(100), alive(2, 1, 1));
-        r.handle_timeout(Time::from_secs(109));
+        // Refreshes (and the sweep) come at 100, 700, 1300, 1900, 2500...
+        r.handle_timeout(Time::from_secs(1_900));
         assert_eq!(state(&r, 2), Some(MemberState::Alive));
-        r.handle_timeout(Time::from_secs(111));
+        r.handle_timeout(Time::from_secs(2_500));
         assert_eq!(state(&r, 2), Some(MemberState::Gone));
         assert_eq!(r.counters().silent_gone, 1);
-        // Back from a partition: its next announcement revives it.
-        r.handle_news(Time::from_secs(112), alive(2, 1, 2));
+        r.handle_news(Time::from_secs(2_502), alive(2, 1, 2));
         assert_eq!(state(&r, 2), Some(MemberState::Alive));
-        r.handle_timeout(Time::from_secs(123));
-        r.handle_timeout(Time::from_secs(123 + 601));
-        assert_eq!(state(&r, 2), None);
+        r.member_gone(Time::from_secs(2_503), NodeId(2), false);
+        r.handle_timeout(Time::from_secs(3_100));
+        assert_eq!(state(&r, 2), Some(MemberState::Gone));
+        r.handle_timeout(Time::from_secs(3_700));
+        assert_eq!(state(&r, 2), None, "forgotten after forget_after");
     }
 
     #[test]
@@ -549,7 +524,7 @@ mod tests {
         let mut r = roster(1);
         let now = Time::from_secs(101);
         r.handle_news(now, alive(2, 7, 900));
-        r.neighbor_failed(now, NodeId(2));
+        r.member_gone(now, NodeId(2), false);
         let two = Some(Peer::new(NodeId(2)));
         assert_eq!(r.handle_news(now, alive(2, 8, 1)), two);
         assert_eq!(state(&r, 2), Some(MemberState::Alive));
@@ -562,9 +537,7 @@ mod tests {
     fn leaving_members_are_marked_left_and_oversized_news_is_ignored() {
         let mut r = roster(1);
         let now = Time::from_secs(101);
-        let RosterNews::Alive(mut a) = alive(2, 3, 1) else {
-            unreachable!()
-        };
+        let RosterNews::Alive(mut a) = alive(2, 3, 1);
         a.leaving = true;
         assert_eq!(r.handle_news(now, RosterNews::Alive(a.clone())), None);
         assert_eq!(state(&r, 2), Some(MemberState::Left));

@@ -256,9 +256,17 @@ pub fn explain_placement(sim: &Sim, services: &[ServiceSpec]) {
                     .collect::<Vec<_>>()
             })
             .collect();
-        if runners.len() as u32 == replicas.min(eligible) && versions.len() <= 1 {
+        let newest = sim
+            .alive()
+            .into_iter()
+            .filter_map(|i| sim.node(i))
+            .filter_map(|n| n.suite().get(&spec.key).map(|e| e.version))
+            .max()
+            .unwrap_or(0);
+        if runners.len() as u32 == replicas.min(eligible) && versions.iter().all(|v| *v == newest) {
             continue;
         }
+        println!("(newest version {newest}, running {versions:?})");
         println!("(eligible: {eligible})");
         for i in sim.alive() {
             let a: BTreeMap<String, String> = sim.attributes(i).iter().cloned().collect();
@@ -300,7 +308,10 @@ pub fn explain_placement(sim: &Sim, services: &[ServiceSpec]) {
                     .predecessors()
                     .filter_map(|p| sim.index_of(p.id))
                     .collect();
-                println!("  node {i} thinks it owns the key; its predecessors {preds:?}");
+                println!(
+                    "  node {i} ({}) thinks it owns the key; its predecessors {preds:?}",
+                    node.id().short()
+                );
             }
         }
         for &i in &runners {
@@ -481,6 +492,25 @@ pub fn run(args: &CloudArgs) -> Report {
         add_machine(sim, &mut rng)
     });
     sim.run_for(Duration::from_secs(40), &mut NoObserver);
+    if std::env::var_os("NUBO_SIM_DEBUG").is_some() {
+        let mut small = 0;
+        for i in sim.alive() {
+            let node = sim.node(i).unwrap();
+            let est = node.ring().size_estimate(sim.now());
+            if est.is_some_and(|n| n < 100) {
+                small += 1;
+                if small < 4 {
+                    println!(
+                        "node {i}: ring estimate {est:?}, successors {}, predecessors {}, settled {}",
+                        node.ring().successors().count(),
+                        node.ring().predecessors().count(),
+                        node.ring().is_settled(sim.now())
+                    );
+                }
+            }
+        }
+        println!("nodes with a ring estimate under 100: {small}");
+    }
     let idle_span = Duration::from_secs(u64::from(args.idle_seconds.max(1)));
     let lookups_now = |sim: &Sim| -> u64 {
         sim.alive()
