@@ -165,10 +165,12 @@ def round_of(system, idle):
     pids = [p.pid for p in system.procs]
     sent, cpu, rss = idle_cost(pids, idle)
     victim = system.n // 2
+    # Built before the kill: nubo's needs the victim's node id, which only it can tell.
+    all_see_gone = system.sees_gone(victim)
     system.procs[victim].send_signal(signal.SIGKILL)
     system.procs[victim].wait()
     killed = time.time()
-    detected = until(system.sees_gone(victim), 120)
+    detected = until(all_see_gone, 120)
     system.stop()
     return {
         "system": system.name,

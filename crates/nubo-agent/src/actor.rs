@@ -1167,6 +1167,12 @@ impl Agent {
             persist_failures: self.persist_failures,
             records_damaged_at_start: self.info.records_damaged_at_start,
             net: self.transport.counters(),
+            net_by_kind: self
+                .transport
+                .queued_by_kind()
+                .into_iter()
+                .map(|(kind, traffic)| (kind.to_string(), traffic))
+                .collect(),
             warnings: self.info.warnings.clone(),
             limits: self.info.limits.clone(),
             isolation: self.info.isolation.clone(),

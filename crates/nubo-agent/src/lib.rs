@@ -186,6 +186,11 @@ pub async fn run(mut options: AgentOptions) -> Result<(), AgentError> {
                 enabled: false,
                 ..Default::default()
             },
+            // Nothing in the agent ranks by a slicing value yet: slicing would only cost.
+            slicing: nubo_proto::slicing::SlicingConfig {
+                enabled: false,
+                ..Default::default()
+            },
             ..Config::default()
         },
         u64::from_le_bytes(seed),

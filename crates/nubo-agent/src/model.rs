@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use nubo_net::NetCounters;
+use nubo_net::{KindTraffic, NetCounters};
 use nubo_proto::aggregation::Resources;
 use nubo_proto::kv::Version;
 use serde::{Deserialize, Serialize};
@@ -51,6 +51,9 @@ pub struct Status {
     pub records_damaged_at_start: usize,
     /// Transport counters.
     pub net: NetCounters,
+    /// Frames queued since start and their bytes, per message kind.
+    #[serde(default)]
+    pub net_by_kind: BTreeMap<String, KindTraffic>,
     /// What the operator should fix.
     #[serde(default)]
     pub warnings: Vec<String>,

@@ -12,7 +12,7 @@ pub mod transport;
 
 pub use admission::{Admission, CloudId, JoinToken, TokenError};
 pub use identity::{Identity, node_id_of, verify_signature};
-pub use transport::{NetCounters, NetEvent, Transport, TransportConfig};
+pub use transport::{KindTraffic, NetCounters, NetEvent, Transport, TransportConfig};
 
 /// Why the transport could not start.
 #[derive(Debug, thiserror::Error)]

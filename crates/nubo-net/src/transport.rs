@@ -15,7 +15,7 @@
 
 use core::net::SocketAddr;
 use core::time::Duration;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -72,8 +72,8 @@ impl Default for TransportConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 7700)),
             queue_max: 1024,
             dial_timeout: Duration::from_secs(3),
-            keepalive: Duration::from_millis(500),
-            idle_timeout: Duration::from_secs(3),
+            keepalive: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(6),
             unused_close: Duration::from_secs(60),
             write_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(250),
@@ -124,6 +124,15 @@ pub struct NetCounters {
     pub connections: u64,
 }
 
+/// Frames of one message kind, and their bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KindTraffic {
+    /// Frames.
+    pub frames: u64,
+    /// Bytes in those frames.
+    pub bytes: u64,
+}
+
 #[derive(Default)]
 struct Counters {
     frames_in: AtomicU64,
@@ -161,6 +170,8 @@ struct Shared {
     next_generation: AtomicU64,
     events: mpsc::Sender<NetEvent>,
     counters: Counters,
+    /// Frames queued and their bytes, per message kind.
+    queued_by_kind: Mutex<BTreeMap<&'static str, KindTraffic>>,
     refused: Arc<AtomicU64>,
 }
 
@@ -221,6 +232,7 @@ impl Transport {
             next_generation: AtomicU64::new(0),
             events,
             counters: Counters::default(),
+            queued_by_kind: Mutex::new(BTreeMap::new()),
             refused,
         });
         tokio::spawn(accept_loop(shared.clone()));
@@ -248,7 +260,27 @@ impl Transport {
                 return;
             }
         };
+        {
+            let mut by_kind = self
+                .shared
+                .queued_by_kind
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let traffic = by_kind.entry(message.kind()).or_default();
+            traffic.frames = traffic.frames.saturating_add(1);
+            traffic.bytes = traffic.bytes.saturating_add(frame.len() as u64);
+        }
         self.shared.deliver(to.id, LinkInput::Frame(frame, to.addr));
+    }
+
+    /// Frames queued since start and their bytes, per message kind (those dropped before
+    /// they left included): where a node's traffic goes.
+    pub fn queued_by_kind(&self) -> BTreeMap<&'static str, KindTraffic> {
+        self.shared
+            .queued_by_kind
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Counters since start.

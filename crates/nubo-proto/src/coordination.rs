@@ -1447,3 +1447,299 @@ impl Coordination {
         self.writes.drain(..)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::RingConfig;
+    use crate::rng::Rng;
+    use crate::rollout::UpdatePolicy;
+    use crate::service::{Count, PlacementSpec};
+    use crate::spec::{PlainReader, SimpleDocument};
+    use crate::suite::{AcceptAll, SuiteConfig};
+
+    const KEY: &str = "web/site";
+
+    const ROOMY: Demand = Demand {
+        cpu_millis: 64_000,
+        memory_bytes: 1 << 40,
+        disk_bytes: 1 << 40,
+    };
+
+    fn peer(id: u128) -> Peer {
+        Peer::new(NodeId(id))
+    }
+
+    /// The ring of `me`, settled at once, knowing `knows`.
+    fn ring(me: u128, knows: &[u128]) -> Ring {
+        let config = RingConfig {
+            settle_after: Duration::ZERO,
+            ..RingConfig::default()
+        };
+        let mut ring = Ring::new(peer(me), config, Rng::from_seed(1), Time::ZERO);
+        for &k in knows {
+            ring.hear(Time::ZERO, peer(k));
+        }
+        ring.drain_transmits().for_each(drop);
+        ring
+    }
+
+    fn suite(replicas: u32) -> Suite {
+        let spec = ServiceSpec {
+            key: KEY.into(),
+            intent: Intent::Run,
+            problem: None,
+            placement: PlacementSpec {
+                count: Count::Replicas(replicas),
+                constraints: vec![],
+                spread: None,
+                demand: Demand {
+                    cpu_millis: 100,
+                    memory_bytes: 1 << 20,
+                    disk_bytes: 0,
+                },
+            },
+            update: UpdatePolicy::default(),
+            fingerprint: 7,
+            surge_possible: true,
+            driver: "exec".into(),
+            quota: None,
+        };
+        let mut suite = Suite::new(SuiteConfig::default(), Box::new(AcceptAll), Time::ZERO);
+        suite.offer(SimpleDocument::Service(Box::new(spec)).to_entry(KEY, 1));
+        suite
+    }
+
+    fn coordination(me: u128) -> Coordination {
+        Coordination::new(
+            peer(me),
+            CoordinationConfig::default(),
+            Box::new(PlainReader),
+            Time::ZERO,
+        )
+    }
+
+    fn report(seq: u64, candidate: bool) -> CoordinationMessage {
+        CoordinationMessage::Report {
+            seq,
+            card: Card {
+                attributes: vec![],
+                free: ROOMY,
+            },
+            services: vec![ServiceReport {
+                key: KEY.into(),
+                candidate,
+                facts: vec![],
+                refused: vec![],
+            }],
+        }
+    }
+
+    /// Answers this node's lookups with `owner`.
+    fn answer_lookups(c: &mut Coordination, now: Time, owner: Peer) {
+        let tags: Vec<u64> = c.drain_lookups().map(|(tag, _)| tag).collect();
+        for tag in tags {
+            c.on_lookup(now, tag, &[owner]);
+        }
+    }
+
+    /// The nodes that got a `Run` task, and the other messages sent.
+    fn runs(c: &mut Coordination) -> (Vec<NodeId>, Vec<(Peer, CoordinationMessage)>) {
+        let mut run = Vec::new();
+        let mut other = Vec::new();
+        for (to, message) in c.drain_transmits() {
+            match &message {
+                CoordinationMessage::Tasks { tasks, .. }
+                    if tasks
+                        .iter()
+                        .any(|(k, t)| k == KEY && matches!(t, Task::Run { version: 1, .. })) =>
+                {
+                    run.push(to.id)
+                }
+                _ => other.push((to, message)),
+            }
+        }
+        (run, other)
+    }
+
+    /// A coordinator alone on its ring, with nodes 2 and 3 reporting one service of one
+    /// replica to it: it decides only after `gather`, and tasks the best-ranked of the three.
+    fn gathered() -> (Coordination, Ring, Suite, NodeId) {
+        let me = 1;
+        let ring = ring(me, &[]);
+        let suite = suite(1);
+        let mut c = coordination(me);
+        let t0 = Time::from_millis(10);
+        c.flush(t0, &suite, &ring, Some(3));
+        answer_lookups(&mut c, t0, peer(me));
+        c.flush(t0, &suite, &ring, Some(3));
+        for id in [2, 3] {
+            c.handle_message(t0, peer(id), report(5, true), &ring, &|_| false);
+        }
+        c.flush(t0, &suite, &ring, Some(3));
+        assert_eq!(runs(&mut c), (vec![], vec![]), "nothing before gathering");
+        assert!(c.tasks().is_empty());
+        let t1 = t0 + CoordinationConfig::default().gather;
+        c.flush(
+            t1.saturating_sub(Duration::from_millis(1)),
+            &suite,
+            &ring,
+            Some(3),
+        );
+        assert_eq!(runs(&mut c), (vec![], vec![]), "nothing before gathering");
+        c.flush(t1, &suite, &ring, Some(3));
+        let best = [1, 2, 3]
+            .into_iter()
+            .map(NodeId)
+            .max_by_key(|id| score(KEY, *id))
+            .unwrap();
+        (c, ring, suite, best)
+    }
+
+    #[test]
+    fn a_coordinator_gathers_reports_then_tasks_the_best_ranked_node() {
+        let (mut c, _, _, best) = gathered();
+        let (run, other) = runs(&mut c);
+        assert!(other.is_empty(), "{other:?}");
+        if best == NodeId(1) {
+            assert!(run.is_empty());
+            assert!(matches!(
+                c.tasks().get(KEY),
+                Some(Task::Run { version: 1, .. })
+            ));
+        } else {
+            assert_eq!(run, vec![best]);
+            assert!(c.tasks().is_empty());
+        }
+        assert_eq!(c.counters().plans, 1);
+        let planned = c.coordinated().collect::<Vec<_>>();
+        assert_eq!(planned.len(), 1);
+        assert_eq!(planned[0].0, KEY);
+    }
+
+    #[test]
+    fn beats_are_answered_only_with_what_the_reporter_lacks() {
+        let (mut c, ring, suite, _) = gathered();
+        c.drain_transmits().for_each(drop);
+        let t = Time::from_secs(3);
+        // Node 2's report (seq 5) is known: a beat naming it and tasks it never got is
+        // answered with its tasks, whatever they are; one naming the tasks it has, not at all.
+        c.handle_message(
+            t,
+            peer(2),
+            CoordinationMessage::Beat {
+                seq: 5,
+                tasks_seq: 0,
+            },
+            &ring,
+            &|_| false,
+        );
+        let sent: Vec<_> = c.drain_transmits().collect();
+        let tasks_seq = match sent.as_slice() {
+            [(to, CoordinationMessage::Tasks { seq, .. })] if to.id == NodeId(2) => *seq,
+            other => panic!("expected tasks for node 2, got {other:?}"),
+        };
+        c.handle_message(
+            t,
+            peer(2),
+            CoordinationMessage::Beat { seq: 5, tasks_seq },
+            &ring,
+            &|_| false,
+        );
+        assert_eq!(c.drain_transmits().count(), 0);
+        // A beat naming a report the coordinator does not have asks for it again.
+        c.handle_message(
+            t,
+            peer(3),
+            CoordinationMessage::Beat {
+                seq: 9,
+                tasks_seq: 0,
+            },
+            &ring,
+            &|_| false,
+        );
+        assert_eq!(
+            c.drain_transmits().collect::<Vec<_>>(),
+            vec![(peer(3), CoordinationMessage::Resend)]
+        );
+        c.flush(t, &suite, &ring, Some(3));
+        assert_eq!(c.drain_transmits().count(), 0);
+    }
+
+    #[test]
+    fn a_departed_node_is_replaced_by_the_next_best_ranked() {
+        let (mut c, ring, suite, best) = gathered();
+        c.drain_transmits().for_each(drop);
+        // The scores of this key put a reporter, not the coordinator itself, first.
+        assert_ne!(best, NodeId(1));
+        let t = Time::from_secs(3);
+        c.departed(best);
+        c.flush(t, &suite, &ring, Some(3));
+        let next = [1, 2, 3]
+            .into_iter()
+            .map(NodeId)
+            .filter(|id| *id != best)
+            .max_by_key(|id| score(KEY, *id))
+            .unwrap();
+        let (run, other) = runs(&mut c);
+        assert!(other.is_empty(), "{other:?}");
+        if next == NodeId(1) {
+            assert!(run.is_empty());
+            assert!(matches!(
+                c.tasks().get(KEY),
+                Some(Task::Run { version: 1, .. })
+            ));
+        } else {
+            assert_eq!(run, vec![next]);
+        }
+    }
+
+    #[test]
+    fn a_report_to_a_node_that_does_not_own_the_service_is_sent_on() {
+        // The owner of the service is the first node at or after its position.
+        let position = service_position(KEY);
+        let owner = position.wrapping_add(1);
+        let me = position.wrapping_add(1_000);
+        let ring = ring(me, &[owner]);
+        assert!(!ring.is_replica(position, 1));
+        let suite = suite(1);
+        let mut c = coordination(me);
+        c.flush(Time::ZERO, &suite, &ring, Some(2));
+        c.drain_lookups().for_each(drop);
+        c.handle_message(Time::ZERO, peer(3), report(1, true), &ring, &|_| false);
+        c.flush(Time::from_secs(2), &suite, &ring, Some(2));
+        assert_eq!(
+            c.drain_transmits().collect::<Vec<_>>(),
+            vec![(
+                peer(3),
+                CoordinationMessage::NotMine {
+                    keys: vec![KEY.into()]
+                }
+            )]
+        );
+        assert_eq!(c.coordinated().count(), 0);
+    }
+
+    #[test]
+    fn a_report_out_of_bounds_is_ignored() {
+        let ring = ring(1, &[]);
+        let mut c = coordination(1);
+        let services = (0..=SERVICES_MAX)
+            .map(|i| ServiceReport {
+                key: format!("web/s{i}"),
+                candidate: true,
+                facts: vec![],
+                refused: vec![],
+            })
+            .collect();
+        let message = CoordinationMessage::Report {
+            seq: 1,
+            card: Card::default(),
+            services,
+        };
+        assert!(!message.is_within_bounds());
+        c.handle_message(Time::ZERO, peer(2), message, &ring, &|_| false);
+        c.flush(Time::from_secs(2), &suite(1), &ring, Some(2));
+        assert_eq!(c.coordinated().count(), 0);
+    }
+}

@@ -480,6 +480,7 @@ impl Node {
             Message::Ring(m) if on.ring => self.ring.handle_message(now, from, m),
             Message::Kv(m) if on.kv => self.kv.handle_message(now, from, m),
             Message::Suite(m) if on.suite => self.suite.handle_message(from, m),
+            Message::Roster(m) if on.roster => self.roster.handle_message(now, from, m),
             Message::Liveness(m) if on.liveness => self.liveness.handle_message(now, from, m),
             Message::Coordination(m) if on.coordination => {
                 let liveness = &self.liveness;
@@ -539,7 +540,8 @@ impl Node {
             self.slicing.handle_timeout(now, peer);
         }
         if on.roster && self.roster.poll_timeout() <= now {
-            self.roster.handle_timeout(now);
+            let neighbor = self.membership.random_neighbor();
+            self.roster.handle_timeout(now, neighbor);
         }
         if on.suite && self.suite.poll_timeout() <= now {
             let neighbor = self.membership.random_neighbor();
@@ -595,7 +597,7 @@ impl Node {
             match event {
                 MembershipEvent::NeighborUp(peer) => {
                     self.broadcast_touched = true;
-                    self.broadcast.neighbor_up(peer);
+                    self.broadcast.neighbor_up(now, peer);
                     if on.slicing {
                         self.slicing.neighbor_up(peer);
                     }
@@ -603,7 +605,7 @@ impl Node {
                         self.ring.hear(now, peer);
                     }
                     if on.roster {
-                        self.roster.neighbor_up(now);
+                        self.roster.neighbor_up(now, peer);
                     }
                     self.events.push_back(Event::NeighborUp(peer));
                 }
@@ -717,6 +719,13 @@ impl Node {
                 .extend(self.suite.drain_transmits().map(|(to, m)| Transmit {
                     to,
                     message: Message::Suite(m),
+                }));
+        }
+        if on.roster {
+            self.transmits
+                .extend(self.roster.drain_transmits().map(|(to, m)| Transmit {
+                    to,
+                    message: Message::Roster(m),
                 }));
         }
         for transmit in self.transmits.range(before..) {

@@ -84,6 +84,71 @@ impl Announce {
     pub fn order(&self) -> (u64, u64) {
         (self.incarnation, self.seq)
     }
+
+    /// Whether every field respects its bound.
+    pub fn is_within_bounds(&self) -> bool {
+        self.attributes.len() <= ATTRIBUTES_MAX
+            && self.attributes.iter().all(|(name, value)| {
+                name.len() <= ATTRIBUTE_BYTES_MAX && value.len() <= ATTRIBUTE_BYTES_MAX
+            })
+            && self.instances.len() <= INSTANCE_FACTS_MAX
+            && self.instances.iter().all(InstanceFact::is_within_bounds)
+    }
+}
+
+/// Most members in one page of a roster sync.
+pub const PAGE_MEMBERS_MAX: usize = 512;
+/// Bytes of announcements in one page of a roster sync, about: well under a frame.
+const PAGE_BYTES: usize = 256 * 1024;
+/// How long a node waits for the next page of a sync before it asks another neighbour.
+const PULL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most bytes of pages a node sends per second to all who pull from it (a burst of
+/// newcomers, or a member pulling too often, gets no answer beyond it and asks elsewhere).
+const PAGE_BYTES_PER_SECOND_MAX: usize = 2 << 20;
+
+/// A sync of the roster between two neighbours: a node that starts with an empty roster
+/// pulls its first neighbour's, page by page, instead of waiting for every member's next
+/// announcement (they come only when something changes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RosterMessage {
+    /// Send the members you know alive, by id, from just after `after` (from the first:
+    /// `None`).
+    Pull {
+        /// The last id of the previous page.
+        after: Option<NodeId>,
+    },
+    /// Members known alive (the sender among them), in order of id.
+    Members {
+        /// Their last announcements.
+        members: Vec<Announce>,
+        /// More follow: ask again after the last one.
+        more: bool,
+    },
+}
+
+impl RosterMessage {
+    /// Whether every field respects its bound.
+    pub fn is_within_bounds(&self) -> bool {
+        match self {
+            RosterMessage::Pull { .. } => true,
+            RosterMessage::Members { members, .. } => {
+                members.len() <= PAGE_MEMBERS_MAX && members.iter().all(Announce::is_within_bounds)
+            }
+        }
+    }
+}
+
+/// Where this node's first sync stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sync {
+    /// To do, with the next neighbour.
+    Wanted,
+    /// Pages come from `from`; it is given up at `until`.
+    Pulling {
+        from: NodeId,
+        until: Time,
+    },
+    Done,
 }
 
 /// Roster news, carried by broadcast.
@@ -97,17 +162,7 @@ impl RosterNews {
     /// Whether every field respects its bound.
     pub fn is_within_bounds(&self) -> bool {
         match self {
-            RosterNews::Alive(announce) => {
-                announce.attributes.len() <= ATTRIBUTES_MAX
-                    && announce.attributes.iter().all(|(name, value)| {
-                        name.len() <= ATTRIBUTE_BYTES_MAX && value.len() <= ATTRIBUTE_BYTES_MAX
-                    })
-                    && announce.instances.len() <= INSTANCE_FACTS_MAX
-                    && announce
-                        .instances
-                        .iter()
-                        .all(InstanceFact::is_within_bounds)
-            }
+            RosterNews::Alive(announce) => announce.is_within_bounds(),
         }
     }
 }
@@ -152,6 +207,10 @@ pub struct Member {
 pub struct RosterCounters {
     /// Announcements of ourselves sent.
     pub announced: u64,
+    /// Pages of members sent to nodes that pulled them.
+    pub pages_sent: u64,
+    /// Pages of members received.
+    pub pages_received: u64,
     /// Members marked gone on liveness news.
     pub reported_gone: u64,
     /// Members declared gone after a silence.
@@ -160,17 +219,25 @@ pub struct RosterCounters {
 
 /// One node's roster.
 ///
-/// Contract: feed it every roster broadcast delivered ([`Roster::handle_news`]) and every
-/// departure and return liveness decides ([`Roster::member_gone`], [`Roster::member_back`]);
-/// call [`Roster::handle_timeout`] when
-/// [`Roster::poll_timeout`] comes; broadcast whatever [`Roster::drain_news`] yields. It holds
-/// at most `members_max` members and never lists itself as anything but alive.
+/// Contract: feed it every roster broadcast delivered ([`Roster::handle_news`]), every roster
+/// message ([`Roster::handle_message`]), every new neighbour ([`Roster::neighbor_up`]) and
+/// every departure and return liveness decides ([`Roster::member_gone`],
+/// [`Roster::member_back`]); call [`Roster::handle_timeout`] when [`Roster::poll_timeout`]
+/// comes; broadcast whatever [`Roster::drain_news`] yields and send its transmits. It holds
+/// at most `members_max` members and never lists itself as anything but alive; it sends at
+/// most `PAGE_BYTES_PER_SECOND_MAX` bytes of pages a second, whoever asks.
 #[derive(Debug)]
 pub struct Roster {
     config: RosterConfig,
     me: Announce,
     members: BTreeMap<NodeId, Member>,
     news: Vec<RosterNews>,
+    transmits: Vec<(Peer, RosterMessage)>,
+    /// This node announced itself since it first had a neighbour.
+    introduced: bool,
+    sync: Sync,
+    /// Bytes of pages sent in the current second, and when it started.
+    pages_window: (Time, usize),
     next_announce: Time,
     counters: RosterCounters,
     /// Grows with every change of what the roster holds.
@@ -194,6 +261,10 @@ impl Roster {
             config,
             members: BTreeMap::new(),
             news: Vec::new(),
+            transmits: Vec::new(),
+            introduced: false,
+            sync: Sync::Wanted,
+            pages_window: (now, 0),
             counters: RosterCounters::default(),
             changes: 0,
         }
@@ -254,12 +325,110 @@ impl Roster {
         }
     }
 
-    /// This node got a neighbour: announce at once if it never did, so a newcomer shows up
-    /// without waiting a whole interval.
-    pub fn neighbor_up(&mut self, now: Time) {
-        if self.config.enabled && self.counters.announced == 0 {
+    /// This node got `neighbor`: announce at once if it never did, so a newcomer shows up
+    /// without waiting a whole interval, and pull its roster if this node never did.
+    pub fn neighbor_up(&mut self, now: Time, neighbor: Peer) {
+        if !self.config.enabled {
+            return;
+        }
+        // Announcements made before (of its attributes, at start) reached no one.
+        if !self.introduced {
+            self.introduced = true;
             self.announce_now(now);
         }
+        let idle = match self.sync {
+            Sync::Wanted => true,
+            Sync::Pulling { until, .. } => until <= now,
+            Sync::Done => false,
+        };
+        if idle {
+            self.pull(now, neighbor, None);
+        }
+    }
+
+    /// Whether this node has pulled a neighbour's roster since it started.
+    pub fn is_synced(&self) -> bool {
+        self.sync == Sync::Done
+    }
+
+    fn pull(&mut self, now: Time, from: Peer, after: Option<NodeId>) {
+        self.sync = Sync::Pulling {
+            from: from.id,
+            until: now + PULL_TIMEOUT,
+        };
+        self.transmits.push((from, RosterMessage::Pull { after }));
+    }
+
+    /// Handles a message of a roster sync from `from`.
+    pub fn handle_message(&mut self, now: Time, from: Peer, message: RosterMessage) {
+        if !self.config.enabled || !message.is_within_bounds() {
+            return;
+        }
+        match message {
+            RosterMessage::Pull { after } => self.answer_pull(now, from, after),
+            RosterMessage::Members { members, more } => {
+                // Only pages this node asked for count.
+                if !matches!(self.sync, Sync::Pulling { from: f, .. } if f == from.id) {
+                    return;
+                }
+                self.counters.pages_received += 1;
+                let last = members.last().map(|a| a.peer.id);
+                for announce in members {
+                    self.on_alive(now, announce);
+                }
+                match last {
+                    Some(last) if more => self.pull(now, from, Some(last)),
+                    _ => self.sync = Sync::Done,
+                }
+            }
+        }
+    }
+
+    fn answer_pull(&mut self, now: Time, to: Peer, after: Option<NodeId>) {
+        if now >= self.pages_window.0 + Duration::from_secs(1) {
+            self.pages_window = (now, 0);
+        }
+        if self.pages_window.1 >= PAGE_BYTES_PER_SECOND_MAX {
+            return;
+        }
+        let start = after.map_or(core::ops::Bound::Unbounded, core::ops::Bound::Excluded);
+        let alive = self
+            .members
+            .range((start, core::ops::Bound::Unbounded))
+            .filter(|(_, m)| m.state == MemberState::Alive)
+            .map(|(_, m)| &m.announce);
+        // This node goes in its place in the order of ids.
+        let me = Some(&self.me).filter(|me| after.is_none_or(|a| me.peer.id > a));
+        let mut page: Vec<Announce> = Vec::new();
+        let mut bytes = 0usize;
+        let mut more = false;
+        let mut me = me.into_iter().peekable();
+        let mut alive = alive.peekable();
+        loop {
+            let next = match (me.peek(), alive.peek()) {
+                (Some(m), Some(a)) if m.peer.id < a.peer.id => me.next(),
+                (Some(_), None) => me.next(),
+                (_, Some(_)) => alive.next(),
+                (None, None) => break,
+            };
+            let Some(announce) = next else { break };
+            let size = postcard::to_allocvec(announce).map_or(PAGE_BYTES, |b| b.len());
+            if page.len() >= PAGE_MEMBERS_MAX || (!page.is_empty() && bytes + size > PAGE_BYTES) {
+                more = true;
+                break;
+            }
+            bytes += size;
+            page.push(announce.clone());
+        }
+        self.pages_window.1 = self.pages_window.1.saturating_add(bytes);
+        self.counters.pages_sent += 1;
+        self.transmits.push((
+            to,
+            RosterMessage::Members {
+                members: page,
+                more,
+            },
+        ));
     }
 
     /// Liveness found `peer` gone (or it left).
@@ -377,12 +546,27 @@ impl Roster {
 
     /// When [`Roster::handle_timeout`] should run next.
     pub fn poll_timeout(&self) -> Time {
-        self.next_announce
+        match self.sync {
+            Sync::Pulling { until, .. } => self.next_announce.min(until),
+            _ => self.next_announce,
+        }
     }
 
-    /// Announces this node and sweeps silent and long-gone members.
-    pub fn handle_timeout(&mut self, now: Time) {
-        if !self.config.enabled || now < self.next_announce {
+    /// Announces this node and sweeps silent and long-gone members; a sync whose next page
+    /// did not come goes on with `neighbor`.
+    pub fn handle_timeout(&mut self, now: Time, neighbor: Option<Peer>) {
+        if !self.config.enabled {
+            return;
+        }
+        if let Sync::Pulling { until, .. } = self.sync
+            && until <= now
+        {
+            match neighbor {
+                Some(n) => self.pull(now, n, None),
+                None => self.sync = Sync::Wanted,
+            }
+        }
+        if now < self.next_announce {
             return;
         }
         if !self.me.leaving {
@@ -411,6 +595,11 @@ impl Roster {
     /// News to broadcast.
     pub fn drain_news(&mut self) -> std::vec::Drain<'_, RosterNews> {
         self.news.drain(..)
+    }
+
+    /// Messages to send.
+    pub fn drain_transmits(&mut self) -> std::vec::Drain<'_, (Peer, RosterMessage)> {
+        self.transmits.drain(..)
     }
 }
 
@@ -447,7 +636,7 @@ mod tests {
     fn a_node_announces_at_start_on_change_and_then_only_once_a_refresh() {
         let mut r = roster(1);
         assert_eq!(r.poll_timeout(), Time::from_secs(100));
-        r.handle_timeout(Time::from_secs(100));
+        r.handle_timeout(Time::from_secs(100), None);
         let news: Vec<_> = r.drain_news().collect();
         assert_eq!(
             news,
@@ -462,7 +651,7 @@ mod tests {
         );
         assert_eq!(r.poll_timeout(), Time::from_secs(700));
         // Nothing changed: nothing said. A change is said at once.
-        r.handle_timeout(Time::from_secs(300));
+        r.handle_timeout(Time::from_secs(300), None);
         assert_eq!(r.drain_news().count(), 0);
         r.set_attributes(Time::from_secs(301), vec![("region".into(), "eu".into())]);
         assert_eq!(r.drain_news().count(), 1);
@@ -505,17 +694,17 @@ mod tests {
         let mut r = roster(1);
         r.handle_news(Time::from_secs(100), alive(2, 1, 1));
         // Refreshes (and the sweep) come at 100, 700, 1300, 1900, 2500...
-        r.handle_timeout(Time::from_secs(1_900));
+        r.handle_timeout(Time::from_secs(1_900), None);
         assert_eq!(state(&r, 2), Some(MemberState::Alive));
-        r.handle_timeout(Time::from_secs(2_500));
+        r.handle_timeout(Time::from_secs(2_500), None);
         assert_eq!(state(&r, 2), Some(MemberState::Gone));
         assert_eq!(r.counters().silent_gone, 1);
         r.handle_news(Time::from_secs(2_502), alive(2, 1, 2));
         assert_eq!(state(&r, 2), Some(MemberState::Alive));
         r.member_gone(Time::from_secs(2_503), NodeId(2), false);
-        r.handle_timeout(Time::from_secs(3_100));
+        r.handle_timeout(Time::from_secs(3_100), None);
         assert_eq!(state(&r, 2), Some(MemberState::Gone));
-        r.handle_timeout(Time::from_secs(3_700));
+        r.handle_timeout(Time::from_secs(3_700), None);
         assert_eq!(state(&r, 2), None, "forgotten after forget_after");
     }
 
@@ -545,5 +734,103 @@ mod tests {
         a.attributes = vec![("k".into(), "v".repeat(ATTRIBUTE_BYTES_MAX + 1))];
         r.handle_news(now, RosterNews::Alive(a));
         assert_eq!(state(&r, 3), None);
+    }
+
+    /// Delivers `from`'s transmits to `to`, returning how many there were.
+    fn deliver(now: Time, from: &mut Roster, to: &mut Roster) -> usize {
+        let sender = from.me().peer;
+        let sent: Vec<_> = from.drain_transmits().collect();
+        for (peer, message) in &sent {
+            assert_eq!(peer.id, to.me().peer.id);
+            to.handle_message(now, sender, message.clone());
+        }
+        sent.len()
+    }
+
+    #[test]
+    fn a_newcomer_pulls_the_whole_roster_page_by_page_from_its_first_neighbour() {
+        let now = Time::from_secs(200);
+        let mut old = roster(1);
+        let members = PAGE_MEMBERS_MAX as u128 + 10;
+        for id in 2..2 + members {
+            old.handle_news(now, alive(id, 5, 1));
+        }
+        // One member is gone: it is not passed on.
+        old.member_gone(now, NodeId(2), false);
+        let mut newcomer = roster(10_000);
+        newcomer.neighbor_up(now, old.me().peer);
+        assert!(!newcomer.is_synced());
+        // Its own announcement is broadcast; the pull goes to the neighbour.
+        assert_eq!(newcomer.drain_news().count(), 1);
+        let mut rounds = 0;
+        while deliver(now, &mut newcomer, &mut old) > 0 {
+            deliver(now, &mut old, &mut newcomer);
+            rounds += 1;
+        }
+        assert_eq!(rounds, 2, "two pages");
+        assert!(newcomer.is_synced());
+        // Every member alive there, and the neighbour itself.
+        assert_eq!(newcomer.alive(), 1 + members as usize);
+        assert_eq!(state(&newcomer, 2), None);
+        assert_eq!(state(&newcomer, 1), Some(MemberState::Alive));
+        // Later neighbours are not asked again.
+        newcomer.neighbor_up(now, Peer::new(NodeId(3)));
+        assert_eq!(newcomer.drain_transmits().count(), 0);
+    }
+
+    #[test]
+    fn pages_nobody_asked_for_are_ignored_and_pulls_are_answered_within_a_byte_budget() {
+        let now = Time::from_secs(200);
+        let mut r = roster(1);
+        let forged = RosterMessage::Members {
+            members: vec![Announce {
+                peer: Peer::new(NodeId(66)),
+                incarnation: 1,
+                seq: 1,
+                attributes: vec![],
+                instances: vec![],
+                leaving: false,
+            }],
+            more: false,
+        };
+        r.handle_message(now, Peer::new(NodeId(66)), forged);
+        assert_eq!(state(&r, 66), None);
+
+        // Members with the largest attributes allowed: a page holds about PAGE_BYTES of them.
+        let big: Vec<(String, String)> = (0..ATTRIBUTES_MAX)
+            .map(|i| (format!("{i:0>255}"), "v".repeat(ATTRIBUTE_BYTES_MAX)))
+            .collect();
+        for id in 2..200 {
+            r.handle_news(
+                now,
+                RosterNews::Alive(Announce {
+                    peer: Peer::new(NodeId(id)),
+                    incarnation: 5,
+                    seq: 1,
+                    attributes: big.clone(),
+                    instances: vec![],
+                    leaving: false,
+                }),
+            );
+        }
+        let asker = Peer::new(NodeId(7_000));
+        let mut answered = 0;
+        for _ in 0..100 {
+            r.handle_message(now, asker, RosterMessage::Pull { after: None });
+            for (_, message) in r.drain_transmits() {
+                let bytes = postcard::to_allocvec(&message).unwrap().len();
+                assert!(bytes < crate::wire::MESSAGE_BYTES_MAX, "{bytes}");
+                answered += 1;
+            }
+        }
+        let budget = PAGE_BYTES_PER_SECOND_MAX.div_ceil(PAGE_BYTES);
+        assert!(answered >= 1 && answered <= budget + 1, "{answered} pages");
+        // The next second has a new budget.
+        r.handle_message(
+            now + Duration::from_secs(1),
+            asker,
+            RosterMessage::Pull { after: None },
+        );
+        assert_eq!(r.drain_transmits().count(), 1);
     }
 }

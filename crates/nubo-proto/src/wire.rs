@@ -13,11 +13,12 @@ use crate::kv::KvMessage;
 use crate::liveness::LivenessMessage;
 use crate::membership::MembershipMessage;
 use crate::ring::RingMessage;
+use crate::roster::RosterMessage;
 use crate::slicing::SlicingMessage;
 use crate::suite::SuiteMessage;
 
 /// Version of the wire format; a peer speaking another version is refused.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 
 /// Largest encoded message, version byte included.
 pub const MESSAGE_BYTES_MAX: usize = 1024 * 1024;
@@ -46,6 +47,8 @@ pub enum Message {
     Liveness(LivenessMessage),
     /// Reports and tasks between nodes and the coordinators of their services.
     Coordination(CoordinationMessage),
+    /// A sync of the roster between neighbours.
+    Roster(RosterMessage),
 }
 
 impl Message {
@@ -61,6 +64,7 @@ impl Message {
             Message::Suite(m) => m.is_within_bounds(),
             Message::Agent(_) | Message::Liveness(_) => true,
             Message::Coordination(m) => m.is_within_bounds(),
+            Message::Roster(m) => m.is_within_bounds(),
         }
     }
 
@@ -137,6 +141,10 @@ impl Message {
                 CoordinationMessage::Tasks { .. } => "coord_tasks",
                 CoordinationMessage::NotMine { .. } => "coord_not_mine",
                 CoordinationMessage::Handover { .. } => "coord_handover",
+            },
+            Message::Roster(m) => match m {
+                RosterMessage::Pull { .. } => "roster_pull",
+                RosterMessage::Members { .. } => "roster_members",
             },
         }
     }

@@ -323,6 +323,8 @@ pub struct Broadcast {
     /// `ihave_interval`, but the first after a quiet spell goes at once.
     quiet_from: Time,
     next_ae: Time,
+    /// Anti-entropy rounds still to run early, after this node got a neighbour again.
+    catch_up: u8,
     /// Ids listed in answers to digests so far: where the next answer starts.
     ids_listed: usize,
     next_expire: Time,
@@ -350,6 +352,7 @@ impl Broadcast {
             next_flush: None,
             quiet_from: now,
             next_ae: now + ae_offset,
+            catch_up: 0,
             ids_listed: 0,
             next_expire: now + expire_interval(&config),
             counters: BroadcastCounters::default(),
@@ -442,10 +445,23 @@ impl Broadcast {
         next
     }
 
-    /// `peer` became a neighbour.
-    pub fn neighbor_up(&mut self, peer: Peer) {
+    /// `peer` became a neighbour. It hears of the messages of the last moments (a wave that
+    /// passed while links were being rewired, as when many nodes join at once, would
+    /// otherwise miss it until anti-entropy). A node that had no neighbour (it just joined,
+    /// or was cut off) missed whatever spread meanwhile: it runs anti-entropy soon, twice,
+    /// rather than within `ae_interval`.
+    pub fn neighbor_up(&mut self, now: Time, peer: Peer) {
         self.neighbors.retain(|p| p.id != peer.id);
+        if self.neighbors.is_empty() {
+            self.catch_up = CATCH_UP_ROUNDS;
+            self.next_ae = self.next_ae.min(now + catch_up_delay(&self.config));
+        }
         self.neighbors.push(peer);
+        let since = now.saturating_sub(catch_up_delay(&self.config).saturating_mul(2));
+        for (id, hops) in self.store.born_since(since, IHAVE_MAX) {
+            let hops = hops.saturating_add(1);
+            self.announce(now, peer, Announcement { id, hops });
+        }
         if let Some(tree) = &mut self.tree {
             tree.neighbor_up(peer);
         }
@@ -526,7 +542,12 @@ impl Broadcast {
             tree.handle_timeout(now);
         }
         if now >= self.next_ae {
-            self.next_ae = now + self.config.ae_interval;
+            self.next_ae = if self.catch_up > 0 {
+                self.catch_up -= 1;
+                now + catch_up_delay(&self.config)
+            } else {
+                now + self.config.ae_interval
+            };
             self.start_anti_entropy(now);
         }
         if now >= self.next_expire {
@@ -819,6 +840,15 @@ fn micros(span: Duration) -> u64 {
     u64::try_from(span.as_micros()).unwrap_or(u64::MAX)
 }
 
+/// Anti-entropy rounds that follow the first early one after a node got a neighbour again.
+const CATCH_UP_ROUNDS: u8 = 1;
+
+/// Wait before an early anti-entropy round: what spread before the node had a neighbour is
+/// then old enough to be compared (`ae_settle`), and its first neighbours are in place.
+fn catch_up_delay(config: &BroadcastConfig) -> Duration {
+    config.ae_settle.saturating_mul(2)
+}
+
 fn expire_interval(config: &BroadcastConfig) -> Duration {
     (config.retention / 8).max(Duration::from_millis(100))
 }
@@ -857,7 +887,7 @@ mod tests {
         // Anti-entropy rounds and tree epochs start only where a test asks for them.
         b.next_ae = Time::MAX;
         for &n in neighbours {
-            b.neighbor_up(peer(n));
+            b.neighbor_up(Time::ZERO, peer(n));
         }
         b
     }

@@ -195,6 +195,21 @@ impl MessageStore {
             .collect()
     }
 
+    /// The newest messages born at or after `since` whose payload is kept, at most `limit`,
+    /// with the hops they had here.
+    pub fn born_since(&self, since: Time, limit: usize) -> Vec<(MessageId, u16)> {
+        let from = self.by_born.partition_point(|e| *e < (since, MIN_ID));
+        self.by_born
+            .range(from..)
+            .rev()
+            .filter_map(|(_, id)| {
+                let stored = self.by_id.get(id)?;
+                stored.payload.as_ref().map(|_| (*id, stored.hops))
+            })
+            .take(limit)
+            .collect()
+    }
+
     fn born_between(&self, start: Time, end: Time) -> impl Iterator<Item = &MessageId> + '_ {
         let from = self.by_born.partition_point(|e| *e < (start, MIN_ID));
         let to = self.by_born.partition_point(|e| *e <= (end, MAX_ID));
