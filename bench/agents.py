@@ -40,7 +40,10 @@ def main():
     dirs = [os.path.join(root, f"node{i + 1}") for i in range(n)]
     procs = []
     try:
-        subprocess.run([nubo, "init", "--data-dir", dirs[0], "--json"],
+        # The cloud's own administrator key, used by every command that signs (NUBO_KEY).
+        admin_key = os.path.join(root, "admin.key")
+        os.environ["NUBO_KEY"] = admin_key
+        subprocess.run([nubo, "init", "--data-dir", dirs[0], "--json", "--admin-key", admin_key],
                        check=True, capture_output=True)
         procs.append(start(nubo, dirs[0]))
         wait_api(nubo, dirs[0], time.time() + 30)

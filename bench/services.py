@@ -34,8 +34,11 @@ def main():
     dirs = [os.path.join(root, f"node{i + 1}") for i in range(AGENTS)]
     procs = {}
     try:
-        subprocess.run([nubo, "init", "--data-dir", dirs[0], "--json"], check=True,
-                       capture_output=True)
+        # The cloud's own administrator key, used by every command that signs (NUBO_KEY).
+        admin_key = os.path.join(root, "admin.key")
+        os.environ["NUBO_KEY"] = admin_key
+        subprocess.run([nubo, "init", "--data-dir", dirs[0], "--json", "--admin-key", admin_key],
+                       check=True, capture_output=True)
         procs[0] = start(nubo, dirs[0], extra=EXTRA)
         wait("the first agent", lambda: cli(nubo, dirs[0], "status"), 30)
         token = cli(nubo, dirs[0], "invite")["token"]
@@ -48,10 +51,10 @@ def main():
         ids = [cli(nubo, d, "status")["node_id"][:8] for d in dirs]
 
         # Recovery: default settings, one service of 3 replicas.
-        site = os.path.join(root, "site.toml")
-        with open(site, "w") as f:
+        site_path = os.path.join(root, "site.toml")
+        with open(site_path, "w") as f:
             f.write(site("site", 3))
-        cli(nubo, admin, "deploy", site, "--detach")
+        cli(nubo, admin, "deploy", site_path, "--detach")
 
         def healthy(service):
             return {i["node"] for i in cli(nubo, admin, "ps", service)
@@ -95,10 +98,12 @@ def main():
         deployed = time.time() - t0
         wanted = services * 2
 
+        names = {f"bench/s{k}" for k in range(services)}
+
         def all_healthy():
             ps = cli(nubo, admin, "ps")
             return sum(1 for i in ps if i["health"] == "healthy"
-                       and i["service"].startswith("bench/s")) == wanted
+                       and i["service"] in names) == wanted
 
         healthy_after = wait(f"{wanted} healthy instances", all_healthy, 600) + deployed
         print(f"{services} services x 2: deploy commands took {deployed:.1f} s; "

@@ -93,8 +93,11 @@ def main():
     procs = []
     results = []
     try:
-        subprocess.run([nubo, "init", "--data-dir", dirs[0], "--json"], check=True,
-                       capture_output=True)
+        # The cloud's own administrator key, used by every command that signs (NUBO_KEY).
+        admin_key = os.path.join(root, "admin.key")
+        os.environ["NUBO_KEY"] = admin_key
+        subprocess.run([nubo, "init", "--data-dir", dirs[0], "--json", "--admin-key", admin_key],
+                       check=True, capture_output=True)
         procs.append(start(nubo, dirs[0]))
         wait("the first agent", lambda: cli(nubo, dirs[0], "status"), 30)
         token = cli(nubo, dirs[0], "invite")["token"]
