@@ -954,6 +954,43 @@ impl Runner {
         self.perform(id, actions);
     }
 
+    /// Before a restart: a port the instance was given from the node's range (`0` in its
+    /// description) that something else holds now is exchanged for a free one. Two agents on
+    /// one machine may hand out the same port at the same moment; the instance that loses
+    /// the race would otherwise fail on it at every restart.
+    fn reassign_held_ports(&mut self, id: &str) {
+        let taken: BTreeSet<u16> = self
+            .instances
+            .iter()
+            .filter(|(other, _)| other.as_str() != id)
+            .flat_map(|(_, i)| i.ports.values().copied())
+            .collect();
+        let range = self.config.limits.ports.clone();
+        let node = self.config.node.to_string();
+        let Some(instance) = self.instances.get_mut(id) else {
+            return;
+        };
+        let service = instance.service.clone();
+        for (i, (name, wanted)) in service.ports.iter().enumerate() {
+            let Some(current) = instance.ports.get(name).copied() else {
+                continue;
+            };
+            if *wanted != 0 || std::net::TcpListener::bind(("0.0.0.0", current)).is_ok() {
+                continue;
+            }
+            let hint = nubo_proto::service::score(
+                &format!("{}@{node}#{}", instance.key, instance.supervisor.restarts()),
+                nubo_proto::NodeId(0),
+            );
+            if let Some(port) =
+                exec::free_port(range.clone(), hint.wrapping_add(i as u64 * 7919), &taken)
+            {
+                tracing::info!(service = %instance.key, port = %name, from = current, to = port, "the instance's port is held by something else: it gets another");
+                instance.ports.insert(name.clone(), port);
+            }
+        }
+    }
+
     fn perform(&mut self, id: &str, actions: Vec<Action>) {
         for action in actions {
             let Some(instance) = self.instances.get(id) else {
@@ -967,6 +1004,12 @@ impl Runner {
                         }
                         continue;
                     }
+                    if instance.supervisor.restarts() > 0 {
+                        self.reassign_held_ports(id);
+                    }
+                    let Some(instance) = self.instances.get(id) else {
+                        return;
+                    };
                     let launch = self.launch(instance, exec::LOG_FILE, None);
                     let now = self.now();
                     let result = launch.and_then(|launch| exec::spawn(&launch));

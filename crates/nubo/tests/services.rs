@@ -375,3 +375,58 @@ fn malformed_descriptions_are_reported_with_line_and_column() {
     let service: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(service["name"], "site");
 }
+
+#[test]
+fn an_instance_whose_port_was_taken_while_it_was_down_gets_another() {
+    let _one = ONE_CLOUD_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let cloud = Cloud::converged(1, |_| vec![]);
+    let work = cloud.root.path().to_path_buf();
+    let agent = &cloud.agents[0];
+    // The restart waits long enough for the port to be taken meanwhile.
+    let description = format!(
+        "{}\n[restart]\ndelay = \"3s\"\n",
+        site("site", "replicas = 1")
+    );
+    let file = write(&work, "site.toml", &description);
+    let (ok, _, err) = nubo(agent, &["deploy", &file]);
+    assert!(ok, "{err}");
+    let healthy = || {
+        instances(agent, "web/site")
+            .into_iter()
+            .find(|i| i["health"] == "healthy")
+    };
+    assert!(wait_until(Duration::from_secs(60), || healthy().is_some()).is_some());
+    let first = healthy().unwrap();
+    let port = first["ports"]["http"].as_u64().unwrap() as u16;
+
+    // Another process takes the port the moment the instance dies (as another agent on the
+    // same machine may hand it out), before the agent restarts the instance.
+    let pids = agent.instance_pids_of("web/site");
+    assert_eq!(pids.len(), 1);
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pids[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let squatter = loop {
+        match std::net::TcpListener::bind(("127.0.0.1", port)) {
+            Ok(listener) => break listener,
+            Err(error) if Instant::now() > deadline => panic!("cannot take port {port}: {error}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let moved = wait_until(Duration::from_secs(60), || {
+        healthy().is_some_and(|i| i["ports"]["http"].as_u64() != Some(u64::from(port)))
+    });
+    assert!(
+        moved.is_some(),
+        "{:?}\n{}",
+        instances(agent, "web/site"),
+        cloud.logs()
+    );
+    assert!(answers_http(&healthy().unwrap()));
+    drop(squatter);
+}
