@@ -144,10 +144,8 @@ enum Sync {
     /// To do, with the next neighbour.
     Wanted,
     /// Pages come from `from`; it is given up at `until`.
-    Pulling {
-        from: NodeId,
-        until: Time,
-    },
+    Pulling { from: NodeId, until: Time },
+    /// The last page came: later rosters stay current by announcements.
     Done,
 }
 
