@@ -571,7 +571,11 @@ pub fn run(args: &CloudArgs) -> Report {
     let mut churn_recovery = Recovery::default();
     if args.churn > 0.0 {
         let per_minute = (f64::from(nodes) * args.churn).max(1.0);
-        let spacing = Duration::from_secs_f64(60.0 / per_minute);
+        // At least one replacement a minute; a rate too high to space (infinite) runs them
+        // a millisecond apart.
+        let spacing = Duration::try_from_secs_f64(60.0 / per_minute)
+            .unwrap_or_default()
+            .max(Duration::from_millis(1));
         let end = sim.now() + Duration::from_secs(60 * u64::from(args.churn_minutes));
         while sim.now() < end {
             let alive = sim.alive();
