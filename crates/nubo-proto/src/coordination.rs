@@ -1451,10 +1451,9 @@ impl Coordination {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::placement::test_spec;
     use crate::ring::RingConfig;
     use crate::rng::Rng;
-    use crate::rollout::UpdatePolicy;
-    use crate::service::{Count, PlacementSpec};
     use crate::spec::{PlainReader, SimpleDocument};
     use crate::suite::{AcceptAll, SuiteConfig};
 
@@ -1485,26 +1484,7 @@ mod tests {
     }
 
     fn suite(replicas: u32) -> Suite {
-        let spec = ServiceSpec {
-            key: KEY.into(),
-            intent: Intent::Run,
-            problem: None,
-            placement: PlacementSpec {
-                count: Count::Replicas(replicas),
-                constraints: vec![],
-                spread: None,
-                demand: Demand {
-                    cpu_millis: 100,
-                    memory_bytes: 1 << 20,
-                    disk_bytes: 0,
-                },
-            },
-            update: UpdatePolicy::default(),
-            fingerprint: 7,
-            surge_possible: true,
-            driver: "exec".into(),
-            quota: None,
-        };
+        let spec = test_spec(KEY, replicas, 7);
         let mut suite = Suite::new(SuiteConfig::default(), Box::new(AcceptAll), Time::ZERO);
         suite.offer(SimpleDocument::Service(Box::new(spec)).to_entry(KEY, 1));
         suite

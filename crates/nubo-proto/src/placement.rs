@@ -381,11 +381,34 @@ pub fn namespace_usage<'a>(
         })
 }
 
+/// A service of `replicas` instances of 0.1 core and 1 MiB each, for tests.
+#[cfg(test)]
+pub(crate) fn test_spec(key: &str, replicas: u32, fingerprint: u64) -> ServiceSpec {
+    ServiceSpec {
+        key: key.into(),
+        intent: Intent::Run,
+        problem: None,
+        placement: crate::service::PlacementSpec {
+            count: Count::Replicas(replicas),
+            constraints: vec![],
+            spread: None,
+            demand: Demand {
+                cpu_millis: 100,
+                memory_bytes: 1 << 20,
+                disk_bytes: 0,
+            },
+        },
+        update: crate::rollout::UpdatePolicy::default(),
+        fingerprint,
+        surge_possible: true,
+        driver: "exec".into(),
+        quota: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rollout::UpdatePolicy;
-    use crate::service::PlacementSpec;
     use crate::spec::Quota;
 
     const BIG: Demand = Demand {
@@ -393,29 +416,6 @@ mod tests {
         memory_bytes: 1 << 40,
         disk_bytes: 1 << 40,
     };
-
-    fn spec(key: &str, replicas: u32, fingerprint: u64) -> ServiceSpec {
-        ServiceSpec {
-            key: key.into(),
-            intent: Intent::Run,
-            problem: None,
-            placement: PlacementSpec {
-                count: Count::Replicas(replicas),
-                constraints: vec![],
-                spread: None,
-                demand: Demand {
-                    cpu_millis: 100,
-                    memory_bytes: 1 << 20,
-                    disk_bytes: 0,
-                },
-            },
-            update: UpdatePolicy::default(),
-            fingerprint,
-            surge_possible: true,
-            driver: "exec".into(),
-            quota: None,
-        }
-    }
 
     fn fact(version: u64, state: InstanceState, note: &str) -> InstanceFact {
         InstanceFact {
@@ -481,7 +481,7 @@ mod tests {
     fn a_new_service_is_placed_then_recorded_complete_once_every_instance_is_ready() {
         let world = World::new(5);
         let versions: BTreeMap<u64, Arc<ServiceSpec>> =
-            [(1, Arc::new(spec("web/site", 3, 10)))].into();
+            [(1, Arc::new(test_spec("web/site", 3, 10)))].into();
         let status = DeployStatus::default();
         let first = plan(&world, &versions, &status, &[]);
         assert_eq!(first.summary.phase, "starting");
@@ -504,8 +504,8 @@ mod tests {
     fn a_failure_a_node_reports_is_recorded_with_its_reason_and_refusals_move_instances() {
         let mut world = World::new(4);
         let versions: BTreeMap<u64, Arc<ServiceSpec>> = [
-            (1, Arc::new(spec("web/site", 2, 10))),
-            (2, Arc::new(spec("web/site", 2, 20))),
+            (1, Arc::new(test_spec("web/site", 2, 10))),
+            (2, Arc::new(test_spec("web/site", 2, 20))),
         ]
         .into();
         let status = DeployStatus::default()
@@ -542,14 +542,14 @@ mod tests {
     #[test]
     fn quotas_count_what_the_namespace_wants_in_key_order() {
         let world = World::new(5);
-        let mut granted = spec("web/site", 3, 10);
+        let mut granted = test_spec("web/site", 3, 10);
         granted.quota = Some(Quota {
             cpu_millis: 1000,
             memory_bytes: 1 << 30,
             instances: 4,
         });
-        let before = spec("web/a", 2, 1);
-        let used = namespace_usage([&before, &spec("web/z", 9, 1)], "web/site", 5);
+        let before = test_spec("web/a", 2, 1);
+        let used = namespace_usage([&before, &test_spec("web/z", 9, 1)], "web/site", 5);
         assert_eq!(used.instances, 2);
         let versions: BTreeMap<u64, Arc<ServiceSpec>> = [(1, Arc::new(granted))].into();
         let members = world.members();
@@ -583,7 +583,7 @@ mod tests {
         world.attributes[0].insert(ATTR_DRIVERS.into(), "docker".into());
         world.attributes[1].insert(ATTR_LIMITS.into(), "unenforced".into());
         let versions: BTreeMap<u64, Arc<ServiceSpec>> =
-            [(1, Arc::new(spec("web/site", 3, 10)))].into();
+            [(1, Arc::new(test_spec("web/site", 3, 10)))].into();
         let p = plan(&world, &versions, &DeployStatus::default(), &[]);
         assert_eq!(
             p.summary.problem.as_deref(),
