@@ -495,6 +495,22 @@ impl Node {
 
     /// The transport could not reach `peer`.
     pub fn handle_peer_down(&mut self, now: Time, peer: NodeId) {
+        // A neighbour lost this way is suspected through membership (`Departed`); any other
+        // member the transport cannot reach is suspected here, so that a node cut off from
+        // the cloud finds every member it knows gone, not only its neighbours.
+        if self.enabled.liveness && !self.membership.active().contains(peer) {
+            let known = self.membership.passive().find(peer).or_else(|| {
+                self.roster
+                    .members()
+                    .find(|m| m.announce.peer.id == peer)
+                    .map(|m| m.announce.peer)
+            });
+            if let Some(suspect) = known {
+                let wanted = self.liveness.helpers_wanted();
+                let helpers = self.membership.helpers(wanted, peer);
+                self.liveness.suspect(now, suspect, &helpers);
+            }
+        }
         self.membership.handle_peer_down(now, peer);
         if self.enabled.aggregation {
             self.aggregation.peer_down(peer);
