@@ -45,12 +45,12 @@ pub struct CloudArgs {
     /// Services deployed.
     #[arg(long, default_value_t = 100)]
     pub services: u32,
-    /// Fraction of the nodes killed at once once the services run.
-    #[arg(long, default_value_t = 0.1)]
+    /// Fraction of the nodes killed at once once the services run (0 to 1).
+    #[arg(long, default_value_t = 0.1, value_parser = parse_fraction)]
     pub fail: f64,
     /// Nodes replaced (one crashes, one joins) per minute after the kill, as a fraction of
-    /// the cloud.
-    #[arg(long, default_value_t = 0.0)]
+    /// the cloud (0 to 1000).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_churn)]
     pub churn: f64,
     /// Minutes of churn.
     #[arg(long, default_value_t = 2)]
@@ -67,6 +67,40 @@ pub struct CloudArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Parses a fraction between 0 and 1.
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number: give a fraction such as 0.1"))?;
+    if !(0.0..=1.0).contains(&value) {
+        return Err(format!("{text} is not between 0 and 1"));
+    }
+    Ok(value)
+}
+
+/// Most nodes replaced per minute, as a fraction of the cloud.
+const CHURN_MAX: f64 = 1_000.0;
+
+/// Parses a churn rate (a fraction of the cloud per minute, 0 to [`CHURN_MAX`]).
+fn parse_churn(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number: give a rate such as 0.01"))?;
+    if !(0.0..=CHURN_MAX).contains(&value) {
+        return Err(format!("{text} is not between 0 and {CHURN_MAX}"));
+    }
+    Ok(value)
+}
+
+/// Time between two replacements when `churn` of `nodes` are replaced per minute (at
+/// least one a minute, at most one a millisecond).
+fn churn_spacing(nodes: u32, churn: f64) -> Result<Duration, String> {
+    let per_minute = (f64::from(nodes) * churn).max(1.0);
+    Duration::try_from_secs_f64(60.0 / per_minute)
+        .map(|spacing| spacing.max(Duration::from_millis(1)))
+        .map_err(|e| format!("churn {churn} of {nodes} nodes has no spacing: {e}"))
 }
 
 /// Regions machines are spread over; a fifth of the services want one of them.
@@ -569,13 +603,16 @@ pub fn run(args: &CloudArgs) -> Report {
 
     // Churn: one node crashes and a new one joins, at the given rate.
     let mut churn_recovery = Recovery::default();
-    if args.churn > 0.0 {
-        let per_minute = (f64::from(nodes) * args.churn).max(1.0);
-        // At least one replacement a minute; a rate too high to space (infinite) runs them
-        // a millisecond apart.
-        let spacing = Duration::try_from_secs_f64(60.0 / per_minute)
-            .unwrap_or_default()
-            .max(Duration::from_millis(1));
+    let spacing = if args.churn > 0.0 {
+        // Arguments are checked when parsed; a caller that built them by hand hears of a
+        // rate that cannot be spaced, and the run goes on without churn.
+        churn_spacing(nodes, args.churn)
+            .inspect_err(|error| eprintln!("nubo-sim cloud: no churn: {error}"))
+            .ok()
+    } else {
+        None
+    };
+    if let Some(spacing) = spacing {
         let end = sim.now() + Duration::from_secs(60 * u64::from(args.churn_minutes));
         while sim.now() < end {
             let alive = sim.alive();
@@ -687,4 +724,29 @@ pub fn run(args: &CloudArgs) -> Report {
         .add_f64("wall_s", started.elapsed().as_secs_f64())
         .add_f64("peak_memory_gib", peak_rss_mib() / 1024.0);
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_and_fractions_out_of_range_are_refused_with_a_reason() {
+        assert_eq!(parse_fraction("0.1"), Ok(0.1));
+        assert_eq!(parse_churn("1.5"), Ok(1.5));
+        for bad in ["-0.1", "NaN", "inf", "ten", "1e300"] {
+            assert!(parse_fraction(bad).is_err(), "{bad}");
+            assert!(parse_churn(bad).is_err(), "{bad}");
+        }
+        assert!(parse_fraction("1.5").is_err());
+        assert_eq!(churn_spacing(1_000, 0.0), Ok(Duration::from_secs(60)));
+        assert_eq!(churn_spacing(1_000, 0.01), Ok(Duration::from_secs(6)));
+        assert_eq!(
+            churn_spacing(1_000, CHURN_MAX),
+            Ok(Duration::from_millis(1))
+        );
+        // A NaN rate (only a caller that skips parsing can pass one) counts as the
+        // slowest churn: `max(1.0)` drops the NaN.
+        assert_eq!(churn_spacing(1_000, f64::NAN), Ok(Duration::from_secs(60)));
+    }
 }
