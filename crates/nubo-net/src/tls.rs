@@ -22,7 +22,7 @@ use crate::identity::{Identity, node_id_of};
 
 /// The ALPN protocol: the transport's protocol version. A peer speaking another version fails
 /// the handshake.
-pub const ALPN: &[u8] = b"nubo/4";
+pub const ALPN: &[u8] = b"nubo/5";
 /// Object identifier of the certificate extension carrying the admission proof.
 const PROOF_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 59_846, 1, 1];
 const PROOF_OID_TEXT: &str = "1.3.6.1.4.1.59846.1.1";

@@ -6,8 +6,12 @@
 //! reader task that decodes the peer's frames and hands them to the driver.
 //!
 //! The driver learns that a peer is unreachable ([`NetEvent::PeerDown`]) when a dial fails,
-//! when a connection times out or is reset, when a write stalls, and when the peer shuts
-//! down. A link unused for a while closes its connection quietly: that is not a failure.
+//! when a connection times out or is reset, when a write stalls, when nothing at all comes
+//! back from the peer within `write_timeout` of a frame written (QUIC acknowledges every
+//! packet, so a live peer always answers), and when the peer shuts down. There are no QUIC
+//! keep-alives: an idle connection costs nothing, and the overlay probes its neighbours
+//! itself. A link with no frame either way for a while closes its connection quietly: that is
+//! not a failure.
 //!
 //! Bounds: frames queued per peer (`queue_max`, then dropped and counted), frame size
 //! ([`nubo_proto::wire::MESSAGE_BYTES_MAX`]), streams per connection, connections per
@@ -16,7 +20,7 @@
 use core::net::SocketAddr;
 use core::time::Duration;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -24,7 +28,7 @@ use nubo_proto::{Message, NodeId, Peer, wire};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, ConnectionError, SendStream, VarInt};
 use tokio::sync::mpsc;
-use tokio::time::{Instant, timeout};
+use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::NetError;
 use crate::admission::Admission;
@@ -50,13 +54,12 @@ pub struct TransportConfig {
     pub queue_max: usize,
     /// How long a dial may take.
     pub dial_timeout: Duration,
-    /// QUIC keep-alive on idle connections, so a dead peer is noticed.
-    pub keepalive: Duration,
-    /// A connection silent for this long (despite keep-alives) is dead.
+    /// A connection silent for this long is dead (a last resort: links close sooner).
     pub idle_timeout: Duration,
-    /// A link with nothing to send for this long closes its connection.
+    /// A link with no frame sent or received for this long closes its connection.
     pub unused_close: Duration,
-    /// A write that makes no progress for this long marks the peer down.
+    /// A write that makes no progress for this long, or a frame written after which nothing
+    /// comes back from the peer for this long, marks the peer down.
     pub write_timeout: Duration,
     /// After a failed dial, wait at least this long before dialing the same peer again...
     pub backoff_min: Duration,
@@ -72,9 +75,8 @@ impl Default for TransportConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 7700)),
             queue_max: 1024,
             dial_timeout: Duration::from_secs(3),
-            keepalive: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(15),
-            unused_close: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(300),
+            unused_close: Duration::from_secs(180),
             write_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(250),
             backoff_max: Duration::from_secs(10),
@@ -122,6 +124,9 @@ pub struct NetCounters {
     pub dials_failed: u64,
     /// Connections open now.
     pub connections: u64,
+    /// Connections opened since start, dialed or accepted (each costs a handshake).
+    #[serde(default)]
+    pub connections_opened: u64,
 }
 
 /// Frames of one message kind, and their bytes.
@@ -145,6 +150,7 @@ struct Counters {
     handshakes_failed: AtomicU64,
     dials_failed: AtomicU64,
     connections: AtomicU64,
+    connections_opened: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -159,6 +165,9 @@ enum LinkInput {
 struct LinkHandle {
     generation: u64,
     queue: mpsc::Sender<LinkInput>,
+    /// Set by readers when a frame arrives from the peer, so the link is not closed unused
+    /// while only the peer talks.
+    heard: Arc<AtomicBool>,
 }
 
 struct Shared {
@@ -201,7 +210,7 @@ impl Transport {
             |e: quinn::crypto::rustls::NoInitialCipherSuite| NetError::Tls(e.to_string());
         let mut transport = quinn::TransportConfig::default();
         transport
-            .keep_alive_interval(Some(config.keepalive))
+            .keep_alive_interval(None)
             .max_idle_timeout(Some(
                 quinn::IdleTimeout::try_from(config.idle_timeout)
                     .map_err(|e| NetError::Tls(e.to_string()))?,
@@ -299,6 +308,7 @@ impl Transport {
             handshakes_failed: get(&c.handshakes_failed),
             dials_failed: get(&c.dials_failed),
             connections: get(&c.connections),
+            connections_opened: get(&c.connections_opened),
         }
     }
 
@@ -329,8 +339,24 @@ impl Shared {
         let (queue, rx) = mpsc::channel(self.config.queue_max);
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let _ = queue.try_send(input);
-        links.insert(peer, LinkHandle { generation, queue });
-        tokio::spawn(run_link(self.clone(), peer, generation, rx));
+        let heard = Arc::new(AtomicBool::new(false));
+        links.insert(
+            peer,
+            LinkHandle {
+                generation,
+                queue,
+                heard: heard.clone(),
+            },
+        );
+        tokio::spawn(run_link(self.clone(), peer, generation, rx, heard));
+    }
+
+    /// Notes that a frame from `peer` arrived: its link, if any, is in use.
+    fn heard(&self, peer: NodeId) {
+        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(link) = links.get(&peer) {
+            link.heard.store(true, Ordering::Relaxed);
+        }
     }
 
     fn report_down(&self, peer: NodeId) {
@@ -348,6 +374,7 @@ impl Shared {
     /// Starts reading what `peer` sends on `connection`.
     fn watch(self: &Arc<Self>, peer: Peer, connection: Connection) {
         bump(&self.counters.connections, 1);
+        bump(&self.counters.connections_opened, 1);
         tokio::spawn(read_connection(self.clone(), peer, connection));
     }
 }
@@ -462,6 +489,7 @@ async fn read_stream(
             &shared.counters.bytes_in,
             (frame::HEADER_BYTES + len) as u64,
         );
+        shared.heard(peer.id);
         match wire::decode(&body) {
             Ok(message) => {
                 let event = NetEvent::Message {
@@ -480,6 +508,15 @@ async fn read_stream(
     }
 }
 
+/// A frame written on a connection, waiting for any sign of life from the peer.
+#[derive(Clone, Copy)]
+struct Awaiting {
+    /// Datagrams received on the connection when the frame was written.
+    received: u64,
+    /// By when one more must have arrived.
+    deadline: Instant,
+}
+
 /// Dial backoff of one link.
 struct Backoff {
     delay: Duration,
@@ -492,6 +529,7 @@ async fn run_link(
     peer: NodeId,
     generation: u64,
     mut inputs: mpsc::Receiver<LinkInput>,
+    heard: Arc<AtomicBool>,
 ) {
     let config = shared.config.clone();
     let mut addr: Option<SocketAddr> = None;
@@ -502,11 +540,39 @@ async fn run_link(
         until: None,
         reported: None,
     };
+    let mut unused_at = Instant::now() + config.unused_close;
+    let mut awaiting: Option<Awaiting> = None;
     loop {
-        let input = match timeout(config.unused_close, inputs.recv()).await {
+        let wake = awaiting.map_or(unused_at, |a| a.deadline.min(unused_at));
+        let input = match timeout_at(wake, inputs.recv()).await {
             Ok(Some(input)) => input,
-            Ok(None) | Err(_) => break,
+            Ok(None) => break,
+            Err(_) => {
+                let now = Instant::now();
+                if let Some(waited) = awaiting.filter(|a| now >= a.deadline) {
+                    awaiting = None;
+                    let answered = connection
+                        .as_ref()
+                        .is_none_or(|c| c.stats().udp_rx.datagrams > waited.received);
+                    if !answered {
+                        tracing::debug!(peer = %peer.short(), "no answer to a frame; dropping the connection");
+                        if let Some(c) = connection.take() {
+                            c.close(CLOSE_UNUSED, b"no answer");
+                        }
+                        stream = None;
+                        shared.report_down(peer);
+                    }
+                }
+                if now >= unused_at {
+                    if !heard.swap(false, Ordering::Relaxed) {
+                        break;
+                    }
+                    unused_at = now + config.unused_close;
+                }
+                continue;
+            }
         };
+        unused_at = Instant::now() + config.unused_close;
         let (bytes, to) = match input {
             LinkInput::Accepted(accepted) => {
                 // The newest connection wins: after a restart the peer's new connection
@@ -514,6 +580,7 @@ async fn run_link(
                 addr = Some(accepted.remote_address());
                 connection = Some(accepted);
                 stream = None;
+                awaiting = None;
                 continue;
             }
             LinkInput::Frame(bytes, to) => (bytes, to),
@@ -545,6 +612,7 @@ async fn run_link(
                     backoff.until = None;
                     shared.watch(Peer { id: peer, addr }, dialed.clone());
                     connection = Some(dialed);
+                    awaiting = None;
                 }
                 Err(reason) => {
                     bump(&shared.counters.dials_failed, 1);
@@ -578,6 +646,12 @@ async fn run_link(
         if written {
             bump(&shared.counters.frames_out, 1);
             bump(&shared.counters.bytes_out, bytes.len() as u64);
+            if awaiting.is_none() {
+                awaiting = Some(Awaiting {
+                    received: open.stats().udp_rx.datagrams,
+                    deadline: Instant::now() + config.write_timeout,
+                });
+            }
         } else {
             bump(&shared.counters.frames_dropped, 1);
             tracing::debug!(peer = %peer.short(), "write failed; dropping the connection");

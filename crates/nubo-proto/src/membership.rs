@@ -6,9 +6,13 @@
 //! view is refreshed by periodic shuffles along random walks.
 //!
 //! Beyond the paper, three mechanisms make the overlay self-repair on a real network:
-//! - keepalives: a neighbour not heard from for `peer_timeout` is treated as failed, which also
-//!   covers silent partitions where no transport error ever arrives;
-//! - symmetry repair: a keepalive from a node that is not our neighbour is answered with
+//! - probes in turn: every `probe_interval` a node pings the next neighbour it has not heard
+//!   from for a whole round (one interval per neighbour), and a neighbour that does not answer
+//!   within `probe_timeout` is treated as failed, which also covers silent partitions where no
+//!   transport error ever arrives. A ping counts as hearing from its sender, so the two ends
+//!   of a link settle into one exchange per round between them: SWIM's one probe per node per
+//!   interval rather than a keepalive on every link;
+//! - symmetry repair: a ping from a node that is not our neighbour is answered with
 //!   `Disconnect`, so a lost message never leaves a one-sided link for long;
 //! - reconnection: neighbours lost to failure are remembered (bounded) and retried with
 //!   exponential backoff at high priority, so two sides of a healed partition join again.
@@ -45,12 +49,13 @@ pub struct MembershipConfig {
     pub shuffle_walk_length: u8,
     /// Period of passive-view shuffles (one "cycle").
     pub shuffle_interval: Duration,
-    /// Period of housekeeping: keepalives, timeouts, refilling the active view, reconnections.
+    /// Period of housekeeping: probes, timeouts, refilling the active view, reconnections.
     pub maintain_interval: Duration,
-    /// A neighbour we sent nothing to for this long gets a keepalive.
-    pub keepalive_interval: Duration,
-    /// A neighbour we heard nothing from for this long is treated as failed.
-    pub peer_timeout: Duration,
+    /// Every this long, the next neighbour not heard from for a whole round (this interval
+    /// times the number of neighbours) is pinged.
+    pub probe_interval: Duration,
+    /// A pinged neighbour that does not answer within this long is treated as failed.
+    pub probe_timeout: Duration,
     /// How long a join or neighbour request waits for its reply.
     pub request_timeout: Duration,
     /// Most failed neighbours remembered for reconnection.
@@ -63,6 +68,21 @@ pub struct MembershipConfig {
     pub lost_expiry: Duration,
 }
 
+impl MembershipConfig {
+    /// The longest a dead neighbour stays in an active view when no transport error reports
+    /// it: a full round of probes, the tick that sends the probe, its timeout and the tick
+    /// that notices.
+    pub fn silence_bound(&self) -> Duration {
+        let round = self
+            .probe_interval
+            .saturating_mul(u32::try_from(self.active_max).unwrap_or(u32::MAX));
+        round
+            .saturating_add(self.probe_interval)
+            .saturating_add(self.probe_timeout)
+            .saturating_add(self.maintain_interval.saturating_mul(2))
+    }
+}
+
 impl Default for MembershipConfig {
     fn default() -> Self {
         MembershipConfig {
@@ -73,13 +93,14 @@ impl Default for MembershipConfig {
             shuffle_active: 3,
             shuffle_passive: 4,
             shuffle_walk_length: 6,
-            // A quiet cloud costs little: passive views are refreshed every 20 s, an idle
-            // link gets a keepalive every second, and a neighbour silent for 3 s is suspected
-            // (liveness then confirms it before anyone acts).
+            // A quiet cloud costs little: passive views are refreshed every 20 s, one
+            // neighbour is probed per second (each link about every 5 s, shared by its two
+            // ends), and a probe unanswered for 1 s fails the link (liveness then confirms
+            // the node's death before anyone acts).
             shuffle_interval: Duration::from_secs(20),
             maintain_interval: Duration::from_millis(250),
-            keepalive_interval: Duration::from_millis(1_000),
-            peer_timeout: Duration::from_millis(3_000),
+            probe_interval: Duration::from_millis(1_000),
+            probe_timeout: Duration::from_millis(1_000),
             request_timeout: Duration::from_millis(1_500),
             lost_max: 16,
             reconnect_backoff_min: Duration::from_secs(1),
@@ -148,8 +169,10 @@ pub enum MembershipMessage {
         /// A sample of the replier's passive view.
         peers: Vec<Peer>,
     },
-    /// Keepalive between neighbours.
+    /// A probe of a neighbour, answered with `Pong` (or `Disconnect` by a non-neighbour).
     Ping,
+    /// Answer to `Ping`.
+    Pong,
 }
 
 impl MembershipMessage {
@@ -179,11 +202,12 @@ pub enum MembershipEvent {
     Departed(Peer),
 }
 
-/// A neighbour in the active view and what we last heard from and sent to it.
+/// A neighbour in the active view: when it last proved the link (a ping, a pong or a
+/// broadcast from it), and the deadline of our probe waiting for its answer.
 #[derive(Clone, Copy, Debug)]
 struct Link {
-    last_heard: Time,
-    last_sent: Time,
+    proved: Time,
+    probe_deadline: Option<Time>,
 }
 
 /// Why we wait for a reply from a node.
@@ -215,7 +239,7 @@ struct Lost {
 pub struct MembershipCounters {
     /// Neighbours removed because the transport reported them down.
     pub peers_down: u64,
-    /// Neighbours removed because they were silent for `peer_timeout`.
+    /// Neighbours removed because they did not answer a probe within `probe_timeout`.
     pub peers_timed_out: u64,
     /// Requests (join, neighbour, reconnect) that got no reply in time.
     pub requests_timed_out: u64,
@@ -236,9 +260,9 @@ pub struct MembershipCounters {
 /// Contract: the owner calls `handle_*` with the current time, then drains
 /// [`Membership::drain_transmits`] and [`Membership::drain_events`]; it calls
 /// [`Membership::handle_timeout`] no later than [`Membership::poll_timeout`] (earlier is
-/// harmless). The owner also reports every message received from a peer through
-/// [`Membership::heard_from`] and every message sent through [`Membership::sent_to`], so that
-/// keepalives are only sent on idle links.
+/// harmless). The owner reports every broadcast message received through
+/// [`Membership::heard_on_link`]: broadcasts travel only between neighbours, so one proves the
+/// link as a probe's answer would, and a quiet link is probed instead.
 pub struct Membership {
     me: Peer,
     config: MembershipConfig,
@@ -252,6 +276,10 @@ pub struct Membership {
     last_shuffle: Vec<Peer>,
     next_shuffle: Time,
     next_maintain: Time,
+    /// When the next neighbour due for a probe is pinged.
+    next_probe: Time,
+    /// Where in `links` the search for the next neighbour to probe starts.
+    rota: usize,
     next_idle_refill: Time,
     /// Passive nodes that refused a low-priority neighbour request since one was last
     /// accepted (at most the passive view's size).
@@ -278,6 +306,7 @@ impl Membership {
         // Spread periodic work so that nodes started together do not act in lockstep.
         let shuffle_offset = jitter(&mut rng, config.shuffle_interval);
         let maintain_offset = jitter(&mut rng, config.maintain_interval);
+        let probe_offset = jitter(&mut rng, config.probe_interval);
         Membership {
             me,
             active: PeerView::new(config.active_max),
@@ -289,6 +318,8 @@ impl Membership {
             last_shuffle: Vec::new(),
             next_shuffle: now + shuffle_offset,
             next_maintain: now + maintain_offset,
+            next_probe: now + probe_offset,
+            rota: 0,
             next_idle_refill: now,
             refused_by: Vec::new(),
             refused_rounds: 0,
@@ -345,7 +376,7 @@ impl Membership {
     }
 
     /// A neighbour chosen uniformly: unlike the passive view, the active view is watched by
-    /// keepalives, so a message to it is rarely lost to a dead node.
+    /// probes, so a message to it is rarely lost to a dead node.
     pub fn random_neighbor(&mut self) -> Option<Peer> {
         self.active.random_except(&mut self.rng, |_| false)
     }
@@ -406,23 +437,6 @@ impl Membership {
         self.contacts.clear();
     }
 
-    /// Notes that a message from `from` arrived, which proves the link alive.
-    pub fn heard_from(&mut self, now: Time, from: NodeId) {
-        if let Some(link) = self.link_mut(from) {
-            link.last_heard = now;
-        }
-    }
-
-    /// Notes that a message of the overlay itself (membership, broadcast) was sent to `to`,
-    /// which makes a keepalive unnecessary. Other layers' messages do not count: a keepalive
-    /// is also what tells a node that believes in a link we do not have (see
-    /// [`Membership::heard_on_link`]).
-    pub fn sent_to(&mut self, now: Time, to: NodeId) {
-        if let Some(link) = self.link_mut(to) {
-            link.last_sent = now;
-        }
-    }
-
     /// Handles a membership message from `from`.
     pub fn handle_message(&mut self, now: Time, from: Peer, message: MembershipMessage) {
         if from.id == self.me.id {
@@ -442,7 +456,14 @@ impl Membership {
                 self.on_shuffle(from, origin, ttl, peers)
             }
             MembershipMessage::ShuffleReply { peers } => self.on_shuffle_reply(peers),
-            MembershipMessage::Ping => self.on_ping(from),
+            MembershipMessage::Ping => {
+                if self.heard_on_link(now, from) {
+                    self.send(from, MembershipMessage::Pong);
+                }
+            }
+            MembershipMessage::Pong => {
+                self.heard_on_link(now, from);
+            }
         }
     }
 
@@ -624,39 +645,60 @@ impl Membership {
         self.add_all_passive(peers, &sent);
     }
 
-    fn on_ping(&mut self, from: Peer) {
-        self.heard_on_link(from);
+    /// Notes a message that only travels between neighbours (a ping, a pong, a broadcast)
+    /// from `from`, and says whether `from` is our neighbour. From a neighbour, it proves the
+    /// link alive (no probe is needed for a round). Otherwise, unless we are asking `from` to
+    /// be our neighbour, the sender believes in a link we do not have: the asymmetry is
+    /// repaired with a `Disconnect`.
+    pub fn heard_on_link(&mut self, now: Time, from: Peer) -> bool {
+        if let Some(link) = self.link_mut(from.id) {
+            link.proved = now;
+            link.probe_deadline = None;
+            return true;
+        }
+        if !self.is_pending(from.id) {
+            self.send(from, MembershipMessage::Disconnect { leaving: false });
+        }
+        false
     }
 
-    /// Notes a message that only travels between neighbours (a keepalive, a broadcast) from
-    /// `from`. If it is not our neighbour and we are not asking it to be, the sender believes
-    /// in a link we do not have: the asymmetry is repaired with a `Disconnect`.
-    pub fn heard_on_link(&mut self, from: Peer) {
-        if !self.active.contains(from.id) && !self.is_pending(from.id) {
-            self.send(from, MembershipMessage::Disconnect { leaving: false });
+    /// Pings the next neighbour in the rota that has not proved its link for a whole round.
+    fn probe(&mut self, now: Time) {
+        let count = self.links.len();
+        let round = self
+            .config
+            .probe_interval
+            .saturating_mul(u32::try_from(count).unwrap_or(u32::MAX));
+        for step in 0..count {
+            let index = (self.rota + step) % count;
+            let (id, link) = &mut self.links[index];
+            if link.probe_deadline.is_none() && now.saturating_since(link.proved) >= round {
+                link.probe_deadline = Some(now + self.config.probe_timeout);
+                let id = *id;
+                self.rota = index + 1;
+                if let Some(peer) = self.active.find(id) {
+                    self.send(peer, MembershipMessage::Ping);
+                }
+                return;
+            }
         }
     }
 
     fn maintain(&mut self, now: Time) {
-        // Keepalives and silent neighbours.
-        let mut silent = Vec::new();
-        let mut idle = Vec::new();
-        for (id, link) in &self.links {
-            if now.saturating_since(link.last_heard) >= self.config.peer_timeout {
-                silent.push(*id);
-            } else if now.saturating_since(link.last_sent) >= self.config.keepalive_interval {
-                idle.push(*id);
-            }
-        }
-        for id in silent {
+        // Neighbours that did not answer a probe in time, then the next probe.
+        let unanswered: Vec<NodeId> = self
+            .links
+            .iter()
+            .filter(|(_, link)| link.probe_deadline.is_some_and(|deadline| deadline <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unanswered {
             self.counters.peers_timed_out += 1;
             self.fail_neighbor(now, id);
         }
-        for id in idle {
-            if let Some(peer) = self.active.find(id) {
-                self.send(peer, MembershipMessage::Ping);
-                self.sent_to(now, id);
-            }
+        if now >= self.next_probe {
+            self.next_probe = now + self.config.probe_interval;
+            self.probe(now);
         }
         // Requests that got no answer.
         let mut expired = Vec::new();
@@ -940,8 +982,8 @@ impl Membership {
         self.links.push((
             peer.id,
             Link {
-                last_heard: now,
-                last_sent: now,
+                proved: now,
+                probe_deadline: None,
             },
         ));
         self.events.push(MembershipEvent::NeighborUp(peer));
@@ -1284,28 +1326,78 @@ mod tests {
         );
     }
 
+    /// Runs `m`'s periodic work at `at` and returns what it sent.
+    fn tick(m: &mut Membership, at: Time) -> Vec<(NodeId, MembershipMessage)> {
+        m.handle_timeout(at);
+        transmits(m)
+    }
+
+    fn secs(s: u64) -> Time {
+        Time::ZERO + Duration::from_secs(s)
+    }
+
     #[test]
-    fn silent_neighbour_times_out_and_idle_links_get_keepalives() {
+    fn neighbours_are_probed_in_turn_once_per_round_and_a_silent_one_fails() {
+        // Two neighbours: a round is two probe intervals (2 s).
         let mut m = with_active(1, &[2, 3]);
-        let timeout = config().peer_timeout;
-        let later = Time::ZERO + timeout;
-        m.heard_from(later, NodeId(3));
-        m.handle_timeout(later + config().maintain_interval);
+        assert!(
+            tick(&mut m, secs(1)).is_empty(),
+            "no link is a round old yet"
+        );
+        assert_eq!(
+            tick(&mut m, secs(2)),
+            vec![(NodeId(2), MembershipMessage::Ping)]
+        );
+        m.handle_message(secs(2), peer(2), MembershipMessage::Pong);
+        assert_eq!(
+            tick(&mut m, secs(3)),
+            vec![(NodeId(3), MembershipMessage::Ping)]
+        );
+        assert!(events(&mut m).is_empty());
+        // 3 never answers: its link fails when the probe times out. With one neighbour left
+        // a round is one interval, and 2 (proved at 2 s) is due.
+        assert_eq!(
+            tick(&mut m, secs(4)),
+            vec![(NodeId(2), MembershipMessage::Ping)]
+        );
         assert_eq!(
             events(&mut m),
             vec![
-                MembershipEvent::NeighborDown(peer(2)),
-                MembershipEvent::Departed(peer(2))
+                MembershipEvent::NeighborDown(peer(3)),
+                MembershipEvent::Departed(peer(3))
             ]
         );
+        assert_eq!(m.counters().peers_timed_out, 1);
         assert_eq!(
-            transmits(&mut m),
-            vec![(NodeId(3), MembershipMessage::Ping)]
+            m.active().iter().map(|p| p.id).collect::<Vec<_>>(),
+            [NodeId(2)]
         );
     }
 
     #[test]
-    fn keepalive_from_a_stranger_is_answered_with_disconnect() {
+    fn a_neighbour_that_probed_us_is_not_probed_in_the_same_round() {
+        let mut m = with_active(1, &[2, 3]);
+        m.handle_message(
+            Time::ZERO + Duration::from_millis(1_500),
+            peer(2),
+            MembershipMessage::Ping,
+        );
+        assert_eq!(
+            transmits(&mut m),
+            vec![(NodeId(2), MembershipMessage::Pong)]
+        );
+        assert_eq!(
+            tick(&mut m, secs(2)),
+            vec![(NodeId(3), MembershipMessage::Ping)]
+        );
+        // A broadcast proves a link as well as a ping does.
+        m.heard_on_link(secs(2), peer(3));
+        assert!(tick(&mut m, secs(3)).is_empty());
+        assert!(events(&mut m).is_empty());
+    }
+
+    #[test]
+    fn a_ping_from_a_stranger_is_answered_with_disconnect() {
         let mut m = with_active(1, &[2]);
         m.handle_message(Time::ZERO, peer(8), MembershipMessage::Ping);
         assert_eq!(
@@ -1313,7 +1405,10 @@ mod tests {
             vec![(NodeId(8), MembershipMessage::Disconnect { leaving: false })]
         );
         m.handle_message(Time::ZERO, peer(2), MembershipMessage::Ping);
-        assert!(transmits(&mut m).is_empty());
+        assert_eq!(
+            transmits(&mut m),
+            vec![(NodeId(2), MembershipMessage::Pong)]
+        );
     }
 
     #[test]
@@ -1369,7 +1464,7 @@ mod tests {
         let at = |t: Duration| Time::ZERO + t;
         let tick = |m: &mut Membership, now: Time| {
             for n in [2, 3, 4] {
-                m.heard_from(now, NodeId(n));
+                m.heard_on_link(now, peer(n));
             }
             m.handle_timeout(now);
         };
@@ -1437,8 +1532,8 @@ mod tests {
         };
         // Time passes; the two neighbours stay in touch.
         let tick = |m: &mut Membership, now: Time| {
-            m.heard_from(now, NodeId(2));
-            m.heard_from(now, NodeId(3));
+            m.heard_on_link(now, peer(2));
+            m.heard_on_link(now, peer(3));
             m.handle_timeout(now);
         };
         // A short view asks once per shuffle period; each passive node is asked once, with

@@ -462,7 +462,6 @@ impl Node {
         if from.id == self.me.id {
             return;
         }
-        self.membership.heard_from(now, from.id);
         let on = self.enabled;
         if on.liveness {
             self.liveness.heard_from(now, from);
@@ -470,7 +469,7 @@ impl Node {
         match message {
             Message::Membership(m) => self.membership.handle_message(now, from, m),
             Message::Broadcast(m) => {
-                self.membership.heard_on_link(from);
+                self.membership.heard_on_link(now, from);
                 self.broadcast_mut().handle_message(now, from, m);
             }
             Message::Aggregation(m) if on.aggregation => {
@@ -696,7 +695,6 @@ impl Node {
             // Outcomes it recorded changed the suite.
             self.note_suite_changes();
         }
-        let before = self.transmits.len();
         self.transmits
             .extend(self.membership.drain_transmits().map(|(to, m)| Transmit {
                 to,
@@ -743,14 +741,6 @@ impl Node {
                     to,
                     message: Message::Roster(m),
                 }));
-        }
-        for transmit in self.transmits.range(before..) {
-            if matches!(
-                transmit.message,
-                Message::Membership(_) | Message::Broadcast(_)
-            ) {
-                self.membership.sent_to(now, transmit.to.id);
-            }
         }
     }
 

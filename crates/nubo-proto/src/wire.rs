@@ -18,7 +18,7 @@ use crate::slicing::SlicingMessage;
 use crate::suite::SuiteMessage;
 
 /// Version of the wire format; a peer speaking another version is refused.
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 
 /// Largest encoded message, version byte included.
 pub const MESSAGE_BYTES_MAX: usize = 1024 * 1024;
@@ -80,6 +80,7 @@ impl Message {
                 MembershipMessage::Shuffle { .. } => "shuffle",
                 MembershipMessage::ShuffleReply { .. } => "shuffle_reply",
                 MembershipMessage::Ping => "ping",
+                MembershipMessage::Pong => "pong",
             },
             Message::Broadcast(m) => match m {
                 BroadcastMessage::Gossip(_) => "gossip",

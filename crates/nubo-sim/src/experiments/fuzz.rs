@@ -135,8 +135,9 @@ impl Scenario {
                 shuffle_walk_length: 1 + rng.below(6) as u8,
                 shuffle_interval: cycle,
                 maintain_interval: cycle / 4,
-                keepalive_interval: cycle / 2,
-                peer_timeout: cycle * 2,
+                // A round of probes takes half a cycle.
+                probe_interval: cycle / (2 * active_max as u32),
+                probe_timeout: latency_max * 4 + cycle / 4,
                 request_timeout: cycle,
                 lost_max: 4 + rng.index(16),
                 reconnect_backoff_min: cycle,
@@ -392,9 +393,9 @@ pub fn run_scenario(scenario: &Scenario, verbose: bool) -> Outcome {
     if !health.asymmetric.is_empty() {
         // A link is one-sided while the messages that make or break it are in flight (an
         // eviction's `Disconnect`, a reply to a request), and a side whose `Disconnect` was
-        // lost learns it at its next keepalive, or drops a silent link after `peer_timeout`:
-        // only a link still one-sided after that is a fault.
-        let grace = scenario.config.membership.peer_timeout + scenario.network.latency_max * 4;
+        // lost learns it at its next probe, or drops a silent link when the probe goes
+        // unanswered: only a link still one-sided after that is a fault.
+        let grace = scenario.config.membership.silence_bound() + scenario.network.latency_max * 4;
         sim.run_for(grace, &mut obs);
         let later = overlay_health(&sim);
         let lasting: Vec<&(NodeIndex, NodeIndex)> = health

@@ -157,8 +157,8 @@ pub fn membership_config(active: usize, passive: usize, cycle: Duration) -> Memb
         shuffle_walk_length: 6,
         shuffle_interval: cycle,
         maintain_interval: cycle,
-        keepalive_interval: cycle,
-        peer_timeout: cycle * 6,
+        probe_interval: cycle,
+        probe_timeout: cycle * 2,
         request_timeout: cycle,
         ..MembershipConfig::default()
     }
