@@ -112,6 +112,18 @@ pub struct CloudStats {
     pub maximum: Resources,
 }
 
+/// Whom a node exchanges with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Partners {
+    /// A random neighbour of the overlay: its link is open and watched, so an exchange costs
+    /// no handshake. Neighbourhoods are a random graph, so averages still mix, a few cycles
+    /// slower than with uniform partners.
+    Neighbours,
+    /// A node drawn from every node known (both views of the overlay): the paper's uniform
+    /// partners, at the price of links opened to reserve nodes.
+    Known,
+}
+
 /// Tuning of aggregation.
 #[derive(Clone, Debug)]
 pub struct AggregationConfig {
@@ -123,17 +135,20 @@ pub struct AggregationConfig {
     pub epoch_cycles: u16,
     /// Concurrent COUNT instances (the median of their estimates is the size).
     pub count_instances: usize,
+    /// Whom exchanges go to.
+    pub partners: Partners,
 }
 
 impl Default for AggregationConfig {
     fn default() -> Self {
         AggregationConfig {
             enabled: true,
-            // An exchange every 5 s: epochs of 150 s. The cloud's size and totals change
-            // slowly, and nothing urgent waits on them.
-            interval: Duration::from_secs(5),
-            epoch_cycles: 30,
+            // An exchange with a neighbour every 15 s: epochs of 300 s. The cloud's size and
+            // totals change slowly, and nothing urgent waits on them.
+            interval: Duration::from_secs(15),
+            epoch_cycles: 20,
             count_instances: 8,
+            partners: Partners::Neighbours,
         }
     }
 }
@@ -433,6 +448,11 @@ impl Aggregation {
     /// The running size estimate (median over COUNT instances), if any.
     pub fn running_size(&self) -> Option<f64> {
         self.local.stats(self.epoch).map(|s| s.size)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &AggregationConfig {
+        &self.config
     }
 
     /// What the layer did so far.

@@ -16,6 +16,10 @@
 //!   `Disconnect`, so a lost message never leaves a one-sided link for long;
 //! - reconnection: neighbours lost to failure are remembered (bounded) and retried with
 //!   exponential backoff at high priority, so two sides of a healed partition join again.
+//!
+//! And one for cost: a shuffle's reply travels back along the walk, hop by hop over links
+//! that are open, instead of straight to the origin (on QUIC, a new connection's handshake
+//! costs more than the whole walk).
 
 use core::time::Duration;
 use std::collections::VecDeque;
@@ -29,6 +33,8 @@ use crate::view::PeerView;
 
 /// Most peers a shuffle may carry; longer lists are rejected by the decoder.
 pub const SHUFFLE_PEERS_MAX: usize = 64;
+/// Most hops a shuffle's way back may list (walks are at most this long).
+pub const SHUFFLE_ROUTE_MAX: usize = 16;
 
 /// Tuning of the membership protocol. Defaults suit a real cloud of up to ~10⁵ nodes.
 #[derive(Clone, Debug)]
@@ -163,11 +169,16 @@ pub enum MembershipMessage {
         ttl: u8,
         /// The origin and a sample of its views.
         peers: Vec<Peer>,
+        /// The nodes that forwarded it so far, in order: the reply's way back.
+        route: Vec<NodeId>,
     },
-    /// Answer to a shuffle, sent straight to its origin.
+    /// Answer to a shuffle, travelling back along its walk over links that are open (a reply
+    /// sent straight to the origin would cost a handshake).
     ShuffleReply {
         /// A sample of the replier's passive view.
         peers: Vec<Peer>,
+        /// The hops still to go after the receiver, the origin first; empty at the origin.
+        route: Vec<NodeId>,
     },
     /// A probe of a neighbour, answered with `Pong` (or `Disconnect` by a non-neighbour).
     Ping,
@@ -179,8 +190,10 @@ impl MembershipMessage {
     /// Whether the message respects the size bounds a receiver enforces.
     pub fn is_within_bounds(&self) -> bool {
         match self {
-            MembershipMessage::Shuffle { peers, .. }
-            | MembershipMessage::ShuffleReply { peers } => peers.len() <= SHUFFLE_PEERS_MAX,
+            MembershipMessage::Shuffle { peers, route, .. }
+            | MembershipMessage::ShuffleReply { peers, route } => {
+                peers.len() <= SHUFFLE_PEERS_MAX && route.len() <= SHUFFLE_ROUTE_MAX
+            }
             _ => true,
         }
     }
@@ -452,10 +465,13 @@ impl Membership {
                 self.on_neighbor_reply(now, from, accepted)
             }
             MembershipMessage::Disconnect { leaving } => self.on_disconnect(now, from, leaving),
-            MembershipMessage::Shuffle { origin, ttl, peers } => {
-                self.on_shuffle(from, origin, ttl, peers)
-            }
-            MembershipMessage::ShuffleReply { peers } => self.on_shuffle_reply(peers),
+            MembershipMessage::Shuffle {
+                origin,
+                ttl,
+                peers,
+                route,
+            } => self.on_shuffle(from, origin, ttl, peers, route),
+            MembershipMessage::ShuffleReply { peers, route } => self.on_shuffle_reply(peers, route),
             MembershipMessage::Ping => {
                 if self.heard_on_link(now, from) {
                     self.send(from, MembershipMessage::Pong);
@@ -504,7 +520,13 @@ impl Membership {
             .passive
             .sample(&mut self.rng, count, |id| id == joiner.id);
         if !reserve.is_empty() {
-            self.send(joiner, MembershipMessage::ShuffleReply { peers: reserve });
+            self.send(
+                joiner,
+                MembershipMessage::ShuffleReply {
+                    peers: reserve,
+                    route: Vec::new(),
+                },
+            );
         }
         let ttl = self.config.active_walk_length;
         let others: Vec<Peer> = self.active.iter().filter(|p| p.id != joiner.id).collect();
@@ -610,19 +632,32 @@ impl Membership {
         }
     }
 
-    fn on_shuffle(&mut self, from: Peer, origin: Peer, ttl: u8, peers: Vec<Peer>) {
+    fn on_shuffle(
+        &mut self,
+        from: Peer,
+        origin: Peer,
+        ttl: u8,
+        peers: Vec<Peer>,
+        mut route: Vec<NodeId>,
+    ) {
         if origin.id == self.me.id {
             return;
         }
-        if ttl > 1 && self.active.len() > 1 {
+        // The way back ends with the node it came from, or it came from the origin itself.
+        if route.last().copied().unwrap_or(origin.id) != from.id {
+            return;
+        }
+        if ttl > 1 && self.active.len() > 1 && route.len() < SHUFFLE_ROUTE_MAX {
             let next = self
                 .active
                 .random_except(&mut self.rng, |id| id == from.id || id == origin.id);
             if let Some(next) = next {
+                route.push(self.me.id);
                 let forwarded = MembershipMessage::Shuffle {
                     origin,
                     ttl: ttl - 1,
                     peers,
+                    route,
                 };
                 self.send(next, forwarded);
                 return;
@@ -631,18 +666,31 @@ impl Membership {
         let reply = self
             .passive
             .sample(&mut self.rng, peers.len(), |id| id == origin.id);
+        // The way back is the origin, then the forwarders; the last of them (or the origin)
+        // is the node it came from, and the reply tells it the hops after it.
+        route.insert(0, origin.id);
+        route.pop();
         self.send(
-            origin,
+            from,
             MembershipMessage::ShuffleReply {
                 peers: reply.clone(),
+                route,
             },
         );
         self.add_all_passive(peers, &reply);
     }
 
-    fn on_shuffle_reply(&mut self, peers: Vec<Peer>) {
-        let sent = std::mem::take(&mut self.last_shuffle);
-        self.add_all_passive(peers, &sent);
+    /// A shuffle's reply: ours when its route is done, else passed one hop back along it,
+    /// only to a neighbour (no node can make us open links to others).
+    fn on_shuffle_reply(&mut self, peers: Vec<Peer>, mut route: Vec<NodeId>) {
+        let Some(next) = route.pop() else {
+            let sent = std::mem::take(&mut self.last_shuffle);
+            self.add_all_passive(peers, &sent);
+            return;
+        };
+        if let Some(next) = self.active.find(next) {
+            self.send(next, MembershipMessage::ShuffleReply { peers, route });
+        }
     }
 
     /// Notes a message that only travels between neighbours (a ping, a pong, a broadcast)
@@ -797,6 +845,7 @@ impl Membership {
             origin: self.me,
             ttl: self.config.shuffle_walk_length,
             peers,
+            route: Vec::new(),
         };
         self.send(target, message);
     }
@@ -1303,6 +1352,7 @@ mod tests {
             peer(7),
             MembershipMessage::ShuffleReply {
                 peers: vec![peer(7)],
+                route: Vec::new(),
             },
         );
         assert!(m.passive().contains(NodeId(7)));
@@ -1420,26 +1470,30 @@ mod tests {
                 peer(n),
                 MembershipMessage::ShuffleReply {
                     peers: vec![peer(n)],
+                    route: Vec::new(),
                 },
             );
         }
         let offered = vec![peer(20), peer(21)];
-        m.handle_message(
-            Time::ZERO,
-            peer(2),
-            MembershipMessage::Shuffle {
-                origin: peer(20),
-                ttl: 3,
-                peers: offered,
-            },
-        );
-        // Only one neighbour, so the walk ends here: reply straight to the origin.
+        let shuffle = |route: Vec<u128>| MembershipMessage::Shuffle {
+            origin: peer(20),
+            ttl: 3,
+            peers: offered.clone(),
+            route: route.into_iter().map(NodeId).collect(),
+        };
+        // A shuffle whose way back does not end with its sender is dropped.
+        m.handle_message(Time::ZERO, peer(2), shuffle(vec![5, 6]));
+        assert!(transmits(&mut m).is_empty());
+        // 20 started it, 5 and then 2 forwarded it. Only one neighbour, so the walk ends
+        // here: the reply goes back to 2, which is told the hops after it (5, then 20).
+        m.handle_message(Time::ZERO, peer(2), shuffle(vec![5, 2]));
         let sent = transmits(&mut m);
         assert_eq!(sent.len(), 1);
-        let (to, MembershipMessage::ShuffleReply { peers }) = &sent[0] else {
+        let (to, MembershipMessage::ShuffleReply { peers, route }) = &sent[0] else {
             panic!("expected a shuffle reply, got {sent:?}");
         };
-        assert_eq!(*to, NodeId(20));
+        assert_eq!(*to, NodeId(2));
+        assert_eq!(*route, vec![NodeId(20), NodeId(5)]);
         assert_eq!(peers.len(), 2);
         assert!(
             peers
@@ -1449,6 +1503,36 @@ mod tests {
         // The passive view (capacity 4) now holds the offered nodes.
         assert!(m.passive().contains(NodeId(20)) && m.passive().contains(NodeId(21)));
         assert!(m.passive().len() <= 4);
+    }
+
+    #[test]
+    fn a_shuffle_reply_goes_back_hop_by_hop_and_only_to_neighbours() {
+        let mut m = with_active(1, &[2]);
+        let reply = |route: Vec<u128>| MembershipMessage::ShuffleReply {
+            peers: vec![peer(30)],
+            route: route.into_iter().map(NodeId).collect(),
+        };
+        m.handle_message(Time::ZERO, peer(9), reply(vec![7, 2]));
+        assert_eq!(
+            transmits(&mut m),
+            vec![(
+                NodeId(2),
+                MembershipMessage::ShuffleReply {
+                    peers: vec![peer(30)],
+                    route: vec![NodeId(7)],
+                }
+            )]
+        );
+        assert!(
+            !m.passive().contains(NodeId(30)),
+            "not ours: passed on only"
+        );
+        // A next hop that is not a neighbour: dropped, no link is opened for it.
+        m.handle_message(Time::ZERO, peer(9), reply(vec![8]));
+        assert!(transmits(&mut m).is_empty());
+        // The end of the way back: integrated here.
+        m.handle_message(Time::ZERO, peer(2), reply(vec![]));
+        assert!(m.passive().contains(NodeId(30)));
     }
 
     #[test]
@@ -1622,6 +1706,7 @@ mod tests {
                 peer(n),
                 MembershipMessage::ShuffleReply {
                     peers: vec![peer(n + 1000), peer(n + 2000)],
+                    route: Vec::new(),
                 },
             );
             assert!(m.active().len() <= 3);

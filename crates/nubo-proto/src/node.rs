@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
 
-use crate::aggregation::{Aggregation, AggregationConfig, CloudStats, Resources};
+use crate::aggregation::{Aggregation, AggregationConfig, CloudStats, Partners, Resources};
 use crate::broadcast::{Broadcast, BroadcastConfig, BroadcastError, Delivery, MessageId};
 use crate::coordination::{Coordination, CoordinationConfig};
 use crate::id::{NodeId, Peer};
@@ -536,14 +536,18 @@ impl Node {
         }
         let on = self.enabled;
         if on.aggregation && self.aggregation.poll_timeout() <= now {
-            let peer = self.membership.random_peer();
+            let peer = match self.aggregation.config().partners {
+                Partners::Neighbours => self.membership.random_neighbor(),
+                Partners::Known => self.membership.random_peer(),
+            };
             self.aggregation.handle_timeout(now, peer);
             // The size estimate lets membership notice an overlay that split for good.
             let size = self.aggregation.stats().map(|stats| stats.size);
             self.membership.set_size_estimate(size);
         }
         if on.ring && self.ring.poll_timeout() <= now {
-            let random = self.membership.random_peer();
+            // A neighbour: its link is open and watched, so the exchange costs no handshake.
+            let random = self.membership.random_neighbor();
             self.ring.handle_timeout(now, random);
         }
         if on.kv && self.kv.poll_timeout() <= now {

@@ -5,10 +5,13 @@
 //! The ring is built and kept by gossip rather than by joins and Chord's careful protocol
 //! ("Chord on demand", Montresor, Jelasity, Babaoglu 2005): every cycle a node sends its view
 //! (successors, predecessors, fingers, and itself) to its first successor, which answers with
-//! its own (Chord's stabilisation), and to a random node from the membership layer, which
-//! mixes views across the ring (T-Man). Each node keeps the closest nodes it has heard of on
-//! either side, and for each finger the first node at or after its target; it also looks one
-//! finger up through the ring each cycle, which makes fingers exact. Entries carry the time
+//! its own (Chord's stabilisation), and to a random neighbour of the membership layer, which
+//! mixes views across the ring (T-Man); an answer carries only what the asker lacks or holds
+//! much older. Each node keeps the closest nodes it has heard of on either side, and for each
+//! finger the first node at or after its target. While its lists change, a node also swaps
+//! views with one of its closest nodes and looks one finger up through the ring each cycle,
+//! which makes fingers exact; once they stop changing its cycles slow down fourfold at a time
+//! up to `interval_max`. Entries carry the time
 //! since their node was last heard from directly; those not refreshed within `stale_after`
 //! are dropped, so nodes that died fade from every view, and a node seen failing is refused for
 //! a while even if others still mention it.
@@ -115,8 +118,8 @@ pub struct RingConfig {
     pub successors: usize,
     /// Period of view exchanges and finger lookups while the lists change.
     pub interval: Duration,
-    /// Longest period once they stop changing: each cycle that changes nothing doubles the
-    /// period up to this, any change brings it back to `interval` (a quiet ring costs
+    /// Longest period once they stop changing: each cycle that changes nothing quadruples
+    /// the period up to this, any change brings it back to `interval` (a quiet ring costs
     /// little; a newcomer or a departure is worked in at full speed).
     pub interval_max: Duration,
     /// A node not heard from (directly or through others) for this long is dropped.
@@ -143,7 +146,7 @@ impl Default for RingConfig {
             enabled: true,
             successors: 8,
             interval: Duration::from_secs(1),
-            interval_max: Duration::from_secs(30),
+            interval_max: Duration::from_secs(60),
             // Exchanges may be `interval_max` apart and fingers are refreshed one at a time,
             // so entries age slowly; departures reach the ring as news (`Ring::departed`).
             stale_after: Duration::from_secs(600),
@@ -516,13 +519,14 @@ impl Ring {
         }
         self.expire(now);
         // Quiet rings slow down: a cycle that finds the lists as the last one left them
-        // doubles the period.
+        // quadruples the period.
         let shape = self.shape();
         self.period = if shape == self.shape {
-            (self.period * 2).min(self.config.interval_max.max(self.config.interval))
+            (self.period * 4).min(self.config.interval_max.max(self.config.interval))
         } else {
             self.config.interval
         };
+        let changing = self.period == self.config.interval;
         self.shape = shape;
         self.next_cycle = now + self.period;
         let view = self.view(now);
@@ -535,9 +539,11 @@ impl Ring {
                 },
             ));
         }
-        // T-Man: one of the nodes closest to us, whose lists overlap ours the most.
+        // While the lists change, T-Man: one of the nodes closest to us, whose lists overlap
+        // ours the most. A quiet ring keeps only the exchange with the successor (which finds
+        // a departure or a newcomer next to us) and the random one (which finds the rest).
         let close = self.successors.len() + self.predecessors.len();
-        if close > 1 {
+        if changing && close > 1 {
             let pick = self.rng.index(close);
             let peer = self
                 .successors
@@ -566,7 +572,10 @@ impl Ring {
                 },
             ));
         }
-        self.refresh_a_finger(now);
+        // Fingers are looked up while the ring changes; a quiet ring's views keep them fresh.
+        if changing {
+            self.refresh_a_finger(now);
+        }
     }
 
     /// Handles a ring message from `from`.
@@ -577,7 +586,7 @@ impl Ring {
         self.consider(now, from, now);
         match message {
             RingMessage::View { entries, answer } => {
-                for entry in entries {
+                for entry in &entries {
                     self.consider(now, entry.peer, heard_at(now, entry.age_ms));
                 }
                 if answer {
@@ -585,11 +594,11 @@ impl Ring {
                         self.on_answer_while_settling(now, from.id);
                     }
                 } else {
-                    let view = self.view(now);
+                    let entries = self.answer_to(now, &entries);
                     self.transmits.push((
                         from,
                         RingMessage::View {
-                            entries: view,
+                            entries,
                             answer: true,
                         },
                     ));
@@ -939,6 +948,25 @@ impl Ring {
             age_ms: age_ms(now, k.heard),
         }));
         entries
+    }
+
+    /// Our answer to a view `theirs`: ourselves, then the entries of our view that its sender
+    /// lacks or holds much older (by more than a quarter of `stale_after`). A quiet ring's
+    /// exchanges then carry a few entries instead of the whole view both ways, and what the
+    /// sender holds still never grows stale.
+    fn answer_to(&self, now: Time, theirs: &[ViewEntry]) -> Vec<ViewEntry> {
+        let slack = u32::try_from((self.config.stale_after / 4).as_millis()).unwrap_or(u32::MAX);
+        let mut view = self.view(now);
+        let mut index = 0;
+        view.retain(|entry| {
+            index += 1;
+            index == 1
+                || theirs
+                    .iter()
+                    .find(|t| t.peer.id == entry.peer.id)
+                    .is_none_or(|t| t.age_ms.saturating_sub(entry.age_ms) > slack)
+        });
+        view
     }
 
     /// What we tell others: ourselves, then our lists, with ages.
@@ -1311,6 +1339,40 @@ mod tests {
         // 110 is never heard from again: after `stale_after` it is gone.
         ring.handle_timeout(Time::from_secs(130), None);
         assert_eq!(ring.successors().count(), 0);
+    }
+
+    #[test]
+    fn a_view_is_answered_with_what_its_sender_lacks_or_holds_much_older() {
+        // stale_after is 20 s: an entry the sender holds more than 5 s older is sent again.
+        let mut ring = ring(100, &[110, 120, 90]);
+        let now = Time::ZERO;
+        let entry = |k: u128, age_ms: u32| ViewEntry {
+            peer: peer(k),
+            age_ms,
+        };
+        // The sender (80) knows 110 as fresh, 120 as 6 s old, and 90 not at all.
+        ring.handle_message(
+            now,
+            peer(80),
+            RingMessage::View {
+                entries: vec![entry(80, 0), entry(110, 1_000), entry(120, 6_000)],
+                answer: false,
+            },
+        );
+        let sent: Vec<(u128, Vec<u128>)> = ring
+            .drain_transmits()
+            .map(|(to, m)| match m {
+                RingMessage::View { entries, answer } => {
+                    assert!(answer);
+                    (
+                        to.id.0 >> 120,
+                        entries.iter().map(|e| e.peer.id.0 >> 120).collect(),
+                    )
+                }
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(sent, vec![(80, vec![100, 120, 90])]);
     }
 
     #[test]

@@ -168,7 +168,7 @@ impl Default for SuiteConfig {
     fn default() -> Self {
         SuiteConfig {
             enabled: true,
-            sync_interval: Duration::from_secs(5),
+            sync_interval: Duration::from_secs(10),
             history_max: 10,
         }
     }
@@ -703,12 +703,16 @@ impl Suite {
         self.next_sync
     }
 
-    /// Sends `neighbor` a digest, if one is given.
+    /// Sends `neighbor` a digest, if one is given and we hold anything: a node that holds
+    /// nothing has nothing to offer, and learns the suite from its neighbours' digests.
     pub fn handle_timeout(&mut self, now: Time, neighbor: Option<Peer>) {
         if !self.config.enabled || now < self.next_sync {
             return;
         }
         self.next_sync = now + self.config.sync_interval;
+        if self.count == 0 {
+            return;
+        }
         if let Some(peer) = neighbor {
             self.counters.syncs += 1;
             self.transmits.push((

@@ -92,6 +92,8 @@ impl Message {
                 BroadcastMessage::Ids(_) => "ids",
                 BroadcastMessage::Want(_) => "want",
                 BroadcastMessage::Repair(_) => "repair",
+                BroadcastMessage::Summary { .. } => "summary",
+                BroadcastMessage::Differs { .. } => "differs",
             },
             Message::Aggregation(m) => match m {
                 AggregationMessage::Push { .. } => "aggregate_push",

@@ -7,7 +7,7 @@ use nubo_proto::broadcast::{
     MessageId, TreeMessage,
 };
 use nubo_proto::kv::{Bucket, KvMessage, Record, StoreError, Version};
-use nubo_proto::membership::{MembershipMessage, Priority, SHUFFLE_PEERS_MAX};
+use nubo_proto::membership::{MembershipMessage, Priority, SHUFFLE_PEERS_MAX, SHUFFLE_ROUTE_MAX};
 use nubo_proto::ring::{RingMessage, ViewEntry};
 use nubo_proto::suite::{SuiteEntry, SuiteMessage};
 use nubo_proto::wire::{self, DecodeError, MESSAGE_BYTES_MAX, Message, PROTOCOL_VERSION};
@@ -46,9 +46,14 @@ fn samples() -> Vec<Message> {
             origin: b,
             ttl: 2,
             peers: vec![a, b, c],
+            route: vec![a.id],
         }),
-        Message::Membership(MembershipMessage::ShuffleReply { peers: vec![c] }),
+        Message::Membership(MembershipMessage::ShuffleReply {
+            peers: vec![c],
+            route: vec![b.id],
+        }),
         Message::Membership(MembershipMessage::Ping),
+        Message::Membership(MembershipMessage::Pong),
         Message::Broadcast(BroadcastMessage::Gossip(gossip(7))),
         Message::Broadcast(BroadcastMessage::IHave(vec![Announcement {
             id: id(1),
@@ -78,6 +83,15 @@ fn samples() -> Vec<Message> {
         Message::Broadcast(BroadcastMessage::Ids(vec![id(4)])),
         Message::Broadcast(BroadcastMessage::Want(vec![id(5)])),
         Message::Broadcast(BroadcastMessage::Repair(vec![gossip(1), gossip(2)])),
+        Message::Broadcast(BroadcastMessage::Summary {
+            from: Time::from_millis(1),
+            to: Time::from_millis(2),
+            all: BucketDigest { count: 3, hash: 99 },
+        }),
+        Message::Broadcast(BroadcastMessage::Differs {
+            from: Time::from_millis(1),
+            to: Time::from_millis(2),
+        }),
         Message::Ring(RingMessage::View {
             entries: vec![
                 ViewEntry { peer: a, age_ms: 0 },
@@ -251,10 +265,18 @@ fn wrong_version_trailing_bytes_and_oversize_are_refused() {
 fn lists_beyond_their_bounds_are_refused_both_ways() {
     let too_many_peers = Message::Membership(MembershipMessage::ShuffleReply {
         peers: vec![Peer::new(NodeId(1)); SHUFFLE_PEERS_MAX + 1],
+        route: Vec::new(),
     });
     assert!(wire::encode(&too_many_peers).is_err());
     // Encode it by hand to check that the decoder refuses it too.
     let bytes = postcard::to_extend(&too_many_peers, vec![PROTOCOL_VERSION]).unwrap();
+    assert_eq!(wire::decode(&bytes), Err(DecodeError::OutOfBounds));
+
+    let too_long_a_route = Message::Membership(MembershipMessage::ShuffleReply {
+        peers: Vec::new(),
+        route: vec![NodeId(1); SHUFFLE_ROUTE_MAX + 1],
+    });
+    let bytes = postcard::to_extend(&too_long_a_route, vec![PROTOCOL_VERSION]).unwrap();
     assert_eq!(wire::decode(&bytes), Err(DecodeError::OutOfBounds));
 
     let too_many_ids = Message::Broadcast(BroadcastMessage::Want(vec![id(1); IDS_MAX + 1]));

@@ -21,9 +21,11 @@
 //!   following the tree, so it enters the tree at several places at once.
 //!
 //! Anti-entropy covers what pushing cannot: a node that joined late, restarted, or sat in a
-//! partition pulls what it lacks from a random neighbour. Every `ae_interval` it sends a digest
-//! (count and XOR-hash per bucket of message ids born in the retention window); the neighbour
-//! lists its ids in the buckets that differ, and the node asks for those it lacks.
+//! partition pulls what it lacks from a random neighbour. Every `ae_interval` it sends a
+//! summary (count and XOR-hash of the message ids born in the retention window, 20 bytes); a
+//! neighbour whose own summary differs says so, and only then gets the digest (the same per
+//! bucket), lists its ids in the buckets that differ, and the node asks for those it lacks. A
+//! quiet cloud, where every store agrees, pays one summary per round.
 
 mod store;
 pub mod tree;
@@ -132,6 +134,23 @@ pub enum BroadcastMessage {
     Want(Vec<MessageId>),
     /// Anti-entropy: messages sent on request; the receiver announces them lazily.
     Repair(Vec<Gossip>),
+    /// Anti-entropy: the fold of every bucket of the digest of `[from, to]`.
+    Summary {
+        /// Start of the window, inclusive.
+        from: Time,
+        /// End of the window, inclusive.
+        to: Time,
+        /// Count and XOR-hash of all ids born in the window.
+        all: BucketDigest,
+    },
+    /// Anti-entropy: the receiver's summary of `[from, to]` differs from the sender's; it
+    /// wants the digest.
+    Differs {
+        /// Start of the window, inclusive.
+        from: Time,
+        /// End of the window, inclusive.
+        to: Time,
+    },
 }
 
 impl BroadcastMessage {
@@ -143,7 +162,9 @@ impl BroadcastMessage {
             BroadcastMessage::Graft(ids)
             | BroadcastMessage::Ids(ids)
             | BroadcastMessage::Want(ids) => ids.len() <= IDS_MAX,
-            BroadcastMessage::Tree(_) => true,
+            BroadcastMessage::Tree(_)
+            | BroadcastMessage::Summary { .. }
+            | BroadcastMessage::Differs { .. } => true,
             BroadcastMessage::Digest { buckets, .. } => buckets.len() == DIGEST_BUCKETS,
             BroadcastMessage::Repair(list) => {
                 list.len() <= REPAIR_MESSAGES_MAX
@@ -520,6 +541,41 @@ impl Broadcast {
             BroadcastMessage::Ids(ids) => self.on_ids(from, ids),
             BroadcastMessage::Want(ids) => self.on_want(from, ids),
             BroadcastMessage::Repair(messages) => self.on_repair(now, from, messages),
+            BroadcastMessage::Summary {
+                from: start,
+                to: end,
+                all,
+            } => {
+                if fold(&self.store.digest(start, end)) != all {
+                    self.send(
+                        from,
+                        BroadcastMessage::Differs {
+                            from: start,
+                            to: end,
+                        },
+                    );
+                }
+            }
+            BroadcastMessage::Differs {
+                from: start,
+                to: end,
+            } => {
+                // Only a window that our own rounds could have asked about: a peer cannot make
+                // us compute digests of the future or of what we no longer hold (ids are kept
+                // twice the retention).
+                let oldest = now.saturating_sub(self.config.retention.saturating_mul(2));
+                if start <= end && start >= oldest && end <= now {
+                    let buckets = self.store.digest(start, end).to_vec();
+                    self.send(
+                        from,
+                        BroadcastMessage::Digest {
+                            from: start,
+                            to: end,
+                            buckets,
+                        },
+                    );
+                }
+            }
         }
     }
 
@@ -796,13 +852,13 @@ impl Broadcast {
         if start > end {
             return;
         }
-        let buckets = self.store.digest(start, end).to_vec();
+        let all = fold(&self.store.digest(start, end));
         self.send(
             peer,
-            BroadcastMessage::Digest {
+            BroadcastMessage::Summary {
                 from: start,
                 to: end,
-                buckets,
+                all,
             },
         );
     }
@@ -834,6 +890,16 @@ impl Broadcast {
     fn send(&mut self, to: Peer, message: BroadcastMessage) {
         self.transmits.push((to, message));
     }
+}
+
+/// The digest of a window folded into one bucket: equal stores fold equal.
+fn fold(buckets: &[BucketDigest]) -> BucketDigest {
+    buckets
+        .iter()
+        .fold(BucketDigest::default(), |all, b| BucketDigest {
+            count: all.count.wrapping_add(b.count),
+            hash: all.hash ^ b.hash,
+        })
 }
 
 fn micros(span: Duration) -> u64 {
@@ -1244,9 +1310,16 @@ mod tests {
         transmits(&mut behind);
         behind.drain_deliveries().count();
 
-        // `behind` sends its digest; `full` lists what differs; `behind` asks; `full` repairs.
+        // `behind` sends its summary; `full` says it differs; `behind` sends its digest;
+        // `full` lists what differs; `behind` asks; `full` repairs.
         behind.next_ae = now;
         behind.handle_timeout(now);
+        let (_, summary) = transmits(&mut behind).pop().unwrap();
+        assert!(matches!(summary, BroadcastMessage::Summary { .. }));
+        full.handle_message(now, peer(2), summary);
+        let (_, differs) = transmits(&mut full).pop().unwrap();
+        assert!(matches!(differs, BroadcastMessage::Differs { .. }));
+        behind.handle_message(now, peer(1), differs);
         let (_, digest) = transmits(&mut behind).pop().unwrap();
         assert!(matches!(digest, BroadcastMessage::Digest { .. }));
         full.handle_message(now, peer(2), digest);
@@ -1264,6 +1337,36 @@ mod tests {
         let recovered: Vec<u64> = behind.drain_deliveries().map(|d| d.id.seq).collect();
         assert_eq!(recovered, vec![1, 2]);
         assert_eq!(behind.counters().repaired, 2);
+    }
+
+    #[test]
+    fn equal_stores_cost_one_summary_and_a_window_no_round_asks_about_is_ignored() {
+        let mut a = node(1, &[2], 0);
+        let mut b = node(2, &[1], 0);
+        let now = Time::from_millis(10_000);
+        for n in [&mut a, &mut b] {
+            let mut g = gossip(9, 1, 1);
+            g.born = Time::from_millis(5_000);
+            n.handle_message(g.born, peer(7), BroadcastMessage::Gossip(g));
+            transmits(n);
+        }
+        a.next_ae = now;
+        a.handle_timeout(now);
+        let (_, summary) = transmits(&mut a).pop().unwrap();
+        b.handle_message(now, peer(1), summary);
+        assert!(transmits(&mut b).is_empty(), "equal stores: no answer");
+        // Windows that reach into the future, start before what the store keeps, or are
+        // reversed.
+        let later = Time::from_millis(1_000_000);
+        let kept = a.config.retention * 2;
+        for (from, to) in [
+            (later, later + Duration::from_secs(1)),
+            (later.saturating_sub(kept + Duration::from_secs(1)), later),
+            (later, later.saturating_sub(Duration::from_secs(1))),
+        ] {
+            a.handle_message(later, peer(2), BroadcastMessage::Differs { from, to });
+            assert!(transmits(&mut a).is_empty(), "{from:?}..{to:?}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use nubo_proto::aggregation::AggregationConfig;
+use nubo_proto::aggregation::{AggregationConfig, Partners};
 use nubo_proto::{Config, Time};
 
 use crate::engine::{NetworkConfig, NoObserver, Sim};
@@ -61,6 +61,8 @@ pub fn run(args: &AggregateArgs) -> Report {
         aggregation: AggregationConfig {
             interval: cycle,
             epoch_cycles: args.epoch_cycles,
+            // The published convergence is for uniformly random partners.
+            partners: Partners::Known,
             ..AggregationConfig::default()
         },
         ..overlay_only(cycle)
