@@ -1173,6 +1173,7 @@ impl Agent {
                 .into_iter()
                 .map(|(kind, traffic)| (kind.to_string(), traffic))
                 .collect(),
+            membership: node.membership().counters(),
             warnings: self.info.warnings.clone(),
             limits: self.info.limits.clone(),
             isolation: self.info.isolation.clone(),

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use nubo_net::{KindTraffic, NetCounters};
 use nubo_proto::aggregation::Resources;
 use nubo_proto::kv::Version;
+use nubo_proto::membership::MembershipCounters;
 use serde::{Deserialize, Serialize};
 
 /// `GET /v1/status`: this agent.
@@ -54,6 +55,9 @@ pub struct Status {
     /// Frames queued since start and their bytes, per message kind.
     #[serde(default)]
     pub net_by_kind: BTreeMap<String, KindTraffic>,
+    /// What the overlay did since start: neighbours lost, requests unanswered, escalations.
+    #[serde(default)]
+    pub membership: MembershipCounters,
     /// What the operator should fix.
     #[serde(default)]
     pub warnings: Vec<String>,

@@ -99,11 +99,11 @@ impl Default for MembershipConfig {
             shuffle_active: 3,
             shuffle_passive: 4,
             shuffle_walk_length: 6,
-            // A quiet cloud costs little: passive views are refreshed every 20 s, one
-            // neighbour is probed per second (each link about every 5 s, shared by its two
-            // ends), and a probe unanswered for 1 s fails the link (liveness then confirms
-            // the node's death before anyone acts).
-            shuffle_interval: Duration::from_secs(20),
+            // A quiet cloud costs little: passive views are refreshed every 60 s (memberlist
+            // runs a push-pull every 30 s), one neighbour is probed per second (each link
+            // about every 5 s, shared by its two ends), and a probe unanswered for 1 s fails
+            // the link (liveness then confirms the node's death before anyone acts).
+            shuffle_interval: Duration::from_secs(60),
             maintain_interval: Duration::from_millis(250),
             probe_interval: Duration::from_millis(1_000),
             probe_timeout: Duration::from_millis(1_000),
@@ -248,7 +248,8 @@ struct Lost {
 }
 
 /// Counters of what the membership layer did, for observability and experiments.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MembershipCounters {
     /// Neighbours removed because the transport reported them down.
     pub peers_down: u64,
