@@ -7,7 +7,7 @@
 //!
 //! The driver learns that a peer is unreachable ([`NetEvent::PeerDown`]) when a dial fails,
 //! when a connection times out or is reset, when a write stalls, when nothing at all comes
-//! back from the peer within `write_timeout` of a frame written (QUIC acknowledges every
+//! back from the peer within `answer_timeout` of a frame written (QUIC acknowledges every
 //! packet, so a live peer always answers), and when the peer shuts down. There are no QUIC
 //! keep-alives: an idle connection costs nothing, and the overlay probes its neighbours
 //! itself. A link with no frame either way for a while closes its connection quietly: that is
@@ -58,9 +58,13 @@ pub struct TransportConfig {
     pub idle_timeout: Duration,
     /// A link with no frame sent or received for this long closes its connection.
     pub unused_close: Duration,
-    /// A write that makes no progress for this long, or a frame written after which nothing
-    /// comes back from the peer for this long, marks the peer down.
+    /// A write that makes no progress for this long marks the peer down.
     pub write_timeout: Duration,
+    /// A frame written after which nothing at all comes back from the peer for this long
+    /// (QUIC acknowledges every packet within its ack delay, 25 ms) marks the peer down. In a
+    /// busy cloud, where traffic keeps links proved and the overlay's probes wait a round,
+    /// this is what notices a dead neighbour first.
+    pub answer_timeout: Duration,
     /// After a failed dial, wait at least this long before dialing the same peer again...
     pub backoff_min: Duration,
     /// ...doubling up to this.
@@ -78,6 +82,7 @@ impl Default for TransportConfig {
             idle_timeout: Duration::from_secs(300),
             unused_close: Duration::from_secs(180),
             write_timeout: Duration::from_secs(5),
+            answer_timeout: Duration::from_secs(2),
             backoff_min: Duration::from_millis(250),
             backoff_max: Duration::from_secs(10),
             connections_max: 4096,
@@ -649,7 +654,7 @@ async fn run_link(
             if awaiting.is_none() {
                 awaiting = Some(Awaiting {
                     received: open.stats().udp_rx.datagrams,
-                    deadline: Instant::now() + config.write_timeout,
+                    deadline: Instant::now() + config.answer_timeout,
                 });
             }
         } else {
