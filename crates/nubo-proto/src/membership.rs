@@ -275,8 +275,8 @@ pub struct MembershipCounters {
 /// [`Membership::drain_transmits`] and [`Membership::drain_events`]; it calls
 /// [`Membership::handle_timeout`] no later than [`Membership::poll_timeout`] (earlier is
 /// harmless). The owner reports every broadcast message received through
-/// [`Membership::heard_on_link`]: broadcasts travel only between neighbours, so one proves the
-/// link as a probe's answer would, and a quiet link is probed instead.
+/// [`Membership::heard_on_link`]: broadcasts travel only between neighbours, so one answers a
+/// probe in flight (and repairs a one-sided link), though it does not put off the next one.
 pub struct Membership {
     me: Peer,
     config: MembershipConfig,
@@ -474,12 +474,12 @@ impl Membership {
             } => self.on_shuffle(from, origin, ttl, peers, route),
             MembershipMessage::ShuffleReply { peers, route } => self.on_shuffle_reply(peers, route),
             MembershipMessage::Ping => {
-                if self.heard_on_link(now, from) {
+                if self.note_link(now, from, true) {
                     self.send(from, MembershipMessage::Pong);
                 }
             }
             MembershipMessage::Pong => {
-                self.heard_on_link(now, from);
+                self.note_link(now, from, true);
             }
         }
     }
@@ -694,14 +694,26 @@ impl Membership {
         }
     }
 
-    /// Notes a message that only travels between neighbours (a ping, a pong, a broadcast)
-    /// from `from`, and says whether `from` is our neighbour. From a neighbour, it proves the
-    /// link alive (no probe is needed for a round). Otherwise, unless we are asking `from` to
-    /// be our neighbour, the sender believes in a link we do not have: the asymmetry is
-    /// repaired with a `Disconnect`.
+    /// Notes a broadcast message from `from` (broadcasts only travel between neighbours) and
+    /// says whether `from` is our neighbour. See [`Membership::note_link`]; a broadcast does
+    /// not count as a probe exchange: if it did, a neighbour that talked until it died would
+    /// be probed only a whole round after its last word, and a chatty node's death would be
+    /// found later than a quiet one's.
     pub fn heard_on_link(&mut self, now: Time, from: Peer) -> bool {
+        self.note_link(now, from, false)
+    }
+
+    /// Notes a message that only travels between neighbours from `from`, and says whether
+    /// `from` is our neighbour. From a neighbour, it answers a probe in flight; a ping or a
+    /// pong (`exchange`) also proves the link for a round, so that the two ends of a link
+    /// share one exchange per round. Otherwise, unless we are asking `from` to be our
+    /// neighbour, the sender believes in a link we do not have: the asymmetry is repaired
+    /// with a `Disconnect`.
+    fn note_link(&mut self, now: Time, from: Peer, exchange: bool) -> bool {
         if let Some(link) = self.link_mut(from.id) {
-            link.proved = now;
+            if exchange {
+                link.proved = now;
+            }
             link.probe_deadline = None;
             return true;
         }
@@ -1441,9 +1453,12 @@ mod tests {
             tick(&mut m, secs(2)),
             vec![(NodeId(3), MembershipMessage::Ping)]
         );
-        // A broadcast proves a link as well as a ping does.
+        // A broadcast answers the probe in flight, but does not put off the next one.
         m.heard_on_link(secs(2), peer(3));
-        assert!(tick(&mut m, secs(3)).is_empty());
+        assert_eq!(
+            tick(&mut m, secs(3)),
+            vec![(NodeId(3), MembershipMessage::Ping)]
+        );
         assert!(events(&mut m).is_empty());
     }
 
@@ -1549,7 +1564,7 @@ mod tests {
         let at = |t: Duration| Time::ZERO + t;
         let tick = |m: &mut Membership, now: Time| {
             for n in [2, 3, 4] {
-                m.heard_on_link(now, peer(n));
+                m.handle_message(now, peer(n), MembershipMessage::Pong);
             }
             m.handle_timeout(now);
         };
@@ -1617,8 +1632,8 @@ mod tests {
         };
         // Time passes; the two neighbours stay in touch.
         let tick = |m: &mut Membership, now: Time| {
-            m.heard_on_link(now, peer(2));
-            m.heard_on_link(now, peer(3));
+            m.handle_message(now, peer(2), MembershipMessage::Pong);
+            m.handle_message(now, peer(3), MembershipMessage::Pong);
             m.handle_timeout(now);
         };
         // A short view asks once per shuffle period; each passive node is asked once, with
