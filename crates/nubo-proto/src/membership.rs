@@ -6,12 +6,12 @@
 //! view is refreshed by periodic shuffles along random walks.
 //!
 //! Beyond the paper, three mechanisms make the overlay self-repair on a real network:
-//! - probes in turn: every `probe_interval` a node pings the next neighbour it has not heard
-//!   from for a whole round (one interval per neighbour), and a neighbour that does not answer
-//!   within `probe_timeout` is treated as failed, which also covers silent partitions where no
-//!   transport error ever arrives. A ping counts as hearing from its sender, so the two ends
-//!   of a link settle into one exchange per round between them: SWIM's one probe per node per
-//!   interval rather than a keepalive on every link;
+//! - probes in turn: every `probe_interval` a node pings the next neighbour it has exchanged
+//!   no ping or pong with for a whole round (one interval per neighbour), and a neighbour that
+//!   does not answer within `probe_timeout` is treated as failed, which also covers silent
+//!   partitions where no transport error ever arrives. A ping received counts as an exchange,
+//!   so the two ends of a link settle into one exchange per round between them: SWIM's one
+//!   probe per node per interval rather than a keepalive on every link;
 //! - symmetry repair: a ping from a node that is not our neighbour is answered with
 //!   `Disconnect`, so a lost message never leaves a one-sided link for long;
 //! - reconnection: neighbours lost to failure are remembered (bounded) and retried with
@@ -57,8 +57,8 @@ pub struct MembershipConfig {
     pub shuffle_interval: Duration,
     /// Period of housekeeping: probes, timeouts, refilling the active view, reconnections.
     pub maintain_interval: Duration,
-    /// Every this long, the next neighbour not heard from for a whole round (this interval
-    /// times the number of neighbours) is pinged.
+    /// Every this long, the next neighbour that exchanged no ping or pong with us for a whole
+    /// round (this interval times the number of neighbours) is pinged.
     pub probe_interval: Duration,
     /// A pinged neighbour that does not answer within this long is treated as failed.
     pub probe_timeout: Duration,
@@ -215,8 +215,8 @@ pub enum MembershipEvent {
     Departed(Peer),
 }
 
-/// A neighbour in the active view: when it last proved the link (a ping, a pong or a
-/// broadcast from it), and the deadline of our probe waiting for its answer.
+/// A neighbour in the active view: when it last proved the link (a ping or a pong from it),
+/// and the deadline of our probe waiting for its answer (a broadcast from it answers too).
 #[derive(Clone, Copy, Debug)]
 struct Link {
     proved: Time,
