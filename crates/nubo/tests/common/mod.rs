@@ -239,13 +239,29 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
+        // An agent a test killed did not stop its instances (a restarted one would adopt
+        // them): kill what is still running of them, so that no test leaves processes
+        // behind. Only processes whose command line names this agent's directory: a
+        // recorded pid may have been reused since.
+        let dir = self.dir.to_string_lossy().into_owned();
+        for pid in self.instance_pids() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&dir) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 }
 
 /// A cloud of agents in a temporary directory.
 pub struct Cloud {
-    pub root: tempfile::TempDir,
+    // Fields drop in order: the agents (and their instances) go before their directory,
+    // which they read to find their instances.
     pub agents: Vec<Agent>,
+    pub root: tempfile::TempDir,
 }
 
 impl Cloud {
