@@ -21,7 +21,10 @@
 //! coordinators a beat naming the last report it sent and the last tasks it received; the
 //! coordinator answers only when it lacks the one or the reporter the other. Failures come
 //! from [`crate::liveness`]: a departed reporter is dropped at once, a departed coordinator
-//! is replaced by the ring's next node, to which the reporters turn.
+//! is replaced by the ring's next node, to which the reporters turn. The beats also let a
+//! coordinator notice a reporter that died with every overlay neighbour it had (no one was
+//! left to report it): a reporter silent for a beat and a quarter is handed to liveness,
+//! which probes it before declaring it gone.
 //!
 //! **A coordinator that just took a service** (a new service, or one it inherited without a
 //! hand-over) waits `gather` before deciding, so that it decides with the reports of every
@@ -75,6 +78,9 @@ pub fn reach_steps(suite: &Suite, service: &str) -> u8 {
 const SIZE_WINDOW: Duration = Duration::from_secs(60);
 /// Most size estimates kept.
 const SIZE_SAMPLES_MAX: usize = 64;
+
+/// How often per beat interval a coordinator looks for silent reporters.
+const WATCHES_PER_BEAT: u32 = 4;
 
 /// Most services in one report, tasks message or list of keys.
 pub const SERVICES_MAX: usize = 1024;
@@ -255,6 +261,8 @@ pub struct CoordinationCounters {
     pub lookups: u64,
     /// Times this node judged its reach of every service again (the size estimate moved).
     pub reach_judged: u64,
+    /// Silent reporters handed to liveness to probe.
+    pub suspected: u64,
 }
 
 /// Where this node stands with one coordinator.
@@ -275,8 +283,11 @@ struct Link {
 struct Reporter {
     peer: Peer,
     seq: u64,
-    /// When it last reported or beat: a reporter silent for three beats is dropped.
+    /// When it last reported or beat: a reporter silent for a beat and a quarter is
+    /// suspected, one silent for three beats dropped.
     heard: Time,
+    /// It was suspected since it was last heard.
+    suspected: bool,
     card: Card,
     attributes: BTreeMap<String, String>,
     services: BTreeMap<String, ServiceReport>,
@@ -334,6 +345,10 @@ pub struct Coordination {
     waiting: BTreeMap<u64, String>,
     next_lookup: u64,
     next_beat: Time,
+    /// When reporters are next checked for silence.
+    next_watch: Time,
+    /// Silent reporters to probe (through liveness).
+    suspects: Vec<Peer>,
     /// When failed lookups are tried again.
     retry_lookups: Time,
     /// Services whose coordinator is looked up again only from a given time.
@@ -372,6 +387,8 @@ impl Coordination {
         Coordination {
             me,
             next_beat: now + offset,
+            next_watch: now + config.beat_interval / WATCHES_PER_BEAT,
+            suspects: Vec::new(),
             config,
             reader,
             documents: BTreeMap::new(),
@@ -838,6 +855,7 @@ impl Coordination {
             CoordinationMessage::Beat { seq, tasks_seq } => {
                 if let Some(r) = self.reporters.get_mut(&from.id) {
                     r.heard = now;
+                    r.suspected = false;
                 }
                 match self.reporters.get(&from.id) {
                     Some(r) if r.seq == seq => {
@@ -921,6 +939,7 @@ impl Coordination {
                 peer: from,
                 seq,
                 heard: now,
+                suspected: false,
                 card,
                 attributes,
                 services: mine,
@@ -1024,6 +1043,7 @@ impl Coordination {
                 peer: h.peer,
                 seq: 0,
                 heard: now,
+                suspected: false,
                 card: h.card.clone(),
                 attributes: h.card.attributes.iter().cloned().collect(),
                 services: BTreeMap::new(),
@@ -1067,7 +1087,10 @@ impl Coordination {
         if !self.config.enabled {
             return Time::MAX;
         }
-        self.next_beat.min(self.plan_wake).min(self.retry_lookups)
+        self.next_beat
+            .min(self.next_watch)
+            .min(self.plan_wake)
+            .min(self.retry_lookups)
     }
 
     /// Beats to every coordinator when due; hands over services this node no longer
@@ -1079,6 +1102,10 @@ impl Coordination {
         if now >= self.retry_lookups {
             self.retry_lookups = Time::MAX;
             self.stale = true;
+        }
+        if now >= self.next_watch {
+            self.next_watch = now + self.config.beat_interval / WATCHES_PER_BEAT;
+            self.suspect_silent(now);
         }
         if now >= self.next_beat {
             self.next_beat = now + self.config.beat_interval;
@@ -1098,6 +1125,35 @@ impl Coordination {
             self.hand_over(ring);
             self.drop_silent(now);
         }
+    }
+
+    /// Suspects reporters that missed a beat (by a quarter of an interval): their overlay
+    /// neighbours normally report a death, but a node whose neighbours all died with it has
+    /// no one else to notice. Liveness probes a suspect before anyone acts on it.
+    fn suspect_silent(&mut self, now: Time) {
+        // A beat and a quarter: one beat missed, with slack for delays.
+        let silence = self.config.beat_interval.saturating_mul(5) / 4;
+        let me = self.me.id;
+        for reporter in self.reporters.values_mut() {
+            if reporter.peer.id != me && !reporter.suspected && reporter.heard + silence < now {
+                reporter.suspected = true;
+                self.counters.suspected += 1;
+                self.suspects.push(reporter.peer);
+            }
+        }
+    }
+
+    /// Silent reporters, for liveness to probe.
+    pub fn drain_suspects(&mut self) -> std::vec::Drain<'_, Peer> {
+        self.suspects.drain(..)
+    }
+
+    /// The address of a node this node reports to or hears from, if it knows one.
+    pub fn peer(&self, id: NodeId) -> Option<Peer> {
+        self.reporters
+            .get(&id)
+            .map(|r| r.peer)
+            .or_else(|| self.links.get(&id).and_then(|l| l.peer))
     }
 
     /// Drops reporters silent for three beats (gone without the news reaching this node, or
@@ -1644,6 +1700,53 @@ mod tests {
         );
         c.flush(t, &suite, &ring, Some(3));
         assert_eq!(c.drain_transmits().count(), 0);
+    }
+
+    #[test]
+    fn a_reporter_that_misses_a_beat_is_suspected_once() {
+        // Reports came in at 10 ms; node 3 beats on time, node 2 falls silent.
+        let (mut c, ring, _, _) = gathered();
+        let beat = CoordinationConfig::default().beat_interval;
+        let mut suspected = Vec::new();
+        let mut t = Time::from_millis(10);
+        let end = Time::from_millis(10) + beat * 3;
+        while t < end {
+            t = c.poll_timeout().min(end);
+            if t >= Time::from_millis(10) + beat && t < Time::from_millis(10) + beat * 2 {
+                c.handle_message(
+                    t,
+                    peer(3),
+                    CoordinationMessage::Beat {
+                        seq: 5,
+                        tasks_seq: 0,
+                    },
+                    &ring,
+                    &|_| false,
+                );
+            }
+            c.handle_timeout(t, &ring);
+            suspected.extend(c.drain_suspects().map(|p| (p.id, t)));
+        }
+        // Node 2 is suspected at the first watch after a beat and a quarter of silence (the
+        // watch runs every quarter beat), and only once; node 3, heard within a beat, is not
+        // before its own silence grows as long.
+        let silent_since = Time::from_millis(10) + beat.saturating_mul(5) / 4;
+        let suspects: Vec<NodeId> = suspected.iter().map(|(id, _)| *id).collect();
+        assert_eq!(suspects.iter().filter(|id| **id == NodeId(2)).count(), 1);
+        let (_, at) = suspected.iter().find(|(id, _)| *id == NodeId(2)).unwrap();
+        assert!(
+            *at > silent_since && *at <= silent_since + beat / 4,
+            "suspected at {at:?}"
+        );
+        let node3 = suspected.iter().find(|(id, _)| *id == NodeId(3));
+        assert!(
+            node3.is_none_or(
+                |(_, at)| *at > Time::from_millis(10) + beat + beat.saturating_mul(5) / 4
+            ),
+            "node 3 suspected at {node3:?}"
+        );
+        assert_eq!(c.counters().suspected as usize, suspected.len());
+        assert_eq!(c.peer(NodeId(2)), Some(peer(2)));
     }
 
     #[test]

@@ -498,12 +498,17 @@ impl Node {
         // member the transport cannot reach is suspected here, so that a node cut off from
         // the cloud finds every member it knows gone, not only its neighbours.
         if self.enabled.liveness && !self.membership.active().contains(peer) {
-            let known = self.membership.passive().find(peer).or_else(|| {
-                self.roster
-                    .members()
-                    .find(|m| m.announce.peer.id == peer)
-                    .map(|m| m.announce.peer)
-            });
+            let known = self
+                .membership
+                .passive()
+                .find(peer)
+                .or_else(|| {
+                    self.roster
+                        .members()
+                        .find(|m| m.announce.peer.id == peer)
+                        .map(|m| m.announce.peer)
+                })
+                .or_else(|| self.coordination.peer(peer));
             if let Some(suspect) = known {
                 let wanted = self.liveness.helpers_wanted();
                 let helpers = self.membership.helpers(wanted, peer);
@@ -912,6 +917,14 @@ impl Node {
         let writes: Vec<SuiteEntry> = self.coordination.drain_writes().collect();
         for entry in writes {
             self.offer_and_broadcast(now, entry);
+        }
+        if self.enabled.liveness {
+            let suspects: Vec<Peer> = self.coordination.drain_suspects().collect();
+            for suspect in suspects {
+                let wanted = self.liveness.helpers_wanted();
+                let helpers = self.membership.helpers(wanted, suspect.id);
+                self.liveness.suspect(now, suspect, &helpers);
+            }
         }
         self.transmits
             .extend(self.coordination.drain_transmits().map(|(to, m)| Transmit {

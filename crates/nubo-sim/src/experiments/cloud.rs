@@ -402,6 +402,20 @@ pub fn explain_placement(sim: &Sim, services: &[ServiceSpec]) {
                 );
                 for (peer, fact) in node.coordination().instances_of(&spec.key) {
                     let at = sim.index_of(peer.id);
+                    if at.is_some_and(|a| !sim.is_alive(a)) {
+                        let knowing = sim
+                            .alive()
+                            .into_iter()
+                            .filter(|&j| {
+                                sim.node(j)
+                                    .is_some_and(|n| n.liveness().is_departed(peer.id))
+                            })
+                            .count();
+                        println!(
+                            "    (a dead reporter: {knowing} live nodes hold it gone, the coordinator {})",
+                            node.liveness().is_departed(peer.id)
+                        );
+                    }
                     println!(
                         "    reported by {at:?} ({}, alive {:?}): {:?} v{}",
                         peer.id.short(),
@@ -423,6 +437,11 @@ struct Recovery {
     doubled_max: u64,
 }
 
+/// Whether `NUBO_SIM_DEBUG` asks for a trace of the run.
+fn debugging() -> bool {
+    std::env::var_os("NUBO_SIM_DEBUG").is_some()
+}
+
 /// Runs until the placement is exact (checked every 250 ms) or `bound` passes.
 fn recover(sim: &mut Sim, services: &[ServiceSpec], bound: Duration) -> Recovery {
     let start = sim.now();
@@ -440,6 +459,20 @@ fn recover(sim: &mut Sim, services: &[ServiceSpec], bound: Duration) -> Recovery
         }
         if sim.now().saturating_since(start) >= bound {
             return recovery;
+        }
+        if debugging() && sim.now().saturating_since(start).subsec_millis() == 0 {
+            println!(
+                "  +{:?}: missing {}, doubled {}, twice {}, misplaced {}, not up {}",
+                sim.now().saturating_since(start),
+                state.missing,
+                state.doubled,
+                state.twice_on_a_node,
+                state.misplaced,
+                state.not_up
+            );
+            if sim.now().saturating_since(start) == Duration::from_secs(20) {
+                explain_placement(sim, services);
+            }
         }
         sim.run_for(step, &mut NoObserver);
     }
@@ -526,7 +559,7 @@ pub fn run(args: &CloudArgs) -> Report {
         add_machine(sim, &mut rng)
     });
     sim.run_for(Duration::from_secs(40), &mut NoObserver);
-    if std::env::var_os("NUBO_SIM_DEBUG").is_some() {
+    if debugging() {
         let mut small = 0;
         for i in sim.alive() {
             let node = sim.node(i).unwrap();
@@ -553,7 +586,7 @@ pub fn run(args: &CloudArgs) -> Report {
             .map(|n| n.coordination().counters().lookups)
             .sum()
     };
-    if std::env::var_os("NUBO_SIM_DEBUG").is_some() {
+    if debugging() {
         println!("lookups after growing: {}", lookups_now(&sim));
     }
     let empty = traffic(&mut sim, idle_span);
@@ -569,13 +602,13 @@ pub fn run(args: &CloudArgs) -> Report {
         sim.publish(from, entry_of(spec, 1), &mut NoObserver);
     }
     let deployed = recover(&mut sim, &services, Duration::from_secs(180));
-    if std::env::var_os("NUBO_SIM_DEBUG").is_some() {
+    if debugging() {
         println!("lookups after deploying: {}", lookups_now(&sim));
     }
     sim.run_for(Duration::from_secs(15), &mut NoObserver);
     let idle = traffic(&mut sim, idle_span);
     let state_bytes_per_node = rss_bytes() / f64::from(nodes);
-    if std::env::var_os("NUBO_SIM_DEBUG").is_some() {
+    if debugging() {
         println!("lookups after idling: {}", lookups_now(&sim));
     }
 
@@ -583,6 +616,30 @@ pub fn run(args: &CloudArgs) -> Report {
     let mut alive = sim.alive();
     rng.shuffle(&mut alive);
     let killed = ((f64::from(nodes) * args.fail).round() as usize).min(alive.len() - 1);
+    if debugging() {
+        let mut sizes = BTreeMap::new();
+        for &i in &alive {
+            *sizes
+                .entry(sim.node(i).map_or(0, |n| n.membership().active().len()))
+                .or_insert(0) += 1;
+        }
+        println!("active view sizes: {sizes:?}");
+        for &i in alive.iter().take(killed) {
+            let id = sim.peer(i).id;
+            let watchers: Vec<_> = alive
+                .iter()
+                .skip(killed)
+                .filter(|&&j| {
+                    sim.node(j)
+                        .is_some_and(|n| n.membership().active().contains(id))
+                })
+                .collect();
+            let own = sim.node(i).map_or(0, |n| n.membership().active().len());
+            if watchers.len() <= 1 {
+                println!("killed {i}: watched by live nodes {watchers:?}, own active view {own}");
+            }
+        }
+    }
     for &i in alive.iter().take(killed) {
         sim.crash(i);
     }
@@ -646,7 +703,7 @@ pub fn run(args: &CloudArgs) -> Report {
 
     sim.run_for(Duration::from_secs(20), &mut NoObserver);
     let last = placement(&sim, &services);
-    if std::env::var_os("NUBO_SIM_DEBUG").is_some() {
+    if debugging() {
         explain_placement(&sim, &services);
     }
     let mut per_plan: Vec<f64> = Vec::new();
