@@ -181,6 +181,8 @@ pub struct Liveness {
     probes: BTreeMap<NodeId, Probe>,
     helping: BTreeMap<u64, Help>,
     departed: BTreeMap<NodeId, Departed>,
+    /// Departures added or removed so far.
+    departed_changes: u64,
     /// When the oldest departure is to be forgotten.
     next_forget: Time,
     /// Lives members announced when they refuted news of their death: older news of their
@@ -203,6 +205,7 @@ impl Liveness {
             probes: BTreeMap::new(),
             helping: BTreeMap::new(),
             departed: BTreeMap::new(),
+            departed_changes: 0,
             next_forget: Time::MAX,
             lives: BTreeMap::new(),
             transmits: Vec::new(),
@@ -226,6 +229,12 @@ impl Liveness {
     /// Whether `id` is known to be gone.
     pub fn is_departed(&self, id: NodeId) -> bool {
         self.departed.contains_key(&id)
+    }
+
+    /// How many times a member was marked gone or no longer gone: equal counts mean the
+    /// same departures.
+    pub fn departed_changes(&self) -> u64 {
+        self.departed_changes
     }
 
     /// Members known to be gone, with whether they left on purpose and since when.
@@ -321,6 +330,7 @@ impl Liveness {
         if self.departed.get(&peer.id).is_some_and(|d| d.left) {
             // It said goodbye, and talks again: it came back (a new life).
             self.departed.remove(&peer.id);
+            self.departed_changes += 1;
             self.events.push(LivenessEvent::Back(peer.id));
             return;
         }
@@ -451,6 +461,7 @@ impl Liveness {
                 self.note_life(id, life);
                 if self.departed.get(&id).is_some_and(|d| d.life < life) {
                     self.departed.remove(&id);
+                    self.departed_changes += 1;
                     self.events.push(LivenessEvent::Back(id));
                 }
             }
@@ -469,8 +480,10 @@ impl Liveness {
                 .map(|(id, _)| *id);
             if let Some(oldest) = oldest {
                 self.departed.remove(&oldest);
+                self.departed_changes += 1;
             }
         }
+        self.departed_changes += 1;
         self.departed.insert(
             id,
             Departed {
@@ -517,7 +530,9 @@ impl Liveness {
         self.helping.retain(|_, h| h.deadline > now);
         if self.next_forget <= now {
             let remember = self.config.remember;
+            let before = self.departed.len();
             self.departed.retain(|_, d| d.since + remember > now);
+            self.departed_changes += (before - self.departed.len()) as u64;
             self.next_forget = self
                 .departed
                 .values()

@@ -348,6 +348,11 @@ impl Membership {
         }
     }
 
+    /// How many times a peer joined or left either view: equal counts mean the same views.
+    pub fn view_changes(&self) -> u64 {
+        self.active.changes().wrapping_add(self.passive.changes())
+    }
+
     /// The neighbours (active view).
     pub fn active(&self) -> &PeerView {
         &self.active

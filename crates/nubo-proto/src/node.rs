@@ -129,9 +129,9 @@ pub struct Node {
     suite: Suite,
     liveness: Liveness,
     coordination: Coordination,
-    /// The size estimate, with the ring changes, settledness and membership size it was
-    /// computed at.
-    size_cache: (u64, bool, usize, Option<usize>),
+    /// The size estimate, with what it was computed from: the ring's changes and
+    /// settledness, the membership views' changes and the departures' changes.
+    size_cache: Option<(SizeInputs, Option<usize>)>,
     enabled: Enabled,
     /// Whether the broadcast layer was handed anything since the last flush. Most inputs
     /// (membership shuffles above all) never reach it, and then neither its outputs nor its
@@ -142,6 +142,15 @@ pub struct Node {
     broadcast_deadline: Time,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+}
+
+/// What the size estimate is computed from, by change counts (see `Node::size_estimate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SizeInputs {
+    ring: u64,
+    settled: bool,
+    views: u64,
+    departed: u64,
 }
 
 /// Which optional layers run (membership and broadcast always do). Kept in the node itself so
@@ -209,7 +218,7 @@ impl Node {
             suite: Suite::new(config.suite, Box::new(AcceptAll), now),
             liveness: Liveness::new(me, config.liveness, now),
             coordination: Coordination::new(me, config.coordination, Box::new(PlainReader), now),
-            size_cache: (u64::MAX, false, 0, None),
+            size_cache: None,
             enabled,
             broadcast_touched: false,
             broadcast_deadline,
@@ -907,12 +916,20 @@ impl Node {
     fn flush_coordination(&mut self, now: Time) {
         // The estimate changes only with the ring's lists (or the aggregation's epoch, read
         // along when it is recomputed).
-        let known = self.live_known();
-        let key = (self.ring.changes(), self.ring.is_settled(now), known);
-        if (self.size_cache.0, self.size_cache.1, self.size_cache.2) != key {
-            self.size_cache = (key.0, key.1, key.2, self.size_estimate(now));
-        }
-        let size = self.size_cache.3;
+        let inputs = SizeInputs {
+            ring: self.ring.changes(),
+            settled: self.ring.is_settled(now),
+            views: self.membership.view_changes(),
+            departed: self.liveness.departed_changes(),
+        };
+        let size = match self.size_cache {
+            Some((cached, size)) if cached == inputs => size,
+            _ => {
+                let size = self.size_estimate(now);
+                self.size_cache = Some((inputs, size));
+                size
+            }
+        };
         self.coordination.flush(now, &self.suite, &self.ring, size);
         let writes: Vec<SuiteEntry> = self.coordination.drain_writes().collect();
         for entry in writes {

@@ -15,6 +15,8 @@ pub struct PeerView {
     ids: Vec<NodeId>,
     addrs: Vec<Option<SocketAddr>>,
     capacity: usize,
+    /// Peers added or removed so far.
+    changes: u64,
 }
 
 impl PeerView {
@@ -24,7 +26,13 @@ impl PeerView {
             ids: Vec::new(),
             addrs: Vec::new(),
             capacity,
+            changes: 0,
         }
+    }
+
+    /// How many times a peer was added or removed: equal counts mean the same peers.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// The most peers this view holds.
@@ -72,6 +80,7 @@ impl PeerView {
         }
         self.ids.push(peer.id);
         self.addrs.push(peer.addr);
+        self.changes += 1;
         true
     }
 
@@ -81,6 +90,7 @@ impl PeerView {
         let peer = self.at(index);
         self.ids.remove(index);
         self.addrs.remove(index);
+        self.changes += 1;
         Some(peer)
     }
 

@@ -437,6 +437,16 @@ struct Recovery {
     doubled_max: u64,
 }
 
+/// Says on stderr which phase a long run has reached, how long it took and what it holds.
+fn progress(started: Instant, sim: &Sim, phase: &str) {
+    eprintln!(
+        "nubo-sim cloud: {phase} (simulated {:.0} s, wall {:.0} s, memory {:.2} GiB)",
+        sim.now().as_micros() as f64 / 1e6,
+        started.elapsed().as_secs_f64(),
+        rss_bytes() / f64::from(1u32 << 30)
+    );
+}
+
 /// Whether `NUBO_SIM_DEBUG` asks for a trace of the run.
 fn debugging() -> bool {
     std::env::var_os("NUBO_SIM_DEBUG").is_some()
@@ -558,7 +568,9 @@ pub fn run(args: &CloudArgs) -> Report {
     grow_overlay(&mut sim, nodes, join_span, &mut NoObserver, |sim| {
         add_machine(sim, &mut rng)
     });
+    progress(started, &sim, "grown");
     sim.run_for(Duration::from_secs(40), &mut NoObserver);
+    progress(started, &sim, "settled");
     if debugging() {
         let mut small = 0;
         for i in sim.alive() {
@@ -590,6 +602,7 @@ pub fn run(args: &CloudArgs) -> Report {
         println!("lookups after growing: {}", lookups_now(&sim));
     }
     let empty = traffic(&mut sim, idle_span);
+    progress(started, &sim, "idle traffic measured; deploying");
 
     // Deploy every service at once, from random nodes.
     let services: Vec<ServiceSpec> = (0..args.services)
@@ -602,11 +615,17 @@ pub fn run(args: &CloudArgs) -> Report {
         sim.publish(from, entry_of(spec, 1), &mut NoObserver);
     }
     let deployed = recover(&mut sim, &services, Duration::from_secs(180));
+    progress(started, &sim, "deployed");
     if debugging() {
         println!("lookups after deploying: {}", lookups_now(&sim));
     }
     sim.run_for(Duration::from_secs(15), &mut NoObserver);
     let idle = traffic(&mut sim, idle_span);
+    progress(
+        started,
+        &sim,
+        "idle traffic with services measured; killing",
+    );
     let state_bytes_per_node = rss_bytes() / f64::from(nodes);
     if debugging() {
         println!("lookups after idling: {}", lookups_now(&sim));
@@ -647,6 +666,7 @@ pub fn run(args: &CloudArgs) -> Report {
     sim.count_traffic(true);
     let kill_start = sim.now();
     let after_kill = recover(&mut sim, &services, Duration::from_secs(120));
+    progress(started, &sim, "recovered from the kill");
     let kill_span = sim
         .now()
         .saturating_since(kill_start)
@@ -682,6 +702,7 @@ pub fn run(args: &CloudArgs) -> Report {
             sim.run_for(spacing, &mut NoObserver);
         }
         churn_recovery = recover(&mut sim, &services, Duration::from_secs(120));
+        progress(started, &sim, "churn over");
     }
 
     // A partition in two halves, then healing.
@@ -699,6 +720,7 @@ pub fn run(args: &CloudArgs) -> Report {
         );
         sim.heal();
         healed = recover(&mut sim, &services, Duration::from_secs(180));
+        progress(started, &sim, "partition healed");
     }
 
     sim.run_for(Duration::from_secs(20), &mut NoObserver);
