@@ -447,6 +447,25 @@ fn progress(started: Instant, sim: &Sim, phase: &str) {
     );
 }
 
+/// Prints what a node holds on average (a trace for `NUBO_SIM_DEBUG`).
+fn held_per_node(sim: &Sim) {
+    let alive = sim.alive();
+    let n = alive.len().max(1) as f64;
+    let (mut stored, mut stored_bytes, mut suite) = (0usize, 0usize, 0usize);
+    for &i in &alive {
+        let node = sim.node(i).unwrap();
+        stored += node.broadcast_layer().stored();
+        stored_bytes += node.broadcast_layer().stored_bytes();
+        suite += node.suite().len();
+    }
+    println!(
+        "per node: {:.0} broadcasts stored ({:.0} bytes counted), {:.0} suite entries",
+        stored as f64 / n,
+        stored_bytes as f64 / n,
+        suite as f64 / n
+    );
+}
+
 /// Whether `NUBO_SIM_DEBUG` asks for a trace of the run.
 fn debugging() -> bool {
     std::env::var_os("NUBO_SIM_DEBUG").is_some()
@@ -618,6 +637,7 @@ pub fn run(args: &CloudArgs) -> Report {
     progress(started, &sim, "deployed");
     if debugging() {
         println!("lookups after deploying: {}", lookups_now(&sim));
+        held_per_node(&sim);
     }
     sim.run_for(Duration::from_secs(15), &mut NoObserver);
     let idle = traffic(&mut sim, idle_span);
@@ -629,6 +649,7 @@ pub fn run(args: &CloudArgs) -> Report {
     let state_bytes_per_node = rss_bytes() / f64::from(nodes);
     if debugging() {
         println!("lookups after idling: {}", lookups_now(&sim));
+        held_per_node(&sim);
     }
 
     // Kill a fraction at once.
@@ -667,6 +688,9 @@ pub fn run(args: &CloudArgs) -> Report {
     let kill_start = sim.now();
     let after_kill = recover(&mut sim, &services, Duration::from_secs(120));
     progress(started, &sim, "recovered from the kill");
+    if debugging() {
+        held_per_node(&sim);
+    }
     let kill_span = sim
         .now()
         .saturating_since(kill_start)
