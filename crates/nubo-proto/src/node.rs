@@ -687,7 +687,7 @@ impl Node {
                     }
                 }
                 PAYLOAD_SUITE if on.suite => {
-                    if let Ok(entry) = postcard::from_bytes::<SuiteEntry>(rest) {
+                    if let Some(entry) = SuiteEntry::decode_shared(&delivery.payload, 1) {
                         self.suite.offer(entry);
                     }
                 }

@@ -56,7 +56,28 @@ pub struct SuiteEntry {
     pub document: Bytes,
 }
 
+/// A suite entry as its encoding holds it, borrowed: decoding it this way lets the entry share
+/// the received buffer ([`SuiteEntry::decode_shared`]) instead of copying its document.
+#[derive(Deserialize)]
+struct SuiteEntryRef<'a> {
+    key: &'a str,
+    version: u64,
+    document: &'a [u8],
+}
+
 impl SuiteEntry {
+    /// Decodes an entry encoded in `encoded[skip..]` (as [`Serialize`] writes it), whose
+    /// document shares `encoded`'s buffer: a node keeps the broadcast it received, not a
+    /// copy of it.
+    pub fn decode_shared(encoded: &Bytes, skip: usize) -> Option<SuiteEntry> {
+        let entry: SuiteEntryRef<'_> = postcard::from_bytes(encoded.get(skip..)?).ok()?;
+        Some(SuiteEntry {
+            key: entry.key.to_string(),
+            version: entry.version,
+            document: encoded.slice_ref(entry.document),
+        })
+    }
+
     fn size(&self) -> usize {
         self.key.len() + self.document.len() + 16
     }
@@ -757,6 +778,23 @@ mod tests {
             version,
             document: Bytes::from(format!("{key}@{version}")),
         }
+    }
+
+    #[test]
+    fn a_decoded_entry_shares_the_received_buffer() {
+        let sent = entry("web/site", 7);
+        let encoded = Bytes::from(postcard::to_extend(&sent, vec![2u8]).unwrap());
+        let received = SuiteEntry::decode_shared(&encoded, 1).expect("decodes");
+        assert_eq!(received, sent);
+        let range = encoded.as_ptr_range();
+        assert!(range.contains(&received.document.as_ptr()), "no copy");
+        // Garbage, a cut encoding or a skip past the end is refused, not a panic.
+        assert_eq!(SuiteEntry::decode_shared(&encoded.slice(..6), 1), None);
+        assert_eq!(SuiteEntry::decode_shared(&encoded, 99), None);
+        assert_eq!(
+            SuiteEntry::decode_shared(&Bytes::from_static(&[2, 255, 255, 255]), 1),
+            None
+        );
     }
 
     /// Refuses odd versions; a document starting with "rm" ends its key's history.
