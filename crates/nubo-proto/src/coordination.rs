@@ -76,7 +76,7 @@ pub fn reach_steps(suite: &Suite, service: &str) -> u8 {
 
 /// How long a size estimate counts (the largest of the window is used).
 const SIZE_WINDOW: Duration = Duration::from_secs(60);
-/// Most size estimates kept.
+/// Most size estimates kept (runs of equal estimates count once).
 const SIZE_SAMPLES_MAX: usize = 64;
 
 /// How often per beat interval a coordinator looks for silent reporters.
@@ -361,6 +361,8 @@ pub struct Coordination {
     stale: bool,
     /// Recent size estimates, with when they were made.
     sizes: VecDeque<(Time, usize)>,
+    /// The largest of `sizes`.
+    sizes_max: Option<usize>,
     /// Some coordinated service may be due for planning.
     planning: bool,
     /// When services still gathering are due.
@@ -416,6 +418,7 @@ impl Coordination {
             coordinated: BTreeMap::new(),
             stale: false,
             sizes: VecDeque::new(),
+            sizes_max: None,
             planning: false,
             plan_wake: Time::MAX,
             size: None,
@@ -1239,14 +1242,33 @@ impl Coordination {
         // size used is the largest estimate of the last `SIZE_WINDOW`, and reach is judged
         // again only when that halves or doubles: nodes at the edge of a service's reach do
         // not come and go.
+        // This runs after every input: a run of equal estimates is one sample (the newest
+        // time), and the maximum is computed again only when the samples change.
         if let Some(estimate) = size {
-            self.sizes.retain(|(at, _)| *at + SIZE_WINDOW > now);
-            if self.sizes.len() >= SIZE_SAMPLES_MAX {
+            let mut changed = false;
+            while self
+                .sizes
+                .front()
+                .is_some_and(|(at, _)| *at + SIZE_WINDOW <= now)
+            {
                 self.sizes.pop_front();
+                changed = true;
             }
-            self.sizes.push_back((now, estimate));
+            match self.sizes.back_mut() {
+                Some(newest) if newest.1 == estimate => newest.0 = now,
+                _ => {
+                    if self.sizes.len() >= SIZE_SAMPLES_MAX {
+                        self.sizes.pop_front();
+                    }
+                    self.sizes.push_back((now, estimate));
+                    changed = true;
+                }
+            }
+            if changed {
+                self.sizes_max = self.sizes.iter().map(|(_, s)| *s).max();
+            }
         }
-        let size = self.sizes.iter().map(|(_, s)| *s).max().or(self.size);
+        let size = self.sizes_max.or(self.size);
         let moved = match (size, self.size) {
             (Some(a), Some(b)) => a.max(b) >= 2 * a.min(b).max(1),
             (Some(_), None) => true,

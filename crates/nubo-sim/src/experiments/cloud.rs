@@ -440,9 +440,10 @@ struct Recovery {
 /// Says on stderr which phase a long run has reached, how long it took and what it holds.
 fn progress(started: Instant, sim: &Sim, phase: &str) {
     eprintln!(
-        "nubo-sim cloud: {phase} (simulated {:.0} s, wall {:.0} s, memory {:.2} GiB)",
+        "nubo-sim cloud: {phase} (simulated {:.0} s, wall {:.0} s, {} messages delivered, memory {:.2} GiB)",
         sim.now().as_micros() as f64 / 1e6,
         started.elapsed().as_secs_f64(),
+        sim.stats().delivered,
         rss_bytes() / f64::from(1u32 << 30)
     );
 }
