@@ -893,6 +893,11 @@ impl Node {
                 }
             }
         }
+        self.take_liveness_transmits();
+    }
+
+    /// Moves liveness's probes and answers to the transmits.
+    fn take_liveness_transmits(&mut self) {
         self.transmits
             .extend(self.liveness.drain_transmits().map(|(to, m)| Transmit {
                 to,
@@ -942,6 +947,9 @@ impl Node {
                 let helpers = self.membership.helpers(wanted, suspect.id);
                 self.liveness.suspect(now, suspect, &helpers);
             }
+            // Liveness was flushed before coordination: its probes leave now, not with the
+            // next input.
+            self.take_liveness_transmits();
         }
         self.transmits
             .extend(self.coordination.drain_transmits().map(|(to, m)| Transmit {
