@@ -622,7 +622,14 @@ pub fn run(args: &CloudArgs) -> Report {
         println!("lookups after growing: {}", lookups_now(&sim));
     }
     let empty = traffic(&mut sim, idle_span);
-    progress(started, &sim, "idle traffic measured; deploying");
+    progress(
+        started,
+        &sim,
+        &format!(
+            "idle: {:.0} B/s and {:.1} messages/s per node; deploying",
+            empty.2, empty.0
+        ),
+    );
 
     // Deploy every service at once, from random nodes.
     let services: Vec<ServiceSpec> = (0..args.services)
@@ -645,7 +652,10 @@ pub fn run(args: &CloudArgs) -> Report {
     progress(
         started,
         &sim,
-        "idle traffic with services measured; killing",
+        &format!(
+            "idle with services: {:.0} B/s and {:.1} messages/s per node; killing",
+            idle.2, idle.0
+        ),
     );
     let state_bytes_per_node = rss_bytes() / f64::from(nodes);
     if debugging() {
