@@ -828,6 +828,11 @@ impl Coordination {
             (Some(owner), Some(slot)) => {
                 *slot = Some(*owner);
                 self.stale = true;
+                // Tasks this coordinator sent while the service was reported elsewhere were
+                // not taken for it: the next beat asks for them again.
+                if let Some(link) = self.links.get_mut(&owner.id) {
+                    link.tasks_seq = 0;
+                }
             }
             _ => {
                 let later = now + self.config.gather;
