@@ -519,9 +519,7 @@ impl Node {
                 })
                 .or_else(|| self.coordination.peer(peer));
             if let Some(suspect) = known {
-                let wanted = self.liveness.helpers_wanted();
-                let helpers = self.membership.helpers(wanted, peer);
-                self.liveness.suspect(now, suspect, &helpers);
+                self.suspect(now, suspect);
             }
         }
         self.membership.handle_peer_down(now, peer);
@@ -652,9 +650,7 @@ impl Node {
                         self.slicing.departed(now, peer.id);
                     }
                     if on.liveness {
-                        let wanted = self.liveness.helpers_wanted();
-                        let helpers = self.membership.helpers(wanted, peer.id);
-                        self.liveness.suspect(now, peer, &helpers);
+                        self.suspect(now, peer);
                     }
                 }
             }
@@ -896,6 +892,13 @@ impl Node {
         self.take_liveness_transmits();
     }
 
+    /// Has liveness probe `peer`, directly and through neighbours as helpers.
+    fn suspect(&mut self, now: Time, peer: Peer) {
+        let wanted = self.liveness.helpers_wanted();
+        let helpers = self.membership.helpers(wanted, peer.id);
+        self.liveness.suspect(now, peer, &helpers);
+    }
+
     /// Moves liveness's probes and answers to the transmits.
     fn take_liveness_transmits(&mut self) {
         self.transmits
@@ -943,9 +946,7 @@ impl Node {
         if self.enabled.liveness {
             let suspects: Vec<Peer> = self.coordination.drain_suspects().collect();
             for suspect in suspects {
-                let wanted = self.liveness.helpers_wanted();
-                let helpers = self.membership.helpers(wanted, suspect.id);
-                self.liveness.suspect(now, suspect, &helpers);
+                self.suspect(now, suspect);
             }
             // Liveness was flushed before coordination: its probes leave now, not with the
             // next input.
