@@ -1805,6 +1805,69 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_turns_to_a_coordinator_again_asks_for_its_tasks() {
+        let position = service_position(KEY);
+        let (first, second) = (position.wrapping_add(1), position.wrapping_add(2));
+        let me = position.wrapping_add(1_000);
+        let ring = ring(me, &[first, second]);
+        // A second service stays with the first coordinator throughout, so this node keeps
+        // its link to it.
+        let mut suite = suite(1);
+        let other = "web/other";
+        suite.offer(SimpleDocument::Service(Box::new(test_spec(other, 1, 7))).to_entry(other, 1));
+        let mut c = coordination(me);
+        let t = Time::from_millis(10);
+        let turn_to = |c: &mut Coordination, owner: u128| {
+            c.flush(t, &suite, &ring, Some(3));
+            answer_lookups(c, t, peer(owner));
+            c.flush(t, &suite, &ring, Some(3));
+            c.drain_transmits().for_each(drop);
+        };
+        let tasks = |seq, task| CoordinationMessage::Tasks {
+            seq,
+            tasks: vec![(KEY.to_string(), task)],
+        };
+        let not_mine = || CoordinationMessage::NotMine {
+            keys: vec![KEY.into()],
+        };
+        let run = Task::Run {
+            version: 1,
+            surge: true,
+        };
+        turn_to(&mut c, first);
+        c.handle_message(t, peer(first), tasks(10, run), &ring, &|_| false);
+        assert_eq!(c.tasks().get(KEY), Some(&run));
+        // The service moves to the second coordinator; the first's `Stop`, sent meanwhile,
+        // is not taken for it.
+        c.handle_message(t, peer(first), not_mine(), &ring, &|_| false);
+        turn_to(&mut c, second);
+        c.handle_message(t, peer(first), tasks(11, Task::Stop), &ring, &|_| false);
+        assert_eq!(c.tasks().get(KEY), Some(&run));
+        // Back to the first: its next beat asks for the tasks again (sequence 0), which
+        // brings the `Stop`.
+        c.handle_message(t, peer(second), not_mine(), &ring, &|_| false);
+        turn_to(&mut c, first);
+        let mut now = t;
+        let beat = loop {
+            now = c.poll_timeout();
+            assert!(now < t + Duration::from_secs(60), "no beat");
+            c.handle_timeout(now, &ring);
+            c.flush(now, &suite, &ring, Some(3));
+            if let Some((_, message)) = c.drain_transmits().find(|(to, m)| {
+                to.id == NodeId(first) && matches!(m, CoordinationMessage::Beat { .. })
+            }) {
+                break message;
+            }
+        };
+        assert!(
+            matches!(beat, CoordinationMessage::Beat { tasks_seq: 0, .. }),
+            "{beat:?}"
+        );
+        c.handle_message(now, peer(first), tasks(12, Task::Stop), &ring, &|_| false);
+        assert_eq!(c.tasks().get(KEY), Some(&Task::Stop));
+    }
+
+    #[test]
     fn a_report_to_a_node_that_does_not_own_the_service_is_sent_on() {
         // The owner of the service is the first node at or after its position.
         let position = service_position(KEY);
