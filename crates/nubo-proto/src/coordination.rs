@@ -1847,16 +1847,15 @@ mod tests {
         // brings the `Stop`.
         c.handle_message(t, peer(second), not_mine(), &ring, &|_| false);
         turn_to(&mut c, first);
-        let mut now = t;
-        let beat = loop {
-            now = c.poll_timeout();
+        let (now, beat) = loop {
+            let now = c.poll_timeout();
             assert!(now < t + Duration::from_secs(60), "no beat");
             c.handle_timeout(now, &ring);
             c.flush(now, &suite, &ring, Some(3));
             if let Some((_, message)) = c.drain_transmits().find(|(to, m)| {
                 to.id == NodeId(first) && matches!(m, CoordinationMessage::Beat { .. })
             }) {
-                break message;
+                break (now, message);
             }
         };
         assert!(
