@@ -913,8 +913,18 @@ impl Node {
         let news: Vec<LivenessNews> = self.liveness.drain_news().collect();
         for item in news {
             if let Ok(payload) = postcard::to_extend(&item, vec![PAYLOAD_LIVENESS]) {
+                let payload = Bytes::from(payload);
                 // A full broadcast store only delays the news: anti-entropy spreads it.
-                let _ = self.broadcast_mut().broadcast(now, Bytes::from(payload));
+                let _ = match item {
+                    // The neighbours that lose a member all declare it at about the same
+                    // time; named by its content, their news is one message, not one each.
+                    LivenessNews::Gone { id, life, left } => {
+                        let key = life.saturating_mul(2) | u64::from(left);
+                        let named = MessageId::named(id, key);
+                        self.broadcast_mut().broadcast_named(now, named, payload)
+                    }
+                    LivenessNews::Alive { .. } => self.broadcast_mut().broadcast(now, payload),
+                };
             }
         }
     }

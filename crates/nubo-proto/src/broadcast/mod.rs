@@ -67,7 +67,21 @@ pub struct MessageId {
     pub seq: u64,
 }
 
+/// The bit that marks a sequence number as named by content rather than counted by the
+/// origin (an origin's counter, started at its start time in microseconds, never reaches it).
+const NAMED_SEQ: u64 = 1 << 63;
+
 impl MessageId {
+    /// The id of news about `subject` whose content is summed up by `key`: every node that
+    /// publishes the same news names it alike, so the copies are one message to the broadcast
+    /// (delivered once, stored once). Keys above 2⁶³ - 1 are cut to it.
+    pub fn named(subject: NodeId, key: u64) -> MessageId {
+        MessageId {
+            origin: subject,
+            seq: NAMED_SEQ | key.min(NAMED_SEQ - 1),
+        }
+    }
+
     /// A well-mixed 64-bit hash, stable across nodes and versions (used by digests).
     pub fn hash64(&self) -> u64 {
         let mut x = (self.origin.0 as u64) ^ ((self.origin.0 >> 64) as u64).rotate_left(29);
@@ -499,17 +513,41 @@ impl Broadcast {
 
     /// Broadcasts `payload` to every node; it is also delivered locally, with 0 hops.
     pub fn broadcast(&mut self, now: Time, payload: Bytes) -> Result<MessageId, BroadcastError> {
+        let id = MessageId {
+            origin: self.me.id,
+            seq: self.next_seq,
+        };
+        self.next_seq += 1;
+        self.publish(now, id, payload)
+    }
+
+    /// Broadcasts `payload` under an id named by its content (see [`MessageId::named`]), so
+    /// that nodes publishing the same news at once spread one message, not one each. Nothing
+    /// is sent if a message of that id was already delivered here.
+    pub fn broadcast_named(
+        &mut self,
+        now: Time,
+        id: MessageId,
+        payload: Bytes,
+    ) -> Result<MessageId, BroadcastError> {
+        if self.store.contains(&id) {
+            return Ok(id);
+        }
+        self.publish(now, id, payload)
+    }
+
+    fn publish(
+        &mut self,
+        now: Time,
+        id: MessageId,
+        payload: Bytes,
+    ) -> Result<MessageId, BroadcastError> {
         if payload.len() > PAYLOAD_BYTES_MAX {
             return Err(BroadcastError::PayloadTooLarge {
                 len: payload.len(),
                 max: PAYLOAD_BYTES_MAX,
             });
         }
-        let id = MessageId {
-            origin: self.me.id,
-            seq: self.next_seq,
-        };
-        self.next_seq += 1;
         let gossip = Gossip {
             id,
             born: now,
@@ -1009,6 +1047,46 @@ mod tests {
             ]
         );
         first
+    }
+
+    #[test]
+    fn news_named_alike_by_two_nodes_is_one_message() {
+        let news = || Bytes::from_static(b"9 is gone");
+        let id = MessageId::named(NodeId(9), 4);
+        assert_eq!(id.origin, NodeId(9));
+        assert_eq!(MessageId::named(NodeId(9), u64::MAX).seq, u64::MAX);
+
+        // Node 1 declares it first and floods it to 2 and 3.
+        let mut first = node(1, &[2, 3], 2);
+        assert_eq!(first.broadcast_named(Time::ZERO, id, news()), Ok(id));
+        let sent = transmits(&mut first);
+        assert_eq!(sent.len(), 2);
+        let BroadcastMessage::Gossip(copy) = &sent[0].1 else {
+            panic!("expected a gossip, got {sent:?}");
+        };
+        assert_eq!(copy.id, id);
+
+        // Node 2 got it before its own probe ended: publishing the same news sends nothing
+        // and delivers nothing a second time.
+        let mut second = node(2, &[1, 3], 2);
+        second.handle_message(Time::ZERO, peer(1), BroadcastMessage::Gossip(copy.clone()));
+        assert_eq!(second.drain_deliveries().count(), 1);
+        transmits(&mut second);
+        assert_eq!(second.broadcast_named(Time::ZERO, id, news()), Ok(id));
+        assert_eq!(transmits(&mut second), vec![]);
+        assert_eq!(second.drain_deliveries().count(), 0);
+
+        // Node 3 hears both copies (one published by each): the second is a duplicate.
+        let mut third = node(3, &[1, 2], 2);
+        for from in [1, 2] {
+            third.handle_message(
+                Time::ZERO,
+                peer(from),
+                BroadcastMessage::Gossip(copy.clone()),
+            );
+        }
+        assert_eq!(third.drain_deliveries().count(), 1);
+        assert_eq!(third.counters.duplicates, 1);
     }
 
     #[test]

@@ -453,6 +453,12 @@ fn held_per_node(sim: &Sim) {
     let alive = sim.alive();
     let n = alive.len().max(1) as f64;
     let (mut stored, mut stored_bytes, mut suite) = (0usize, 0usize, 0usize);
+    let mut declared = 0u64;
+    for &i in &alive {
+        declared += sim
+            .node(i)
+            .map_or(0, |node| node.liveness().counters().declared);
+    }
     for &i in &alive {
         let node = sim.node(i).unwrap();
         stored += node.broadcast_layer().stored();
@@ -460,7 +466,7 @@ fn held_per_node(sim: &Sim) {
         suite += node.suite().len();
     }
     println!(
-        "per node: {:.0} broadcasts stored ({:.0} bytes counted), {:.0} suite entries",
+        "per node: {:.0} broadcasts stored ({:.0} bytes counted), {:.0} suite entries; {declared} members declared gone so far",
         stored as f64 / n,
         stored_bytes as f64 / n,
         suite as f64 / n
