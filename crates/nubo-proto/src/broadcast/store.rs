@@ -2,13 +2,41 @@
 //! answer grafts and to compare digests in anti-entropy.
 
 use core::time::Duration;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
 use super::{BucketDigest, DIGEST_BUCKETS, Gossip, MessageId};
 use crate::id::NodeId;
 use crate::time::Time;
+
+/// A [`MessageId`] packed without the 16-byte alignment of its `u128` origin (24 bytes, not
+/// 32), ordered alike: every node of a large cloud keeps one per message of the window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
+    origin_high: u64,
+    origin_low: u64,
+    seq: u64,
+}
+
+impl From<&MessageId> for Key {
+    fn from(id: &MessageId) -> Key {
+        Key {
+            origin_high: (id.origin.0 >> 64) as u64,
+            origin_low: id.origin.0 as u64,
+            seq: id.seq,
+        }
+    }
+}
+
+impl From<&Key> for MessageId {
+    fn from(key: &Key) -> MessageId {
+        MessageId {
+            origin: NodeId((u128::from(key.origin_high) << 64) | u128::from(key.origin_low)),
+            seq: key.seq,
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 struct Stored {
@@ -18,42 +46,37 @@ struct Stored {
     payload: Option<Bytes>,
 }
 
-/// What one remembered message costs besides its payload (its entries in both indexes), as
-/// the byte bound counts it.
-pub const ENTRY_BYTES: usize = 160;
+/// What one remembered message costs besides its payload (its map entry), as the byte bound
+/// counts it.
+pub const ENTRY_BYTES: usize = 128;
 
-/// Delivered messages by id and by birth time, bounded in count, in bytes and in age.
+/// How many of the oldest messages one overflow forgets, in eighths of those held: forgetting
+/// in batches keeps the cost of finding the oldest (a pass over all) to a few per message.
+const FORGET_EIGHTHS: usize = 1;
+
+/// Delivered messages by id, bounded in count, in bytes and in age.
 ///
 /// Payloads live `retention` after their birth, ids twice as long; at most `capacity` ids and
-/// `bytes_max` bytes (payloads plus [`ENTRY_BYTES`] each) are kept, the oldest forgotten
-/// first.
+/// `bytes_max` bytes (payloads plus [`ENTRY_BYTES`] each) are kept; past either bound the
+/// oldest eighth is forgotten.
+///
+/// One map, no index by birth: the queries by birth (digests of a window, expiry) pass over
+/// every id, a few times per anti-entropy round, which costs less than a second index kept
+/// by every node of a large cloud for every message (about a third of the store's memory).
 #[derive(Clone, Debug)]
 pub struct MessageStore {
-    by_id: BTreeMap<MessageId, Stored>,
-    /// Sorted by birth; messages arrive nearly in that order, so a queue holds them without
-    /// a map's per-entry nodes.
-    by_born: VecDeque<(Time, MessageId)>,
+    by_id: BTreeMap<Key, Stored>,
     retention: Duration,
     capacity: usize,
     bytes_max: usize,
     bytes: usize,
 }
 
-const MIN_ID: MessageId = MessageId {
-    origin: NodeId(0),
-    seq: 0,
-};
-const MAX_ID: MessageId = MessageId {
-    origin: NodeId(u128::MAX),
-    seq: u64::MAX,
-};
-
 impl MessageStore {
     /// An empty store.
     pub fn new(retention: Duration, capacity: usize, bytes_max: usize) -> MessageStore {
         MessageStore {
             by_id: BTreeMap::new(),
-            by_born: VecDeque::new(),
             retention,
             capacity,
             bytes_max,
@@ -66,16 +89,27 @@ impl MessageStore {
         self.bytes
     }
 
-    fn forget_oldest(&mut self) -> bool {
-        let Some((_, oldest)) = self.by_born.pop_front() else {
-            return false;
-        };
-        if let Some(stored) = self.by_id.remove(&oldest) {
-            self.bytes = self
-                .bytes
-                .saturating_sub(ENTRY_BYTES + stored.payload.map_or(0, |p| p.len()));
+    fn cost(stored: &Stored) -> usize {
+        ENTRY_BYTES + stored.payload.as_ref().map_or(0, Bytes::len)
+    }
+
+    /// Forgets the oldest eighth of the messages (at least one), oldest by birth then id.
+    fn forget_oldest(&mut self) {
+        let mut ages: Vec<(Time, Key)> = self.by_id.iter().map(|(k, s)| (s.born, *k)).collect();
+        if ages.is_empty() {
+            return;
         }
-        true
+        let count = (ages.len() * FORGET_EIGHTHS / 8).max(1);
+        let (_, &mut cutoff, _) = ages.select_nth_unstable(count - 1);
+        let mut freed = 0;
+        self.by_id.retain(|key, stored| {
+            let keep = (stored.born, *key) > cutoff;
+            if !keep {
+                freed += Self::cost(stored);
+            }
+            keep
+        });
+        self.bytes = self.bytes.saturating_sub(freed);
     }
 
     /// Number of ids remembered.
@@ -85,7 +119,7 @@ impl MessageStore {
 
     /// Whether `id` was delivered and is still remembered.
     pub fn contains(&self, id: &MessageId) -> bool {
-        self.by_id.contains_key(id)
+        self.by_id.contains_key(&Key::from(id))
     }
 
     /// Remembers a delivered message.
@@ -95,29 +129,22 @@ impl MessageStore {
             hops: gossip.hops,
             payload: Some(gossip.payload.clone()),
         };
-        let size = ENTRY_BYTES + gossip.payload.len();
-        match self.by_id.insert(gossip.id, stored) {
-            None => {
-                let entry = (gossip.born, gossip.id);
-                let at = self.by_born.partition_point(|e| *e < entry);
-                self.by_born.insert(at, entry);
-                self.bytes += size;
-            }
-            Some(old) => {
-                self.bytes = self
-                    .bytes
-                    .saturating_sub(ENTRY_BYTES + old.payload.map_or(0, |p| p.len()))
-                    + size;
-            }
-        }
+        let size = Self::cost(&stored);
+        let old = self.by_id.insert(Key::from(&gossip.id), stored);
+        self.bytes = self
+            .bytes
+            .saturating_sub(old.as_ref().map_or(0, Self::cost))
+            + size;
         while (self.by_id.len() > self.capacity || self.bytes > self.bytes_max)
-            && self.forget_oldest()
-        {}
+            && !self.by_id.is_empty()
+        {
+            self.forget_oldest();
+        }
     }
 
     /// The message as we would send it on: one more hop, if its payload is still kept.
     pub fn forwardable(&self, id: &MessageId) -> Option<Gossip> {
-        let stored = self.by_id.get(id)?;
+        let stored = self.by_id.get(&Key::from(id))?;
         Some(Gossip {
             id: *id,
             born: stored.born,
@@ -134,31 +161,28 @@ impl MessageStore {
     /// Drops payloads older than the retention window and ids older than twice that.
     pub fn expire(&mut self, now: Time) {
         let forget_before = now.saturating_sub(self.retention.saturating_mul(2));
-        while self
-            .by_born
-            .front()
-            .is_some_and(|&(born, _)| born < forget_before)
-        {
-            self.forget_oldest();
-        }
         let drop_payload_before = now.saturating_sub(self.retention);
-        let end = self
-            .by_born
-            .partition_point(|e| *e < (drop_payload_before, MIN_ID));
-        for (_, id) in self.by_born.range(..end) {
-            if let Some(stored) = self.by_id.get_mut(id)
+        let mut freed = 0;
+        self.by_id.retain(|_, stored| {
+            if stored.born < forget_before {
+                freed += Self::cost(stored);
+                return false;
+            }
+            if stored.born < drop_payload_before
                 && let Some(payload) = stored.payload.take()
             {
-                self.bytes = self.bytes.saturating_sub(payload.len());
+                freed += payload.len();
             }
-        }
+            true
+        });
+        self.bytes = self.bytes.saturating_sub(freed);
     }
 
     /// Count and XOR hash, per bucket, of the ids born in `[start, end]`.
     pub fn digest(&self, start: Time, end: Time) -> [BucketDigest; DIGEST_BUCKETS] {
         let mut buckets = [BucketDigest::default(); DIGEST_BUCKETS];
         for id in self.born_between(start, end) {
-            let bucket = &mut buckets[bucket_of(id)];
+            let bucket = &mut buckets[bucket_of(&id)];
             bucket.count = bucket.count.wrapping_add(1);
             bucket.hash ^= id.hash64();
         }
@@ -177,19 +201,20 @@ impl MessageStore {
         limit: usize,
         skip: usize,
     ) -> Vec<MessageId> {
-        let candidates = || {
-            self.born_between(start, end)
-                .filter(|id| buckets[bucket_of(id)])
-                .filter(|id| self.by_id.get(id).is_some_and(|s| s.payload.is_some()))
-        };
-        let total = candidates().count();
-        if total == 0 {
+        let candidates: Vec<MessageId> = self
+            .by_id
+            .iter()
+            .filter(|(_, s)| s.payload.is_some() && start <= s.born && s.born <= end)
+            .map(|(key, _)| MessageId::from(key))
+            .filter(|id| buckets[bucket_of(id)])
+            .collect();
+        if candidates.is_empty() {
             return Vec::new();
         }
-        let first = skip % total;
-        candidates()
-            .skip(first)
-            .chain(candidates().take(first))
+        let first = skip % candidates.len();
+        candidates[first..]
+            .iter()
+            .chain(&candidates[..first])
             .take(limit)
             .copied()
             .collect()
@@ -198,23 +223,25 @@ impl MessageStore {
     /// The newest messages born at or after `since` whose payload is kept, at most `limit`,
     /// with the hops they had here.
     pub fn born_since(&self, since: Time, limit: usize) -> Vec<(MessageId, u16)> {
-        let from = self.by_born.partition_point(|e| *e < (since, MIN_ID));
-        self.by_born
-            .range(from..)
-            .rev()
-            .filter_map(|(_, id)| {
-                let stored = self.by_id.get(id)?;
-                stored.payload.as_ref().map(|_| (*id, stored.hops))
-            })
+        let mut recent: Vec<(Time, Key, u16)> = self
+            .by_id
+            .iter()
+            .filter(|(_, s)| s.born >= since && s.payload.is_some())
+            .map(|(key, s)| (s.born, *key, s.hops))
+            .collect();
+        recent.sort_unstable_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+        recent
+            .into_iter()
             .take(limit)
+            .map(|(_, key, hops)| (MessageId::from(&key), hops))
             .collect()
     }
 
-    fn born_between(&self, start: Time, end: Time) -> impl Iterator<Item = &MessageId> + '_ {
-        let from = self.by_born.partition_point(|e| *e < (start, MIN_ID));
-        let to = self.by_born.partition_point(|e| *e <= (end, MAX_ID));
-        let range = (start <= end && from < to).then(|| self.by_born.range(from..to));
-        range.into_iter().flatten().map(|(_, id)| id)
+    fn born_between(&self, start: Time, end: Time) -> impl Iterator<Item = MessageId> + '_ {
+        self.by_id
+            .iter()
+            .filter(move |(_, s)| start <= s.born && s.born <= end)
+            .map(|(key, _)| MessageId::from(key))
     }
 }
 
@@ -236,6 +263,43 @@ mod tests {
             hops: 2,
             payload: Bytes::from_static(b"x"),
         }
+    }
+
+    #[test]
+    fn packed_keys_give_back_the_id_and_sort_alike() {
+        let ids = [
+            MessageId::named(NodeId(u128::MAX), 3),
+            MessageId {
+                origin: NodeId(1 << 64),
+                seq: 0,
+            },
+            MessageId {
+                origin: NodeId((1 << 64) - 1),
+                seq: u64::MAX,
+            },
+            MessageId {
+                origin: NodeId(0),
+                seq: 9,
+            },
+        ];
+        for a in &ids {
+            assert_eq!(MessageId::from(&Key::from(a)), *a);
+            for b in &ids {
+                assert_eq!(Key::from(a).cmp(&Key::from(b)), a.cmp(b));
+            }
+        }
+    }
+
+    #[test]
+    fn an_overflow_forgets_the_oldest_eighth_at_once() {
+        let mut store = MessageStore::new(Duration::from_secs(60), 16, usize::MAX);
+        for seq in 0..17 {
+            store.insert(&gossip(seq, 1_000 + seq));
+        }
+        assert_eq!(store.len(), 15, "17 held: the two oldest went");
+        assert!(!store.contains(&gossip(0, 0).id) && !store.contains(&gossip(1, 0).id));
+        assert!(store.contains(&gossip(2, 0).id));
+        assert_eq!(store.bytes(), 15 * (ENTRY_BYTES + 1));
     }
 
     #[test]
