@@ -229,7 +229,7 @@ impl MessageStore {
             .filter(|(_, s)| s.born >= since && s.payload.is_some())
             .map(|(key, s)| (s.born, *key, s.hops))
             .collect();
-        recent.sort_unstable_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+        recent.sort_unstable_by_key(|&(born, key, _)| core::cmp::Reverse((born, key)));
         recent
             .into_iter()
             .take(limit)
