@@ -386,9 +386,13 @@ impl Node {
     pub fn size_estimate(&self, now: Time) -> Option<usize> {
         // A ring that seems to wrap around within fewer nodes than membership knows alive
         // only means this node has not met its ring neighbours yet.
-        let known = self.live_known();
         let from_ring = if self.enabled.ring && self.ring.is_settled(now) {
-            self.ring.size_estimate(now).filter(|&n| n > known)
+            // Counting the live ones checks each view member against the departures; an
+            // estimate above the views' whole size needs no count (every large cloud).
+            let views = self.membership.active().len() + self.membership.passive().len();
+            self.ring
+                .size_estimate(now)
+                .filter(|&n| n > views || n > self.live_known())
         } else {
             None
         };
