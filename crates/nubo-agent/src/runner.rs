@@ -301,6 +301,9 @@ pub struct Runner {
     next_log_cap: Instant,
     next_disk_check: Instant,
     counters: RunnerCounters,
+    /// What `instances.json` holds, as last written: reconciling runs several times a second
+    /// and rewrote the same file each time (most of an idle agent's system calls).
+    saved: Option<Vec<u8>>,
 }
 
 /// The bytes an instance may keep in its directory (and the largest file it may write).
@@ -386,6 +389,7 @@ impl Runner {
             next_log_cap: Instant::now(),
             next_disk_check: Instant::now(),
             counters: RunnerCounters::default(),
+            saved: None,
         }
     }
 
@@ -1296,8 +1300,8 @@ impl Runner {
         }
     }
 
-    /// Records running instances for the next agent to adopt.
-    fn save(&self) {
+    /// Records running instances for the next agent to adopt, if they changed.
+    fn save(&mut self) {
         let records: Vec<Record> = self
             .instances
             .values()
@@ -1316,10 +1320,16 @@ impl Runner {
             .collect();
         let path = self.config.root.join("instances.json");
         let temporary = self.config.root.join(".instances.json.tmp");
-        if let Ok(bytes) = serde_json::to_vec(&records)
-            && std::fs::write(&temporary, bytes).is_ok()
+        let Ok(bytes) = serde_json::to_vec(&records) else {
+            return;
+        };
+        if self.saved.as_ref() == Some(&bytes) {
+            return;
+        }
+        // A write that fails is tried again at the next reconciliation.
+        if std::fs::write(&temporary, &bytes).is_ok() && std::fs::rename(&temporary, &path).is_ok()
         {
-            let _ = std::fs::rename(&temporary, &path);
+            self.saved = Some(bytes);
         }
     }
 }
