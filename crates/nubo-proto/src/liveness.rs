@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::broadcast::MessageId;
 use crate::id::{NodeId, Peer};
 use crate::time::Time;
 
@@ -75,6 +76,21 @@ pub enum LivenessNews {
         /// Its life now.
         life: u64,
     },
+}
+
+impl LivenessNews {
+    /// The broadcast id of news of a death: named by its content (the member, the life, and
+    /// whether it left), so that the neighbours that declare a member at the same moment
+    /// spread one message. `None` for news of life, which only its member publishes.
+    pub fn named_id(&self) -> Option<MessageId> {
+        match *self {
+            LivenessNews::Gone { id, life, left } => Some(MessageId::named(
+                id,
+                life.saturating_mul(2) | u64::from(left),
+            )),
+            LivenessNews::Alive { .. } => None,
+        }
+    }
 }
 
 /// Messages of the liveness probes.
@@ -564,6 +580,29 @@ mod tests {
 
     fn peer(n: u128) -> Peer {
         Peer::new(NodeId(n))
+    }
+
+    #[test]
+    fn news_of_a_death_is_named_by_its_content() {
+        let gone = |life, left| LivenessNews::Gone {
+            id: NodeId(7),
+            life,
+            left,
+        };
+        assert_eq!(gone(5, false).named_id(), gone(5, false).named_id());
+        assert_ne!(gone(5, false).named_id(), gone(6, false).named_id());
+        assert_ne!(gone(5, false).named_id(), gone(5, true).named_id());
+        assert_eq!(
+            gone(5, false).named_id().map(|id| id.origin),
+            Some(NodeId(7))
+        );
+        // A hostile life cannot overflow the name.
+        assert!(gone(u64::MAX, true).named_id().is_some());
+        let alive = LivenessNews::Alive {
+            id: NodeId(7),
+            life: 5,
+        };
+        assert_eq!(alive.named_id(), None);
     }
 
     fn liveness(n: u128) -> Liveness {

@@ -919,15 +919,9 @@ impl Node {
             if let Ok(payload) = postcard::to_extend(&item, vec![PAYLOAD_LIVENESS]) {
                 let payload = Bytes::from(payload);
                 // A full broadcast store only delays the news: anti-entropy spreads it.
-                let _ = match item {
-                    // The neighbours that lose a member all declare it at about the same
-                    // time; named by its content, their news is one message, not one each.
-                    LivenessNews::Gone { id, life, left } => {
-                        let key = life.saturating_mul(2) | u64::from(left);
-                        let named = MessageId::named(id, key);
-                        self.broadcast_mut().broadcast_named(now, named, payload)
-                    }
-                    LivenessNews::Alive { .. } => self.broadcast_mut().broadcast(now, payload),
+                let _ = match item.named_id() {
+                    Some(named) => self.broadcast_mut().broadcast_named(now, named, payload),
+                    None => self.broadcast_mut().broadcast(now, payload),
                 };
             }
         }

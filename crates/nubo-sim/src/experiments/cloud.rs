@@ -455,12 +455,8 @@ fn held_per_node(sim: &Sim) {
     let (mut stored, mut stored_bytes, mut suite) = (0usize, 0usize, 0usize);
     let mut declared = 0u64;
     for &i in &alive {
-        declared += sim
-            .node(i)
-            .map_or(0, |node| node.liveness().counters().declared);
-    }
-    for &i in &alive {
         let node = sim.node(i).unwrap();
+        declared += node.liveness().counters().declared;
         stored += node.broadcast_layer().stored();
         stored_bytes += node.broadcast_layer().stored_bytes();
         suite += node.suite().len();
