@@ -141,7 +141,9 @@ fn a_hostile_service_reaches_no_agent_file_no_other_instance_and_no_agent_enviro
         .unwrap()
         .path()
         .join("work");
-    assert!(victim_dir.join("data").exists());
+    // Ready means started: the shell may not have written its secret yet.
+    let written = wait_until(Duration::from_secs(30), || victim_dir.join("data").exists());
+    assert!(written.is_some(), "the victim never wrote its secret");
 
     let probe_blob: Value = {
         let path = write(&work, "probe.py", PROBE);
